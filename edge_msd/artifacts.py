@@ -1,0 +1,168 @@
+"""Artifacts on disk: atomic writes, sha256, and the manifest every artifact carries.
+
+An artifact is a folder with a ``manifest.json``: what produced it (versions, config, git
+revision), what it is (``kind``), and the sha256 of each file in it. Writes go to a temp path
+first and are renamed into place, so an interrupted run never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edge_msd import __version__
+from edge_msd.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    An existing ``final`` is refused unless ``force``; with ``force`` it is only removed once the
+    new folder is complete, so a failure never loses what was there.
+    """
+    final = Path(final)
+    if final.exists() and not force:
+        raise ArtifactError(f"{final} already exists; pass --force to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def producer_info() -> dict[str, Any]:
+    """Versions of what produced an artifact (only packages already imported are listed)."""
+    versions = {"edge-msd": __version__, "python": platform.python_version()}
+    for mod in ("torch", "numpy", "open_clip", "timm", "onnx", "onnxruntime", "coremltools", "litert_torch"):
+        if mod in sys.modules:
+            versions[mod] = getattr(sys.modules[mod], "__version__", "unknown")
+    return {
+        "versions": versions,
+        "git_revision": git_revision(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "created_unix": round(time.time(), 3),
+    }
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative POSIX paths), the manifest itself excluded."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(folder).as_posix()] = sha256_file(p)
+    return out
+
+
+def write_manifest(folder: str | os.PathLike, kind: str, config: Any = None, **fields: Any) -> dict:
+    """Write ``folder/manifest.json`` with producer, config, the given fields and file hashes."""
+    folder = Path(folder)
+    manifest = {
+        "kind": kind,
+        "producer": producer_info(),
+        "config": config,
+        **fields,
+        "files": file_hashes(folder),
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not an edge-msd artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{path}: kind is {manifest.get('kind')!r}, expected {kind!r}")
+    return manifest
+
+
+def verify_files(folder: str | os.PathLike, manifest: dict | None = None) -> None:
+    """Raise ArtifactError naming the first file that is missing or whose sha256 differs."""
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    for rel, expected in manifest.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            raise ArtifactError(f"{p}: listed in {MANIFEST} but missing")
+        actual = sha256_file(p)
+        if actual != expected:
+            raise ArtifactError(f"{p}: sha256 {actual[:16]}… differs from manifest {expected[:16]}…")

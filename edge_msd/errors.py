@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message (no traceback) and exits with status 2."""
+
+
+class EdgeMSDError(Exception):
+    """A problem the user can fix: the message names the file/line/field and what was expected."""
+
+
+class ConfigError(EdgeMSDError):
+    """A config file, CLI option or target profile is wrong."""
+
+
+class DataError(EdgeMSDError):
+    """A dataset file, image or caption is missing, corrupt or of the wrong shape."""
+
+
+class ArtifactError(EdgeMSDError):
+    """An artifact (feature cache, checkpoint, export, bundle, report) is missing, foreign or tampered."""
