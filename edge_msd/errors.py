@@ -15,3 +15,12 @@ class DataError(EdgeMSDError):
 
 class ArtifactError(EdgeMSDError):
     """An artifact (feature cache, checkpoint, export, bundle, report) is missing, foreign or tampered."""
+
+
+class BadSampleError(DataError):
+    """One image or caption cannot be read; ``--skip-bad`` skips such samples and counts them."""
+
+    def __init__(self, message: str, image_index: int | None = None, caption_index: int | None = None):
+        super().__init__(message)
+        self.image_index = image_index
+        self.caption_index = caption_index
