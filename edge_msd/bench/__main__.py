@@ -1,0 +1,77 @@
+"""Command line of the benchmark binary: ``python edge-msd-bench.pyz --bundle DIR …``.
+
+argparse (stdlib) over the same ``BenchOptions`` that ``edge-msd bench`` reads through click, so both
+take the same options and run the same ``run_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import typing
+from typing import Any
+
+from edge_msd import __version__
+from edge_msd.bench.options import BenchOptions
+from edge_msd.bench.run import print_report, run_bench
+from edge_msd.errors import EdgeMSDError
+
+EXIT_ERROR, EXIT_TIME_LIMIT, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-msd-bench",
+        description="Benchmark an edge-msd deploy bundle on this device: latency, throughput, memory, power, "
+        "recall and parity, written as a JSON report (schema edge-msd-bench/1).",
+        epilog="Exit status: 0 complete, 2 error, 3 stopped by --time-limit (partial report), "
+        "130 Ctrl-C (partial report).",
+    )
+    p.add_argument("--version", action="version", version=f"edge-msd-bench {__version__}")
+    hints = typing.get_type_hints(BenchOptions)
+    for f in dataclasses.fields(BenchOptions):
+        opt = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        help_text = f.metadata["help"]
+        if tp is bool:
+            p.add_argument(
+                opt, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
+        elif typing.get_origin(tp) is list:
+            item = typing.get_args(tp)[0]
+            p.add_argument(
+                opt,
+                dest=f.name,
+                default=f.default_factory(),
+                metavar="A,B",
+                type=lambda s, item=item: [item(v) for v in s.split(",") if v],
+                help=help_text,
+            )
+        else:
+            base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+            p.add_argument(opt, dest=f.name, type=base, default=f.default, help=help_text)
+    return p
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a killed run (timeout, job scheduler) still writes its partial report
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = BenchOptions(**vars(_parser().parse_args(argv)))
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        report = run_bench(opts)
+    except EdgeMSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print_report(report)
+    if report["partial"]:
+        return EXIT_INTERRUPTED if report["interrupted"] == "Ctrl-C" else EXIT_TIME_LIMIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

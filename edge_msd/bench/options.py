@@ -1,0 +1,64 @@
+"""Options of the benchmark, one definition for ``edge-msd bench`` (click, via ``config_command``) and
+the benchmark binary (argparse). Standard library only, so that the CLI imports it cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from edge_msd.errors import ConfigError
+
+
+def _opt(default: Any, help: str) -> Any:  # noqa: A002
+    """A dataclass field with CLI help (the metadata ``edge_msd.config.config_command`` reads)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    """Options of ``edge-msd bench`` and of the benchmark binary (one definition for both)."""
+
+    bundle: str = _opt("runs/export/onnx", "deploy bundle folder (what `edge-msd export` wrote)")
+    runtime: str = _opt("auto", "auto | onnxruntime | litert | tensorrt | coreml")
+    provider: str = _opt(
+        "cpu",
+        "ONNX Runtime execution provider(s), comma-separated: cpu, cuda, tensorrt, "
+        "coreml, openvino, … (CPU is always added as fallback)",
+    )
+    compute_units: str = _opt("all", "Core ML compute units: all | cpu_only | cpu_and_gpu | cpu_and_ne")
+    xnnpack: bool = _opt(True, "LiteRT: apply the XNNPACK delegate")
+    engine_dir: str | None = _opt(None, "TensorRT: folder with <tower>.plan (default: the bundle's models/)")
+    threads: int | None = _opt(
+        None, "CPU threads of the runtime (default: the profile's, else the runtime's)"
+    )
+    batch: list[int] = _opt([], "batch sizes, comma-separated (default: the profile's, else 1)")
+    towers: list[str] = _opt(["image", "text"], "towers to benchmark")
+    iters: int | None = _opt(None, "timed iterations per measurement (default 100 unless --duration)")
+    duration: float | None = _opt(None, "seconds of timed iterations per measurement (instead of --iters)")
+    warmup: int | None = _opt(
+        None, "untimed warm-up iterations after the first inference (default: the profile's, else 10)"
+    )
+    pool: int = _opt(8, "distinct input batches rotated during timing")
+    recall: bool = _opt(True, "compute Recall@1/5/10 on the bundle's evalset and parity on its probe set")
+    time_limit: float | None = _opt(None, "stop after this many seconds and write a partial report")
+    label: str | None = _opt(None, "device label in merged reports (default: host name)")
+    out: str | None = _opt(
+        None, "report JSON path (default: runs/bench/<bundle>.json from edge-msd bench, "
+        "bench-<target>-<runtime>-<host>.json from the binary)"
+    )
+
+    def validate(self) -> None:
+        if any(b < 1 for b in self.batch):
+            raise ConfigError(f"--batch: batch sizes must be ≥ 1, got {self.batch}")
+        if self.iters is not None and self.iters < 1:
+            raise ConfigError(f"--iters must be ≥ 1, got {self.iters}")
+        if self.duration is not None and self.duration <= 0:
+            raise ConfigError(f"--duration must be > 0, got {self.duration}")
+        if (self.warmup is not None and self.warmup < 0) or self.pool < 1:
+            raise ConfigError("--warmup must be ≥ 0 and --pool ≥ 1")
+        unknown = sorted(set(self.towers) - {"image", "text"})
+        if unknown:
+            raise ConfigError(f"--towers: unknown tower(s) {', '.join(unknown)}; known: image, text")

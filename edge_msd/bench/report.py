@@ -1,0 +1,333 @@
+"""Bench reports: the versioned JSON schema, the table printed on the device, and the merged
+Markdown/HTML report across devices (``edge-msd report``; matplotlib is imported only there).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edge_msd.errors import ArtifactError
+
+SCHEMA = "edge-msd-bench/1"
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per (tower, batch) measurement, for tables and plots."""
+    out = []
+    for tower, t in report.get("towers", {}).items():
+        for m in t.get("measurements", []):
+            lat = m.get("latency_ms") or {}
+            out.append(
+                {
+                    "tower": tower,
+                    "batch": m.get("batch"),
+                    "load_ms": m.get("load_ms"),
+                    "first_ms": m.get("first_inference_ms"),
+                    "iters": m.get("iters"),
+                    "min": lat.get("min"),
+                    "mean": lat.get("mean"),
+                    "std": lat.get("std"),
+                    "p50": lat.get("p50"),
+                    "p90": lat.get("p90"),
+                    "p95": lat.get("p95"),
+                    "p99": lat.get("p99"),
+                    "ips": m.get("throughput_items_per_s"),
+                    "rss": m.get("peak_rss_mb"),
+                    "mj": (m.get("energy") or {}).get("mJ_per_item"),
+                    "complete": m.get("complete", False),
+                }
+            )
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The human summary printed at the end of a run."""
+    rt = report.get("runtime", {})
+    env = report.get("environment", {})
+    lines = [
+        f"{report.get('device', {}).get('label')} · {env.get('cpu')} · {rt.get('name')} {rt.get('version')}"
+        f" · threads {report.get('settings', {}).get('threads') or 'default'}"
+    ]
+    if report.get("partial"):
+        lines.append(f"PARTIAL REPORT ({report.get('interrupted')}): only what was measured is shown")
+    head = (
+        "tower",
+        "batch",
+        "load ms",
+        "first ms",
+        "iters",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "mean±std ms",
+        "items/s",
+        "peak RSS MB",
+        "mJ/item",
+    )
+    table = [head]
+    for r in rows(report):
+        table.append(
+            (
+                r["tower"],
+                str(r["batch"]),
+                _f(r["load_ms"], ".1f"),
+                _f(r["first_ms"]),
+                str(r["iters"]),
+                _f(r["p50"]),
+                _f(r["p90"]),
+                _f(r["p99"]),
+                "–" if r["mean"] is None else f"{r['mean']:.3f}±{r['std']:.3f}",
+                _f(r["ips"], ".1f"),
+                _f(r["rss"], ".0f"),
+                _f(r["mj"], ".2f"),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for k, row in enumerate(table):
+        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for tower, p in (report.get("parity") or {}).items():
+        lines.append(f"parity {tower}: cosine min {p['min_cos']:.5f} mean {p['mean_cos']:.5f} (n={p['n']})")
+    for name, r in (report.get("recall") or {}).items():
+        if isinstance(r, dict):
+            lines.append(
+                f"recall {name} ({r['n_images']} images, {r['n_texts']} texts): "
+                f"i2t R@1/5/10 {r['i2t']['R@1']:.1f}/{r['i2t']['R@5']:.1f}/{r['i2t']['R@10']:.1f}  "
+                f"t2i R@1/5/10 {r['t2i']['R@1']:.1f}/{r['t2i']['R@5']:.1f}/{r['t2i']['R@10']:.1f}"
+            )
+        else:
+            lines.append(f"recall {name}: {r:+.2f}")
+    return "\n".join(lines)
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a bench report; another schema (or not a report) is a clear error naming the file."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: report not found") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    schema = report.get("schema") if isinstance(report, dict) else None
+    if schema is None:
+        raise ArtifactError(f"{path}: not an edge-msd bench report (no 'schema' field)")
+    if schema != SCHEMA:
+        raise ArtifactError(
+            f"{path}: report schema {schema!r} is not supported; this edge-msd reads {SCHEMA!r} "
+            "(re-run the benchmark with this version, or merge with the edge-msd that wrote it)"
+        )
+    return report
+
+
+# ---- merged report -------------------------------------------------------------------------
+
+
+def _run_name(report: dict[str, Any]) -> str:
+    precisions = sorted(
+        {m.get("precision") or "?" for m in report.get("bundle", {}).get("models", {}).values()}
+    )
+    rt = report.get("runtime", {})
+    extra = (
+        f"/{rt.get('provider')}" if rt.get("name") == "onnxruntime" and rt.get("provider") != "cpu" else ""
+    )
+    return f"{report['device']['label']} · {rt.get('name')}{extra} · {'+'.join(precisions)}"
+
+
+def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [_run_name(r) for r in reports]
+    paths = []
+    towers = sorted({t for r in reports for t in r.get("towers", {})})
+    for tower in towers:
+        data, labels = [], []
+        for name, r in zip(names, reports, strict=True):
+            for m in r.get("towers", {}).get(tower, {}).get("measurements", []):
+                if m.get("samples_ms"):
+                    data.append(m["samples_ms"])
+                    labels.append(f"{name}\nbatch {m['batch']}")
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(data)), 4.5))
+        ax.violinplot(data, showmedians=True)
+        ax.set_xticks(range(1, len(data) + 1), labels, fontsize=7)
+        ax.set_ylabel("latency per call (ms)")
+        ax.set_title(f"{tower} tower: latency distribution")
+        fig.tight_layout()
+        path = out / f"latency_{tower}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    points = []
+    for name, r in zip(names, reports, strict=True):
+        rec = (r.get("recall") or {}).get("eval") or (r.get("recall") or {}).get("probe")
+        p50 = [
+            m["latency_ms"].get("p50")
+            for t in r.get("towers", {}).values()
+            for m in t["measurements"]
+            if m.get("batch") == 1 and m.get("latency_ms", {}).get("p50") is not None
+        ]
+        if rec and p50:
+            points.append((name, sum(p50), rec["mean_R@1"]))
+    if points:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for name, lat, r1 in points:
+            ax.scatter(lat, r1, s=40)
+            ax.annotate(name, (lat, r1), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("image + text p50 latency, batch 1 (ms)")
+        ax.set_ylabel("mean Recall@1 (%)")
+        ax.set_title("recall vs latency per device / runtime / precision")
+        fig.tight_layout()
+        path = out / "recall_vs_latency.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    return "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        + ["| " + " | ".join(r) + " |" for r in body]
+    )
+
+
+def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Merge bench reports of several devices into ``report.md`` and ``report.html`` with plots."""
+    from edge_msd.artifacts import atomic_write_text
+
+    if not paths:
+        raise ArtifactError("no report files given")
+    reports = [load_report(p) for p in paths]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(reports, out)
+
+    runs = [
+        [
+            _run_name(r),
+            r.get("environment", {}).get("cpu") or "?",
+            r.get("environment", {}).get("os") or "?",
+            str(r.get("settings", {}).get("threads") or "default"),
+            ("partial: " + str(r.get("interrupted"))) if r.get("partial") else "complete",
+            str(p),
+        ]
+        for r, p in zip(reports, paths, strict=True)
+    ]
+    lat = [
+        [
+            _run_name(r),
+            x["tower"],
+            str(x["batch"]),
+            _f(x["load_ms"], ".1f"),
+            _f(x["first_ms"]),
+            _f(x["p50"]),
+            _f(x["p90"]),
+            _f(x["p99"]),
+            _f(x["mean"]),
+            _f(x["std"]),
+            _f(x["ips"], ".1f"),
+            _f(x["rss"], ".0f"),
+            _f(x["mj"], ".2f"),
+        ]
+        for r in reports
+        for x in rows(r)
+    ]
+    acc = []
+    for r in reports:
+        for name, rec in (r.get("recall") or {}).items():
+            if isinstance(rec, dict):
+                acc.append(
+                    [
+                        _run_name(r),
+                        name,
+                        _f(rec["i2t"]["R@1"], ".2f"),
+                        _f(rec["i2t"]["R@5"], ".2f"),
+                        _f(rec["i2t"]["R@10"], ".2f"),
+                        _f(rec["t2i"]["R@1"], ".2f"),
+                        _f(rec["t2i"]["R@5"], ".2f"),
+                        _f(rec["t2i"]["R@10"], ".2f"),
+                    ]
+                )
+        for tower, p in (r.get("parity") or {}).items():
+            acc.append(
+                [
+                    _run_name(r),
+                    f"parity {tower}",
+                    f"min cos {p['min_cos']:.5f}",
+                    f"mean cos {p['mean_cos']:.5f}",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    tables = [
+        ("Runs", ["run", "CPU", "OS", "threads", "status", "file"], runs),
+        (
+            "Latency (ms) and throughput",
+            [
+                "run",
+                "tower",
+                "batch",
+                "load",
+                "first",
+                "p50",
+                "p90",
+                "p99",
+                "mean",
+                "std",
+                "items/s",
+                "peak RSS MB",
+                "mJ/item",
+            ],
+            lat,
+        ),
+        (
+            "Recall (%) and parity",
+            ["run", "set", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10"],
+            acc,
+        ),
+    ]
+    md = ["# edge-msd benchmark report", ""]
+    for title, head, body in tables:
+        md += [f"## {title}", "", _md_table(head, body), ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    md_path = out / "report.md"
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+
+    h = [
+        "<!doctype html><meta charset='utf-8'><title>edge-msd benchmark report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child{text-align:left}</style>",
+        "<h1>edge-msd benchmark report</h1>",
+    ]
+    for title, head, body in tables:
+        h.append(
+            f"<h2>{html.escape(title)}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+            + "</table>"
+        )
+    for p in plots:  # embedded, so the HTML is one file to share
+        data = base64.b64encode(p.read_bytes()).decode()
+        h.append(f"<h3>{html.escape(p.stem)}</h3><img alt='{p.stem}' src='data:image/png;base64,{data}'>")
+    html_path = out / "report.html"
+    atomic_write_text(html_path, "\n".join(h) + "\n")
+    return {"markdown": md_path, "html": html_path, **{p.stem: p for p in plots}}

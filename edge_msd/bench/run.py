@@ -1,0 +1,320 @@
+"""Benchmark a bundle on this machine: latency, throughput, memory, power, recall and parity → a report.
+
+``run_bench(options)`` is the one function behind both ``edge-msd bench`` (host) and the benchmark
+binary (``python edge-msd-bench.pyz``, device). Standard library + numpy + the runtime in use.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_msd import __version__
+from edge_msd.artifacts import atomic_write_json, sha256_file
+from edge_msd.bench import sysinfo
+from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs
+from edge_msd.bench.options import BenchOptions
+from edge_msd.bench.report import SCHEMA, format_table
+from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
+from edge_msd.bench.timing import Deadline, Stop, Timing, time_loop
+from edge_msd.errors import ConfigError, EdgeMSDError
+from edge_msd.eval.retrieval import retrieval_metrics
+
+MAX_SAMPLES_KEPT = 20000  # raw latencies kept in the report for distribution plots
+
+
+def profile_defaults(target: dict[str, Any]) -> dict[str, Any]:
+    """Benchmark defaults from the bundle's target profile (targets/*.toml): ``batch_sizes`` and the
+    ``[bench]`` table (warmup, iterations, duration, threads with 0 = runtime default)."""
+    bench = target.get("bench") or {}
+    out: dict[str, Any] = {}
+    for key, name in (
+        ("iterations", "iters"),
+        ("iters", "iters"),
+        ("duration", "duration"),
+        ("warmup", "warmup"),
+    ):
+        if key in bench:
+            out[name] = bench[key]
+    if bench.get("threads"):
+        out["threads"] = int(bench["threads"])
+    batch = target.get("batch_sizes") or bench.get("batch_sizes")
+    if isinstance(batch, int):
+        batch = [batch]
+    if batch:
+        out["batch"] = sorted({int(b) for b in batch})
+    return out
+
+
+def _pool(x: np.ndarray, batch: int, size: int, session: Session) -> list[Any]:
+    """``size`` distinct batches of consecutive rows (wrapping round), prepared for the runtime."""
+    n = len(x)
+    feeds = []
+    for k in range(max(1, min(size, -(-n // batch)))):
+        idx = (np.arange(batch) + k * batch) % n
+        feeds.append(session.prepare(x[idx]))
+    return feeds
+
+
+def embed(session: Session, x: np.ndarray, batch: int, deadline: Deadline) -> np.ndarray:
+    """Embeddings of all rows with a session of fixed batch: the last chunk is padded, then cut."""
+    out = []
+    for s in range(0, len(x), batch):
+        if deadline.passed():
+            raise Stop
+        chunk = x[s : s + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+        out.append(
+            np.asarray(session.run(session.prepare(chunk)), dtype=np.float32).reshape(batch, -1)[:real]
+        )
+    return np.concatenate(out)
+
+
+def parity(device: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Per-row cosine similarity between embeddings made here and the PyTorch student's."""
+    a = device / np.maximum(np.linalg.norm(device, axis=1, keepdims=True), 1e-12)
+    b = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+    cos = (a * b).sum(axis=1)
+    return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "n": int(len(cos))}
+
+
+class _Run:
+    """State of one benchmark run; ``report`` is complete enough to write at any moment."""
+
+    def __init__(
+        self,
+        opts: BenchOptions,
+        bundle: Bundle,
+        backend: type[Backend],
+        files: dict,
+        out: Path,
+        echo: Callable[[str], None],
+    ):
+        self.opts, self.bundle, self.backend, self.files, self.out, self.echo = (
+            opts,
+            bundle,
+            backend,
+            files,
+            out,
+            echo,
+        )
+        defaults = profile_defaults(bundle.target)
+        self.threads = opts.threads if opts.threads is not None else defaults.get("threads")
+        self.batches = opts.batch or defaults.get("batch") or [1]
+        self.iters = opts.iters
+        self.duration = opts.duration
+        if self.iters is None and self.duration is None:
+            self.iters, self.duration = defaults.get("iters"), defaults.get("duration")
+            if self.iters is None and self.duration is None:
+                self.iters = 100
+        self.warmup = opts.warmup if opts.warmup is not None else int(defaults.get("warmup", 10))
+        self.options = {
+            "provider": opts.provider,
+            "compute_units": opts.compute_units,
+            "xnnpack": opts.xnnpack,
+        }
+        man = bundle.manifest
+        versions = {backend.name: backend.version()}
+        self.report: dict[str, Any] = {
+            "schema": SCHEMA,
+            "partial": True,  # until the run ends normally
+            "interrupted": None,
+            "created_unix": round(time.time(), 3),
+            "tool": {"edge_msd": __version__},
+            "device": {"label": opts.label or platform.node(), "host": platform.node()},
+            "bundle": {
+                "path": str(bundle.root),
+                "manifest_sha256": sha256_file(bundle.root / "manifest.json"),
+                "target": bundle.target.get("name"),
+                "student": (man.get("student") or {}).get("name"),
+                "models": {
+                    t: {
+                        "file": self._relpath(t),
+                        "format": self._format(t),
+                        "precision": bundle.model(t).get("precision"),
+                    }
+                    for t in self.towers
+                },
+                "export_parity": man.get("parity"),
+            },
+            "runtime": {"name": backend.name, "version": versions[backend.name], **self.options},
+            "settings": {
+                "threads": self.threads,
+                "batches": self.batches,
+                "iters": self.iters,
+                "duration_s": self.duration,
+                "warmup": self.warmup,
+                "pool": opts.pool,
+                "time_limit_s": opts.time_limit,
+                "towers": list(self.towers),
+            },
+            "environment": sysinfo.environment(versions, self.threads),
+            "towers": {t: {"measurements": []} for t in self.towers},
+            "parity": {},
+            "recall": None,
+        }
+
+    @property
+    def towers(self) -> list[str]:
+        return [t for t in self.opts.towers if t in self.bundle.towers]
+
+    def _format(self, tower: str) -> str:
+        return next(f for f in self.files[tower] if f in self.backend.formats)
+
+    def _relpath(self, tower: str) -> str:
+        path = self.files[tower][self._format(tower)]
+        return str(path.relative_to(self.bundle.root)) if path.is_relative_to(self.bundle.root) else str(path)
+
+    def save(self) -> None:
+        atomic_write_json(self.out, self.report)
+
+    def load(self, tower: str, batch: int) -> tuple[Session, float]:
+        path = self.files[tower][self._format(tower)]
+        t0 = time.perf_counter_ns()
+        session = self.backend().load(self.bundle.model(tower), path, self.threads, batch, self.options)
+        return session, (time.perf_counter_ns() - t0) / 1e6
+
+    def measure(self, tower: str, x: np.ndarray, batch: int, deadline: Deadline) -> Session:
+        """One (tower, batch) measurement; its entry is in the report even if cut short."""
+        sysinfo.reset_peak_rss()
+        entry: dict[str, Any] = {"batch": batch, "rss_before_mb": sysinfo.rss_mb()}
+        self.report["towers"][tower]["measurements"].append(entry)
+        session, entry["load_ms"] = self.load(tower, batch)
+        entry["session"] = session.describe()
+        pool = _pool(x, batch, self.opts.pool, session)
+        entry["pool_batches"] = len(pool)
+        sampler = sysinfo.PowerSampler() if sysinfo.PowerSampler.available() else None
+        timing = Timing()
+        try:
+            if sampler:
+                sampler.start()
+            time_loop(
+                session.run,
+                pool,
+                warmup=self.warmup,
+                iters=self.iters,
+                duration_s=self.duration,
+                deadline=deadline,
+                timing=timing,
+            )
+        finally:  # on Ctrl-C too: keep what the loop measured
+            power = sampler.stop() if sampler else None
+            entry.update(timing.summary(batch))
+            entry["peak_rss_mb"] = sysinfo.peak_rss_mb()
+            entry["power"] = power
+            entry["energy"] = sysinfo.energy_per_inference(
+                power, timing.wall_ns, len(timing.samples_ns), batch
+            )
+            step = max(1, -(-len(timing.samples_ns) // MAX_SAMPLES_KEPT))
+            entry["samples_ms"] = [round(s / 1e6, 5) for s in timing.samples_ns[::step]]
+        if timing.stopped:
+            session.close()
+            raise Stop
+        return session
+
+    def tower(self, tower: str, evalset: dict | None, probe: dict | None, deadline: Deadline) -> dict:
+        """Time every batch size, then embed the eval and probe sets with the last session."""
+        data = evalset or probe
+        if data is None:
+            raise EdgeMSDError(f"{self.bundle.root}: neither evalset.npz nor probe.npz: no inputs to time")
+        x = tower_inputs(self.bundle, tower, data)
+        emb: dict[str, np.ndarray] = {}
+        session = None
+        for batch in self.batches:
+            if deadline.passed():
+                raise Stop
+            if session is not None:
+                session.close()
+            self.echo(f"  {tower} tower, batch {batch} …")
+            session = self.measure(tower, x, batch, deadline)
+            self.save()
+        if self.opts.recall and session is not None:
+            batch = self.batches[-1]
+            t0 = time.perf_counter()
+            for name, d in (("eval", evalset), ("probe", probe)):
+                if d is not None:
+                    emb[name] = embed(
+                        session, x if d is data else tower_inputs(self.bundle, tower, d), batch, deadline
+                    )
+            self.report["towers"][tower]["embed_s"] = time.perf_counter() - t0
+        if session is not None:
+            session.close()
+        return emb
+
+    def execute(self, deadline: Deadline) -> None:
+        evalset = self.bundle.load_npz("evalset.npz") if self.opts.recall else None
+        probe = self.bundle.load_npz("probe.npz")
+        embs = {}
+        for tower in self.towers:
+            embs[tower] = self.tower(tower, evalset, probe, deadline)
+            if probe is not None and "probe" in embs[tower]:
+                self.report["parity"][tower] = parity(embs[tower]["probe"], probe[f"{tower}_emb"])
+            self.save()
+        if self.opts.recall and {"image", "text"} <= set(embs):
+            recall: dict[str, Any] = {}
+            for name, d in (("eval", evalset), ("probe", probe)):
+                if d is not None and name in embs["image"] and name in embs["text"]:
+                    recall[name] = retrieval_metrics(
+                        embs["image"][name], embs["text"][name], d["caption_image_index"]
+                    )
+            if probe is not None and "image_emb" in probe:
+                ref = retrieval_metrics(probe["image_emb"], probe["text_emb"], probe["caption_image_index"])
+                recall["probe_reference"] = ref
+                if "probe" in recall:
+                    recall["probe_delta_mean_R@1"] = recall["probe"]["mean_R@1"] - ref["mean_R@1"]
+            self.report["recall"] = recall
+
+
+def default_out(opts: BenchOptions, bundle: Bundle, backend: type[Backend]) -> Path:
+    target = bundle.target.get("name") or bundle.root.name
+    return Path(f"bench-{target}-{backend.name}-{platform.node() or 'host'}.json")
+
+
+def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark and write its report; Ctrl-C or ``time_limit`` → a report marked partial.
+
+    Returns the report; the caller prints it (``format_table``) and sets the exit status.
+    """
+    opts.validate()
+    deadline = Deadline.after(opts.time_limit)
+    bundle = open_bundle(opts.bundle)  # checksums first: a tampered bundle is refused, file named
+    missing = sorted(set(opts.towers) - set(bundle.towers))
+    if missing:
+        raise ConfigError(
+            f"{bundle.root}: no {', '.join(missing)} tower in this bundle (it has {', '.join(bundle.towers)})"
+        )
+    files = model_files(
+        bundle.root,
+        {t: bundle.model(t) for t in opts.towers},
+        Path(opts.engine_dir) if opts.engine_dir else None,
+    )
+    backend = select_backend(opts.runtime, files)
+    out = Path(opts.out) if opts.out else default_out(opts, bundle, backend)
+    run = _Run(opts, bundle, backend, files, out, echo)
+    echo(f"edge-msd bench: {bundle.root} with {backend.name} {run.report['runtime']['version']} → {out}")
+    run.save()  # from now on the report file exists, marked partial until the run ends
+    try:
+        run.execute(deadline)
+        run.report["partial"] = False
+    except Stop:
+        run.report["interrupted"] = "time limit"
+    except KeyboardInterrupt:
+        run.report["interrupted"] = "Ctrl-C"
+    except Exception as e:  # the report keeps what was measured, and says why it stopped
+        run.report["interrupted"] = f"error: {e}"
+        raise
+    finally:
+        run.report["finished_unix"] = round(time.time(), 3)
+        run.save()
+    return run.report
+
+
+def print_report(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
+    echo(format_table(report))
