@@ -46,8 +46,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         (item,) = typing.get_args(base)[:1] or (str,)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # comma-separated on the command line: numbers arrive as text
+            text = value
+            value = [v.strip() for v in text.split(",") if v.strip()]
+            if item in (int, float):
+                try:
+                    value = [item(v) for v in value]
+                except ValueError as e:
+                    msg = f"{where}: expected comma-separated {item.__name__}s, got {text!r}"
+                    raise ConfigError(msg) from e
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -178,3 +185,85 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # Each stage's dataclass is defined in its own package (edge_msd/<stage>/config.py) with
 # ``field(..., help=...)`` and an optional ``validate()``; this module holds the machinery.
 # Target profiles (targets/*.toml) are loaded by ``load_target`` below.
+
+
+# ---- target profiles ----------------------------------------------------------------------
+PRECISIONS = ("fp32", "fp16", "int8")
+EXPORTERS = ("onnx", "tensorrt", "coreml", "tflite")
+
+
+@dataclasses.dataclass
+class TargetProfile:
+    """A device profile (targets/<name>.toml): which exporter, precision, shapes and checks to use."""
+
+    name: str = field(help="profile name (the file stem)")
+    exporter: str = field(help=f"exporter kind: {', '.join(EXPORTERS)}")
+    precision: str = field(help="default precision")
+    precisions: list[str] = field(help="precisions this target accepts")
+    resolution: int | str = field(help='image size in pixels, or "student" for the student\'s own')
+    batch_sizes: list[int] = field(help="batch sizes to benchmark (and TensorRT's min/opt/max profile)")
+    dynamic_batch: bool = field(help="export a dynamic batch dimension (else static at batch_sizes[0])")
+    parity: dict = field(help="[parity.<precision>] min_cos, max_delta_r1 (percentage points)")
+    description: str = field("", help="one line shown by `edge-msd targets`")
+    options: dict = field({}, help="exporter-specific settings ([options] table)")
+    bench: dict = field({}, help="benchmark defaults ([bench] table)")
+    source: str = field("", help="file the profile was read from (filled in by load_target)")
+
+    def validate(self) -> None:
+        where = self.source or self.name
+        for name in ("parity", "options", "bench"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{where}: field '{name}' must be a table")
+        if self.exporter not in EXPORTERS:
+            raise ConfigError(f"{where}: field 'exporter' is {self.exporter!r}; expected one of {EXPORTERS}")
+        for p in [*self.precisions, self.precision]:
+            if p not in PRECISIONS:
+                raise ConfigError(f"{where}: field 'precisions' has {p!r}; expected one of {PRECISIONS}")
+        if self.precision not in self.precisions:
+            raise ConfigError(f"{where}: field 'precision' {self.precision!r} is not in precisions")
+        if isinstance(self.resolution, str) and self.resolution != "student":
+            raise ConfigError(f"{where}: field 'resolution' must be an int or \"student\"")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"{where}: field 'batch_sizes' must list positive ints")
+        for p in self.precisions:
+            t = self.parity.get(p)
+            if not isinstance(t, dict) or set(t) != {"min_cos", "max_delta_r1"}:
+                raise ConfigError(f"{where}: field 'parity.{p}' must be a table with min_cos, max_delta_r1")
+
+
+def targets_dirs() -> list[Path]:
+    """Where target names are looked up: ./targets first (a user's own devices), then the shipped ones."""
+    return [Path.cwd() / "targets", Path(__file__).resolve().parent.parent / "targets"]
+
+
+def known_targets() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(targets_dirs()):
+        found.update({p.stem: p for p in sorted(d.glob("*.toml"))})
+    return dict(sorted(found.items()))
+
+
+def load_target(name_or_path: str | Path) -> TargetProfile:
+    """Load a target profile by name (targets/<name>.toml) or path; ``alias = "other"`` follows a link."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        known = known_targets()
+        if str(name_or_path) not in known:
+            raise ConfigError(f"unknown target {str(name_or_path)!r}; known: {', '.join(known) or 'none'}")
+        path = known[str(name_or_path)]
+    data = load_toml(path)
+    if "alias" in data:
+        if set(data) != {"alias"}:
+            raise ConfigError(f"{path}: an alias profile holds only field 'alias'")
+        if data["alias"] == path.stem:
+            raise ConfigError(f"{path}: field 'alias' points at itself")
+        return load_target(data["alias"])
+    missing = [f.name for f in dataclasses.fields(TargetProfile)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in data and f.name != "name"]
+    if missing:
+        raise ConfigError(f"{path}: missing field(s) {', '.join(missing)}")
+    if not (isinstance(data.get("resolution"), int | str) and not isinstance(data.get("resolution"), bool)):
+        raise ConfigError(f"{path}: field 'resolution' must be an int or \"student\"")
+    values = {"name": path.stem, **data, "source": str(path)}
+    return build_config(TargetProfile, values, str(path))

@@ -1,0 +1,272 @@
+"""Deploy bundles (docs/bundle.md): export a student for a target, check parity, write, verify.
+
+The bundle is written into a temp folder and renamed into place, so a failed export (conversion
+error, failing parity) never leaves a half-written bundle nor touches an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from edge_msd.artifacts import (
+    MANIFEST,
+    atomic_dir,
+    file_hashes,
+    producer_info,
+    read_manifest,
+    verify_files,
+)
+from edge_msd.config import TargetProfile, load_target
+from edge_msd.data.base import ImageTextDataset
+from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.export.base import Calibration, Exporter, ExportRequest
+from edge_msd.export.parity import parity_report
+from edge_msd.export.towers import Student, load_student
+
+KIND = "edge-msd-bundle"
+SCHEMA_VERSION = 1
+console = Console(stderr=True)
+
+
+def exporter_for(profile: TargetProfile) -> Exporter:
+    if profile.exporter == "onnx":
+        from edge_msd.export.onnx import OnnxExporter as cls
+    elif profile.exporter == "tensorrt":
+        from edge_msd.export.tensorrt import TensorRTExporter as cls
+    elif profile.exporter == "coreml":
+        from edge_msd.export.coreml import CoreMLExporter as cls
+    else:
+        from edge_msd.export.tflite import TFLiteExporter as cls
+    return cls()
+
+
+@dataclass
+class ExportConfig:
+    """The resolved export settings, saved into the manifest."""
+
+    target: str
+    student: str
+    precision: str
+    out: str
+    data: str = "demo-scenes"
+    split: str = "test"
+    probe_images: int = 16
+    eval_images: int = 0  # 0: the whole split
+    calibration_split: str = "train"
+    force: bool = False
+    allow_parity_fail: bool = False
+    tar: bool = False
+
+
+def model_images(student: Student, ds: ImageTextDataset, indices: list[int]) -> np.ndarray:
+    """uint8 (N, H, W, 3): open_clip's own eval resize + crop, stopping before ToTensor/Normalize."""
+    steps = []
+    for t in student.val_transform.transforms:
+        if type(t).__name__ in ("ToTensor", "MaybeToTensor", "Normalize"):
+            break
+        steps.append(t)
+    out = []
+    for i in indices:
+        img = ds.load_image(i)
+        for t in steps:
+            img = t(img)
+        out.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    return np.stack(out)
+
+
+def image_text_set(student: Student, ds: ImageTextDataset, n_images: int) -> dict[str, np.ndarray]:
+    """The first ``n_images`` images (0: all) with all their captions, as bundle arrays."""
+    n = ds.n_images if n_images <= 0 else min(n_images, ds.n_images)
+    cap_idx = np.asarray(ds.caption_image_index, dtype=np.int64)
+    caps = np.flatnonzero(cap_idx < n)
+    if len(caps) == 0:
+        raise ConfigError(f"{ds.spec} [{ds.split}]: the first {n} images have no captions")
+    texts = [ds.captions[j] for j in caps]
+    tokens = np.asarray(student.tokenizer(texts), dtype=np.int32)
+    return {"images": model_images(student, ds, list(range(n))), "tokens": tokens,
+            "caption_image_index": cap_idx[caps], "texts": np.array(texts, dtype=str)}
+
+
+@torch.no_grad()
+def torch_embeddings(student: Student, images_u8: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    x = torch.from_numpy(student.preprocess.normalise(images_u8))
+    return {"image": student.image(x).numpy().astype(np.float32),
+            "text": student.text(torch.from_numpy(tokens)).numpy().astype(np.float32)}
+
+
+def write_tokenizer(student: Student, folder: Path) -> dict:
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+    if not isinstance(student.tokenizer, SimpleTokenizer):
+        raise ConfigError(f"student tokenizer {type(student.tokenizer).__name__}: only open_clip's CLIP BPE "
+                          "tokenizer ships in bundles")
+    folder.mkdir(parents=True)
+    vocab = Path(default_bpe())
+    shutil.copyfile(vocab, folder / vocab.name)
+    meta = {"vocab": vocab.name, "context_length": student.context_length, "clean": "lower",
+            "sot_token": student.tokenizer.sot_token_id, "eot_token": student.tokenizer.eot_token_id,
+            "source": f"open_clip {open_clip.__version__} SimpleTokenizer"}
+    (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2))
+    return {"dir": folder.name, **{k: meta[k] for k in ("context_length", "sot_token", "eot_token")}}
+
+
+def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
+                  calibration_data: ImageTextDataset | None = None, model: torch.nn.Module | None = None,
+                  quantized: bool = False) -> dict:
+    """Export ``cfg.student`` for ``cfg.target`` into the bundle ``cfg.out``; returns the manifest.
+
+    ``model`` replaces the student's weights (a QAT fake-quant model; set ``quantized``). Datasets
+    default to ``cfg.data`` [``cfg.split``] / [``cfg.calibration_split``].
+    """
+    profile = load_target(cfg.target)
+    precision = cfg.precision or profile.precision
+    if precision not in profile.precisions:
+        raise ConfigError(f"target {profile.name}: precision {precision!r} not in {profile.precisions}")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    student = load_student(cfg.student, model)
+    if profile.resolution != "student" and tuple(student.preprocess.size) != (profile.resolution,) * 2:
+        raise ConfigError(f"{profile.source}: resolution {profile.resolution} differs from the student's "
+                          f"{student.preprocess.size}; use \"student\" or re-train at that size")
+    if dataset is None:
+        from edge_msd.data import open_dataset
+
+        dataset = open_dataset(cfg.data, cfg.split)
+    evalset = image_text_set(student, dataset, cfg.eval_images)
+    probe = image_text_set(student, dataset, cfg.probe_images)
+    ref = torch_embeddings(student, probe["images"], probe["tokens"])
+    calibration = None
+    if precision == "int8" and not quantized:
+        if calibration_data is None:
+            from edge_msd.data import open_dataset
+
+            calibration_data = open_dataset(cfg.data, cfg.calibration_split)
+        n = int(profile.options.get("calibration_samples", 64))
+        cal = image_text_set(student, calibration_data, n)
+        calibration = Calibration(student.preprocess.normalise(cal["images"]), cal["tokens"][:n],
+                                  {"data": calibration_data.spec,
+                                   "split": calibration_data.split, "images": len(cal["images"]),
+                                   "captions": min(n, len(cal["tokens"])),
+                                   "fingerprint": calibration_data.fingerprint(), "method": "post-training"})
+    exporter = exporter_for(profile)
+    with atomic_dir(out, cfg.force) as tmp:
+        t0 = time.perf_counter()
+        with console.status(f"exporting {student.name} for {profile.name} ({precision})"):
+            models = exporter.export(ExportRequest(student, profile, precision, calibration, quantized), tmp)
+        export_s = time.perf_counter() - t0
+        tokenizer = write_tokenizer(student, tmp / "tokenizer")
+        shutil.copyfile(profile.source, tmp / "target.toml")
+        np.savez(tmp / "probe.npz", **probe, image_emb=ref["image"], text_emb=ref["text"])
+        np.savez(tmp / "evalset.npz", **evalset)
+        parity = run_parity(exporter, models, tmp, student, probe, ref, profile.parity[precision])
+        for entry in models.values():
+            entry["size_bytes"] = _size(tmp / entry["file"])
+        manifest = {
+            "kind": KIND, "schema_version": SCHEMA_VERSION, "producer": producer_info(),
+            "config": asdict(cfg),
+            "target": {k: v for k, v in asdict(profile).items() if k != "source"},
+            "student": {"name": student.name, "source": student.source, "sha256": student.sha256},
+            "models": models, "preprocessing": student.preprocess.to_manifest(), "tokenizer": tokenizer,
+            "parity": parity, "calibration": calibration.info if calibration else None,
+            "export_seconds": round(export_s, 2), "files": file_hashes(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        if parity.get("passed") is False and not cfg.allow_parity_fail:
+            raise ArtifactError(f"{out}: parity failed for {profile.name} {precision}: "
+                                f"{_parity_line(parity)}; pass --allow-parity-fail to keep the bundle")
+    if cfg.tar:
+        pack(out)
+    return manifest
+
+
+def run_parity(exporter: Exporter, models: dict, folder: Path, student: Student, probe: dict, ref: dict,
+               thresholds: dict) -> dict:
+    runners = {t: exporter.runner(e, folder) for t, e in models.items()}
+    skipped = {t: r for t, r in runners.items() if isinstance(r, str)}
+    if skipped:
+        return {"skipped": next(iter(skipped.values())), "passed": None, "thresholds": dict(thresholds)}
+    x = student.preprocess.normalise(probe["images"])
+    out = {"image": runners["image"](x), "text": runners["text"](probe["tokens"])}
+    report = parity_report(ref, out, probe["caption_image_index"], thresholds)
+    report["runtime"] = models["image"].get("parity_runtime", exporter.format)
+    report["probe"] = {"images": len(x), "captions": len(probe["tokens"])}
+    return report
+
+
+def _parity_line(p: dict) -> str:
+    return ", ".join(f"{t} min_cos {p[t]['min_cos']:.4f} ΔR@1 {p[t]['delta_R@1']:+.2f}"
+                     for t in ("image", "text"))
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():  # .mlpackage folders
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def pack(folder: Path) -> Path:
+    """Write ``<folder>.tar.gz`` (atomically) holding the bundle under its folder name."""
+    dest = folder.with_name(folder.name + ".tar.gz")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder.parent)
+    with open(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    Path(tmp).replace(dest)
+    return dest
+
+
+def verify_bundle(path: str | Path) -> dict:
+    """Check a bundle folder (or .tar.gz): kind, schema, every file's sha256, nothing unlisted."""
+    path = Path(path)
+    if path.is_file() and path.name.endswith(".tar.gz"):
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                with tarfile.open(path) as tar:
+                    tar.extractall(d, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise ArtifactError(f"{path}: truncated or not a tar.gz ({e})") from e
+            inner = [p for p in Path(d).iterdir() if p.is_dir()]
+            if len(inner) != 1:
+                raise ArtifactError(f"{path}: expected one bundle folder inside")
+            return verify_bundle(inner[0])
+    manifest = read_manifest(path, KIND)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"{path / MANIFEST}: schema_version {manifest.get('schema_version')!r}, "
+                            f"expected {SCHEMA_VERSION}")
+    verify_files(path, manifest)
+    extra = sorted(set(file_hashes_names(path)) - set(manifest["files"]) - {"engines.json", "timing.cache"})
+    extra = [e for e in extra if not e.endswith(".plan")]  # engines are built into the bundle on the device
+    if extra:
+        raise ArtifactError(f"{path / extra[0]}: not listed in {MANIFEST} (foreign file)")
+    return manifest
+
+
+def file_hashes_names(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
+
+
+def summary(manifest: dict, out: str) -> None:
+    """Print the export's sizes and parity as a rich table."""
+    from rich.table import Table
+
+    parity = manifest["parity"]
+    table = Table("tower", "file", "precision", "size", "min cos", "mean cos", "ΔR@1", "parity",
+                  title=f"{out}  ({manifest['target']['name']}, {manifest['export_seconds']} s)")
+    for tower, e in manifest["models"].items():
+        p = parity.get(tower, {})
+        status = ("skipped: " + parity["skipped"] if "skipped" in parity
+                  else "ok" if p.get("passed") else "FAIL")
+        table.add_row(tower, e["file"], e["precision"], f"{e['size_bytes'] / 1e6:.2f} MB",
+                      f"{p['min_cos']:.5f}" if p else "-", f"{p['mean_cos']:.5f}" if p else "-",
+                      f"{p['delta_R@1']:+.2f}" if p else "-", status)
+    console.print(table)

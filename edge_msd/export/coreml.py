@@ -1,0 +1,141 @@
+"""Core ML ML Program (.mlpackage, iOS 17+) through coremltools: torch.export → ct.convert.
+
+fp16 is the default, with the ops that overflow in fp16 (LayerNorm, softmax, the reductions of the
+L2 norm: ``options.fp32_ops``) kept in fp32 through coremltools' op selector. Conversion and spec
+checks run on Linux; predictions need macOS (libcoremlpython), so parity runs there only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_msd import __version__
+from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.export.base import (
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    TOWERS,
+    Exporter,
+    ExportRequest,
+    Runner,
+    example_inputs,
+    io_entry,
+    run_batched,
+    tower_module,
+)
+
+DESCRIPTIONS = {"image": "RGB image, (x/255 - mean)/std, NCHW float32",
+                "text": "int32 CLIP BPE token ids: sot, tokens, eot, zero padding"}
+
+
+def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision: str, opts: dict):
+    import coremltools as ct
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, (torch.from_numpy(example),)).run_decompositions({})
+        dtype = np.int32 if tower == "text" else np.float32
+        fp32_ops = set(opts.get("fp32_ops", []))
+        precision_arg = (ct.precision.FLOAT32 if precision == "fp32" else
+                         ct.transform.FP16ComputePrecision(op_selector=lambda op: op.op_type not in fp32_ops))
+        try:
+            return ct.convert(
+                ep, inputs=[ct.TensorType(name=INPUT_NAMES[tower], shape=example.shape, dtype=dtype)],
+                outputs=[ct.TensorType(name=OUTPUT_NAME)], convert_to="mlprogram",
+                minimum_deployment_target=getattr(ct.target, opts.get("minimum_deployment_target", "iOS17")),
+                compute_precision=precision_arg,
+                compute_units=getattr(ct.ComputeUnit, opts.get("compute_units", "ALL")))
+        except Exception as e:  # coremltools names the unsupported torch op in its message
+            msg = str(e).splitlines()[0]
+            raise ConfigError(f"Core ML conversion of the {tower} tower failed: {msg}") from e
+
+
+def spec_check(path: Path, tower: str, precision: str, fp32_ops: list[str]) -> dict:
+    """Load the saved spec (no compile, works on Linux) and check I/O, program, op precisions."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise ArtifactError(f"{path}: not an ML Program")
+    ins = {i.name: i for i in spec.description.input}
+    outs = {o.name: o for o in spec.description.output}
+    want = "INT32" if tower == "text" else "FLOAT32"
+    arr = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+    name = INPUT_NAMES[tower]
+    if name not in ins or arr.ArrayDataType.Name(ins[name].type.multiArrayType.dataType) != want:
+        raise ArtifactError(f"{path}: input {INPUT_NAMES[tower]!r} missing or not {want}")
+    if OUTPUT_NAME not in outs:
+        raise ArtifactError(f"{path}: output {OUTPUT_NAME!r} missing")
+    ops: dict[str, dict[str, int]] = {}
+    fp16_in_fp32_ops = []
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            for op in block.operations:
+                dt = op.outputs[0].type.tensorType.dataType if op.outputs else 0
+                name = ct.proto.MIL_pb2.DataType.Name(dt)
+                ops.setdefault(op.type, {}).setdefault(name, 0)
+                ops[op.type][name] += 1
+                if op.type in fp32_ops and name == "FLOAT16":
+                    fp16_in_fp32_ops.append(op.type)
+    if fp16_in_fp32_ops:
+        raise ArtifactError(f"{path}: ops {sorted(set(fp16_in_fp32_ops))} run in fp16 but must stay fp32")
+    if precision == "fp16" and not any("FLOAT16" in v for v in ops.values()):
+        raise ArtifactError(f"{path}: fp16 requested but no op computes in fp16")
+    return {"program": "mlProgram", "spec_version": spec.specificationVersion, "ops": ops, "checked": True}
+
+
+class CoreMLExporter(Exporter):
+    kind = "coreml"
+    format = "mlpackage"
+    ext = "mlpackage"
+
+    def export(self, req: ExportRequest, out_dir: Path) -> dict[str, dict]:
+        if req.profile.dynamic_batch:
+            raise ConfigError(f"{req.profile.source}: dynamic_batch is not supported by coreml; set false")
+        if req.precision not in ("fp32", "fp16"):
+            raise ConfigError(f"target {req.profile.name}: coreml exports fp32 or fp16 (int8 comes from QAT)")
+        opts = req.profile.options
+        batch = req.profile.batch_sizes[0]
+        examples = example_inputs(req.student, batch)
+        entries = {}
+        for tower in TOWERS:
+            mlmodel = _convert(tower_module(req.student, tower), examples[tower], tower, req.precision, opts)
+            mlmodel.author = opts.get("author", "edge-msd")
+            mlmodel.license = opts.get("license", "")
+            mlmodel.version = f"{req.student.name} (edge-msd {__version__})"
+            mlmodel.short_description = f"{req.student.name} {tower} tower: L2-normalised embedding"
+            mlmodel.input_description[INPUT_NAMES[tower]] = DESCRIPTIONS[tower]
+            mlmodel.output_description[OUTPUT_NAME] = f"L2-normalised {req.student.embed_dim}-d embedding"
+            meta = {"preprocessing": json.dumps(req.student.preprocess.to_manifest()) if tower == "image"
+                    else json.dumps({"context_length": req.student.context_length}),
+                    "student": req.student.name, "precision": req.precision}
+            mlmodel.user_defined_metadata.update(meta)
+            rel = f"models/{tower}.{self.ext}"
+            (out_dir / "models").mkdir(parents=True, exist_ok=True)
+            mlmodel.save(str(out_dir / rel))
+            check = spec_check(out_dir / rel, tower, req.precision, list(opts.get("fp32_ops", [])))
+            shape = list(examples[tower].shape)
+            dtype = "int32" if tower == "text" else "float32"
+            entries[tower] = {"file": rel, "format": self.format, "precision": req.precision,
+                              "inputs": [io_entry(INPUT_NAMES[tower], shape, dtype, "NCHW" if tower == "image"
+                                                  else None)],
+                              "outputs": [io_entry(OUTPUT_NAME, [batch, req.student.embed_dim], "float32")],
+                              "coreml_check": check}
+        return entries
+
+    def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
+        if platform.system() != "Darwin":
+            return "Core ML predictions need macOS (coremltools has no libcoremlpython elsewhere)"
+        import coremltools as ct
+
+        model = ct.models.MLModel(str(bundle_dir / entry["file"]))
+        name = entry["inputs"][0]["name"]
+        return lambda x: run_batched(lambda c: np.asarray(model.predict({name: c})[OUTPUT_NAME]), x,
+                                     entry["inputs"][0]["shape"][0])

@@ -1,0 +1,212 @@
+"""Jetson / TensorRT: the ONNX TensorRT parses (opset 17, int32 I/O, explicit Q/DQ for int8) and the
+engine builder that runs on the device (``edge-msd build-engine``; TensorRT ships with JetPack).
+
+fp32 and fp16 bundles hold the fp32 ONNX; TensorRT lowers it to fp16 while building the engine,
+keeping LayerNorm/Softmax in fp32 (``options.fp32_layers``). int8 bundles hold explicit
+QuantizeLinear/DequantizeLinear pairs from nvidia-modelopt (PTQ here, or a QAT student's own
+fake-quant), exported with the TorchScript exporter, the one that writes modelopt's Q/DQ.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
+from edge_msd.export.base import INPUT_NAMES, TOWERS, ExportRequest, example_inputs, tower_module
+from edge_msd.export.onnx import OnnxExporter, export_onnx, onnx_io
+
+# ONNX ops the TensorRT 8.6/10 ONNX parser imports (onnx-tensorrt operators.md), those that matter here.
+TRT_OPS = frozenset([
+    "Abs", "Acos", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool",
+    "BatchNormalization", "Cast", "Ceil", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
+    "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "DequantizeLinear", "Div", "Dropout",
+    "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather",
+    "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater",
+    "GreaterOrEqual", "GroupNormalization", "HardSigmoid", "HardSwish", "Identity", "If",
+    "InstanceNormalization", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log",
+    "LogSoftmax", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "Not", "OneHot",
+    "Or", "Pad", "Pow", "PRelu", "QuantizeLinear", "Range", "Reciprocal", "ReduceL1", "ReduceL2",
+    "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+    "ReduceSumSquare", "Relu", "Reshape", "Resize", "Round", "ScatterElements", "ScatterND",
+    "Shape", "Sigmoid", "Sign", "Sin", "Size", "Slice", "Softmax", "Softplus", "Split", "Sqrt",
+    "Squeeze", "Sub", "Sum", "Tanh", "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Where",
+    "Xor",
+])
+
+
+def check_tensorrt_onnx(path: Path, expect_qdq: bool) -> dict:
+    """What TensorRT needs from the graph; returns a summary for the manifest, raises naming op/node."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    for v in [*graph.input, *graph.output]:
+        if v.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+            raise ArtifactError(f"{path}: graph I/O {v.name!r} is int64; TensorRT/DLA want int32")
+    for node in graph.node:
+        if node.op_type not in TRT_OPS:
+            raise ArtifactError(f"{path}: op {node.op_type} (node {node.name!r}) unsupported by TensorRT")
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for v in node.input:
+            consumers.setdefault(v, []).append(node)
+    n_q = 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        n_q += 1
+        where = f"{path}: QuantizeLinear {node.name!r}"
+        users = consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "DequantizeLinear" for u in users):
+            raise ArtifactError(f"{where} is not followed only by DequantizeLinear (TensorRT wants pairs)")
+        if node.input[1] not in consts:
+            raise ArtifactError(f"{where}: scale is not a constant")
+        if len(node.input) > 2 and node.input[2] in consts:
+            zp = consts[node.input[2]]
+            if zp.dtype != np.int8 or np.any(zp != 0):
+                raise ArtifactError(f"{where}: zero point must be int8 0 (TensorRT quantizes symmetrically)")
+    if expect_qdq and n_q == 0:
+        raise ArtifactError(f"{path}: int8 requested but the graph holds no QuantizeLinear/DequantizeLinear")
+    if not expect_qdq and n_q:
+        raise ArtifactError(f"{path}: a float export holds {n_q} QuantizeLinear nodes")
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return {"opset": opset, "qdq_pairs": n_q, "ops": sorted({n.op_type for n in graph.node}), "checked": True}
+
+
+def modelopt_int8(module: torch.nn.Module, calib: np.ndarray) -> torch.nn.Module:
+    """Post-training int8 with nvidia-modelopt: per-channel weights, per-tensor activations (max calib)."""
+    import modelopt.torch.quantization as mtq
+
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                         {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+                         {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+                         {"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False}],
+           "algorithm": "max"}
+    module = copy.deepcopy(module)
+
+    def loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for s in range(0, len(calib), 16):
+                m(torch.from_numpy(calib[s : s + 16]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mtq.quantize(module, cfg, loop)
+
+
+class TensorRTExporter(OnnxExporter):
+    kind = "tensorrt"
+
+    def opset(self, req: ExportRequest) -> int:
+        return int(req.profile.options.get("opset", 17))
+
+    def export(self, req: ExportRequest, out_dir: Path) -> dict[str, dict]:
+        int8 = req.precision == "int8"
+        if int8 and not req.quantized and req.calibration is None:
+            raise ConfigError(f"target {req.profile.name} int8: needs a QAT student or a calibration set")
+        batch = 2 if req.profile.dynamic_batch else req.profile.batch_sizes[0]
+        examples = example_inputs(req.student, batch)
+        calib = {"image": req.calibration.images, "text": req.calibration.tokens} if req.calibration else {}
+        entries = {}
+        for tower in TOWERS:
+            module = tower_module(req.student, tower)
+            if int8 and not req.quantized:
+                module = modelopt_int8(module, calib[tower])
+            rel = f"models/{tower}.onnx"
+            # TorchScript exporter: opset 17 (TensorRT 8.5+) and the only one that writes modelopt's Q/DQ
+            export_onnx(module, examples[tower], out_dir / rel, INPUT_NAMES[tower], self.opset(req),
+                        req.profile.dynamic_batch, dynamo=False)
+            inputs, outputs = onnx_io(out_dir / rel)
+            entries[tower] = {"file": rel, "format": "onnx", "precision": req.precision, "inputs": inputs,
+                              "outputs": outputs, "opset": self.opset(req),
+                              "dynamic_axes": {inputs[0]["name"]: {"0": "batch"}, "embedding": {"0": "batch"}}
+                              if req.profile.dynamic_batch else {}}
+        for tower, entry in entries.items():
+            entry["tensorrt_check"] = check_tensorrt_onnx(out_dir / entry["file"], expect_qdq=int8)
+            entry["parity_runtime"] = "onnxruntime (the engine's source ONNX; fp16 is applied on the device)"
+            entry["engine"] = {"file": f"models/{tower}.plan", "built_on_device": True}
+        return entries
+
+
+# ---- engine builder (runs on the Jetson) -----------------------------------------------------
+def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int | None = None,
+                  dla_core: int | None = None, timing_cache: Path | None = None) -> dict[str, Path]:
+    """Build models/<tower>.plan for a jetson bundle with the TensorRT Python API (TensorRT 8.6/10)."""
+    from edge_msd.artifacts import atomic_write_bytes, read_manifest
+
+    manifest = read_manifest(bundle, "edge-msd-bundle")
+    target = manifest["target"]
+    if target.get("exporter") != "tensorrt":
+        raise ConfigError(f"{bundle}: built for exporter {target.get('exporter')!r}, not tensorrt")
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise EdgeMSDError("TensorRT is not installed: build-engine runs on the Jetson, where JetPack ships "
+                           "the tensorrt Python module") from e
+    opts = target.get("options", {})
+    precision = precision or manifest["models"]["image"]["precision"]
+    workspace_mib = workspace_mib or int(opts.get("workspace_mib", 2048))
+    dla_core = int(opts.get("dla_core", -1)) if dla_core is None else dla_core
+    timing_cache = timing_cache or bundle / opts.get("timing_cache", "timing.cache")
+    bmin, bopt, bmax = (lambda b: (min(b), sorted(b)[len(b) // 2], max(b)))(target["batch_sizes"])
+    logger = trt.Logger(trt.Logger.WARNING)
+    built = {}
+    for tower, entry in manifest["models"].items():
+        builder = trt.Builder(logger)
+        trt10 = int(trt.__version__.split(".")[0]) >= 10  # explicit batch is the only mode in TensorRT 10
+        flags = 0 if trt10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse((bundle / entry["file"]).read_bytes()):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ArtifactError(f"{bundle / entry['file']}: TensorRT cannot parse it: {errs}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+            # LayerNorm/Softmax overflow in fp16: keep them fp32 (explicit precision constraints)
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            keep = tuple(opts.get("fp32_layers", ["LayerNorm", "Softmax"]))
+            for i in range(network.num_layers):
+                layer = network.get_layer(i)
+                if any(k.lower() in (layer.name + str(layer.type)).lower() for k in keep):
+                    layer.precision = trt.float32
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ in the graph: no calibrator
+        if dla_core >= 0:
+            config.default_device_type = trt.DeviceType.DLA
+            config.DLA_core = dla_core
+            if opts.get("gpu_fallback", True):
+                config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        if any(s == -1 for s in entry["inputs"][0]["shape"]):
+            profile = builder.create_optimization_profile()
+            inp = entry["inputs"][0]
+            rest = tuple(inp["shape"][1:])
+            profile.set_shape(inp["name"], (bmin, *rest), (bopt, *rest), (bmax, *rest))
+            config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise ArtifactError(f"TensorRT failed to build the {tower} engine (see the log above)")
+        out = bundle / "models" / f"{tower}.plan"
+        atomic_write_bytes(out, bytes(plan))
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+        built[tower] = out
+    (bundle / "engines.json").write_text(json.dumps(
+        {"precision": precision, "dla_core": dla_core, "workspace_mib": workspace_mib,
+         "batch_profile": [bmin, bopt, bmax], "tensorrt": trt.__version__,
+         "plans": {t: p.name for t, p in built.items()}}, indent=2))
+    return built
