@@ -1,0 +1,50 @@
+"""The config of ``edge-msd qat`` / ``edge-msd ptq`` (no torch import: the CLI builds its options from it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from edge_msd import paths
+from edge_msd.config import field
+from edge_msd.errors import ConfigError
+
+MIN_SAMPLES = 32  # below this the activation ranges of a per-tensor int8 model are noise
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """``edge-msd qat`` / ``edge-msd ptq``: quantize a distilled student for one target."""
+
+    target: str = field("tflite", help="target profile (targets/<name>.toml) whose recipe to use")
+    method: str = field("qat", help="qat (fine-tune with fake quantization) or ptq (calibration only)")
+    student: str = field(str(paths.DISTILL / "student"), help="distilled student folder")
+    calibration: str = field(
+        "calibration/demo-scenes.json", help="calibration-set manifest (edge-msd calibrate)"
+    )
+    data: str = field("demo-scenes", help="dataset spec the calibration set and QAT data come from")
+    calib_batch: int = field(32, help="calibration batch size")
+    min_calibration: int = field(MIN_SAMPLES, help="refuse calibration sets smaller than this")
+    steps: int = field(300, help="QAT optimizer steps (a short schedule)")
+    lr: float = field(1e-4, help="QAT peak learning rate")
+    batch_size: int = field(64, help="QAT images per step")
+    warmup_steps: int = field(20, help="QAT warm-up steps")
+    features: str = field(str(paths.FEATURES), help="feature-cache root of the teacher embeddings (QAT)")
+    val_split: str | None = field(None, help="QAT validation split (best checkpoint); empty: the last step")
+    out: str | None = field(
+        None, help="output folder [default: runs/qat/<target>, PTQ: runs/qat/<target>-ptq]"
+    )
+    force: bool = field(False, help="replace an existing output folder")
+    seed: int = field(0, help="seed of QAT data order")
+
+    def validate(self) -> None:
+        if self.method not in ("qat", "ptq"):
+            raise ConfigError(f"field 'method' is {self.method!r}; expected qat or ptq")
+        for name in ("calib_batch", "steps", "batch_size", "min_calibration"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"field '{name}' must be positive, got {getattr(self, name)}")
+
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return paths.QAT / (self.target if self.method == "qat" else f"{self.target}-ptq")

@@ -1,0 +1,301 @@
+"""PTQ and QAT of a distilled student for one target, ending in a quantized artifact that export ships.
+
+Artifact (``runs/qat/<target>/``, kind ``edge-msd-quantized``)::
+
+    manifest.json           recipe, method (ptq|qat), calibration set (its whole manifest), per tower:
+                            file, format, precision, io (shapes, dtypes, int8 input scale/zero point),
+                            quantized and float-kept layers, sensitivity scan; QAT: steps, skipped steps
+    models/image.<ext>      the deployable image tower (.tflite | .onnx with Q/DQ | .mlpackage)
+    models/text.<ext>       the deployable text tower
+    quantized_state.pt      fake-quant towers' state_dicts (re-quantize the student with the same
+                            recipe, then load_state_dict, to continue training or re-export)
+
+QAT reuses the distillation trainer (``edge_msd.distill.trainer.train``): ``prepare_model`` swaps the
+student for fake-quant towers calibrated on the calibration set, ``on_step`` freezes observers and
+BatchNorm statistics at the recipe's milestones; the DSMD losses against the cached teacher
+embeddings are the trainer's own. A NaN step is skipped and counted by the trainer (too many in a row
+stop the run); the artifact is written only from finite weights, in a temp folder renamed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edge_msd.artifacts import atomic_dir, write_manifest
+from edge_msd.errors import ConfigError
+from edge_msd.quant.calibration import (
+    calibration_batches,
+    check_calibration_set,
+    load_calibration_set,
+)
+from edge_msd.quant.config import QuantConfig
+from edge_msd.quant.recipes import Backend, QuantError, Recipe, backend_for, cosine_to, recipe_for_target
+
+KIND = "edge-msd-quantized"
+TOWERS = ("image", "text")
+
+
+class QuantStudent(nn.Module):
+    """Fake-quant image and text towers behind the open_clip interface the trainer calls."""
+
+    def __init__(self, image: nn.Module, text: nn.Module, logit_scale: nn.Parameter | None = None):
+        super().__init__()
+        self.image = image
+        self.text = text
+        if logit_scale is not None:
+            self.logit_scale = logit_scale
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.image(image)  # the towers already L2-normalise
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.text(tokens.to(torch.int32))
+
+
+@dataclasses.dataclass
+class Calibration:
+    """The calibration set, opened: its manifest and the tower inputs it yields."""
+
+    manifest: dict[str, Any]
+    images: list[torch.Tensor]
+    tokens: list[torch.Tensor]
+
+
+def load_calibration(cfg: QuantConfig, student: Any) -> Calibration:
+    from edge_msd.data import open_dataset
+
+    cs = load_calibration_set(cfg.calibration)
+    dataset = open_dataset(cfg.data, cs.split)
+    check_calibration_set(cs, dataset, cfg.min_calibration)
+    images, tokens = [], []
+    for x, t in calibration_batches(cs, dataset, student.val_transform, student.tokenizer, cfg.calib_batch):
+        images.append(x)
+        tokens.append(t)
+    return Calibration(cs.to_manifest(), images, tokens)
+
+
+def first_last_layers(tower: nn.Module, example: torch.Tensor) -> list[str]:
+    """The first and last Linear/Conv2d the tower runs (execution order, found with forward hooks)."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
+        for n, m in tower.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    with torch.no_grad():
+        tower(example[:1])
+    for h in hooks:
+        h.remove()
+    return [order[0], order[-1]] if order else []
+
+
+def sensitivity_scan(
+    backend: Backend, prepared: nn.Module, reference: torch.Tensor, batch: torch.Tensor, recipe: Recipe
+) -> list[dict[str, Any]]:
+    """Leave-one-out: for each quantized layer, how much mean cosine to fp32 returns when it stays float.
+
+    The recipe keeps the ``scan_max_layers`` layers with the largest gain (at least ``scan_min_gain``)."""
+    if not hasattr(backend, "set_layer"):
+        raise ConfigError(
+            f"recipe {recipe.name!r}: sensitivity_scan is available with the modelopt (tensorrt) backend only"
+        )
+    prepared.eval()
+    with torch.no_grad():
+        base = cosine_to(reference, prepared(batch))
+        rows = []
+        for name in backend.layers(prepared):
+            backend.set_layer(prepared, name, False)
+            rows.append({"layer": name, "gain": cosine_to(reference, prepared(batch)) - base})
+            backend.set_layer(prepared, name, True)
+    rows.sort(key=lambda r: -r["gain"])
+    for i, r in enumerate(rows):
+        r["kept_float"] = i < recipe.scan_max_layers and r["gain"] >= recipe.scan_min_gain
+    return rows
+
+
+def quantize_tower(
+    backend: Backend, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool, n_steps: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fake-quantize one tower by the recipe: first/last layers and scanned sensitive layers kept float."""
+    recipe = backend.recipe
+    keep: list[str] = first_last_layers(tower, batches[0]) if recipe.keep_first_last else []
+    kw: dict[str, Any] = {"n_steps": n_steps} if recipe.backend == "coreml" else {}
+    prepared = backend.quantize(tower, batches, qat=qat, keep_float=keep, **kw)
+    info: dict[str, Any] = {}
+    if recipe.sensitivity_scan:
+        with torch.no_grad():
+            reference = tower.eval()(batches[0])
+        scan = sensitivity_scan(backend, prepared, reference, batches[0], recipe)
+        info["sensitivity_scan"] = scan
+        keep += [r["layer"] for r in scan if r["kept_float"]]
+        for name in keep:
+            if name in backend.layers(prepared):
+                backend.set_layer(prepared, name, False)  # type: ignore[attr-defined]
+        prepared.train(qat)
+    info["kept_float"] = keep + list(recipe.keep_float)
+    info["quantized_layers"] = backend.layers(prepared)
+    with torch.no_grad():
+        was = prepared.training
+        simulated = backend.simulate(prepared.eval())
+        info["calibration_cosine"] = cosine_to(tower.eval()(batches[0]), simulated(batches[0]))
+        prepared.train(was)
+    return prepared, info
+
+
+def _qat_hooks(backend: Backend, steps: int) -> Any:
+    recipe = backend.recipe
+    obs_at = max(1, int(steps * recipe.qat_observer_freeze))
+    bn_at = max(1, int(steps * recipe.qat_bn_freeze))
+
+    def on_step(step: int, model: nn.Module) -> None:
+        for tower in (model.image, model.text):
+            if recipe.backend == "coreml":
+                backend.step(tower)  # type: ignore[attr-defined]  # LinearQuantizer's own milestones
+                continue
+            if step == obs_at:
+                backend.freeze_observers(tower)
+            if step == bn_at:
+                backend.freeze_bn(tower)
+
+    return on_step
+
+
+def _check_finite(model: nn.Module, where: str) -> None:
+    """Weights must be finite; buffers must not be NaN (causal masks legitimately hold -inf)."""
+    tensors = [(n, t, torch.isfinite) for n, t in model.named_parameters()]
+    tensors += [(n, t, lambda x: ~torch.isnan(x)) for n, t in model.named_buffers()]
+    for name, t, ok in tensors:
+        if t.is_floating_point() and not ok(t).all():
+            raise QuantError(f"{where}: {name!r} is not finite after QAT; no artifact written")
+
+
+def run_qat(
+    cfg: QuantConfig, backend: Backend, student: Any, calib: Calibration
+) -> tuple[QuantStudent, dict]:
+    """Fine-tune with fake quantization through the distillation trainer (its loop, losses, NaN policy)."""
+    from edge_msd.distill.config import DistillConfig
+    from edge_msd.distill.trainer import train
+
+    preset = _student_preset(Path(cfg.student))
+    dcfg = DistillConfig(
+        teacher=None,  # the train cache's teacher: QAT needs its cached embeddings, never its weights
+        data=cfg.data,
+        features=cfg.features,
+        val_split=cfg.val_split,
+        test_split=None,
+        preset=preset,
+        init=cfg.student,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        warmup_steps=cfg.warmup_steps,
+        eval_every=cfg.steps,
+        ckpt_every=cfg.steps,
+        seed=cfg.seed,
+        force=True,
+        augment=False,
+        out=str(cfg.out_dir().with_name(f".{cfg.out_dir().name}.train")),
+    )
+    infos: dict[str, Any] = {}
+
+    def prepare_model(model: nn.Module) -> nn.Module:
+        from edge_msd.export.towers import ImageTower, TextTower
+
+        image, infos["image"] = quantize_tower(
+            backend, ImageTower(model), calib.images, qat=True, n_steps=cfg.steps
+        )
+        text, infos["text"] = quantize_tower(
+            backend, TextTower(model), calib.tokens, qat=True, n_steps=cfg.steps
+        )
+        return QuantStudent(image, text, getattr(model, "logit_scale", None))
+
+    result = train(
+        dcfg, prepare_model=prepare_model, on_step=_qat_hooks(backend, cfg.steps), out_dir=Path(dcfg.out)
+    )
+    model = result.model
+    _check_finite(model, f"QAT of {cfg.student} for {cfg.target}")
+    infos["train"] = {
+        "steps": result.steps,
+        "skipped_steps": result.skipped_steps,
+        "out": str(result.out_dir),
+        "best_val_rsum": result.best_val_rsum,
+        "preset": preset,
+    }
+    return model, infos
+
+
+def _student_preset(folder: Path) -> str:
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        preset = json.loads(manifest.read_text(encoding="utf-8")).get("preset")
+        if preset:
+            return str(preset)
+    raise ConfigError(f"{folder}: the student manifest names no preset; QAT needs it to rebuild the trainer")
+
+
+def quantize_student(cfg: QuantConfig) -> Path:
+    """PTQ or QAT of ``cfg.student`` for ``cfg.target``; writes and returns the quantized artifact."""
+    from edge_msd.config import config_to_dict, load_target
+    from edge_msd.export.towers import load_student
+
+    cfg.validate()
+    profile = load_target(cfg.target)
+    recipe = recipe_for_target(profile)
+    backend = backend_for(recipe)
+    out = cfg.out_dir()
+    if out.exists() and not cfg.force:
+        raise QuantError(f"{out} already exists; pass --force to replace it")
+    student = load_student(cfg.student)
+    calib = load_calibration(cfg, student)
+    if cfg.method == "qat":
+        model, infos = run_qat(cfg, backend, student, calib)
+    else:
+        image, img_info = quantize_tower(backend, student.image, calib.images, qat=False)
+        text, txt_info = quantize_tower(backend, student.text, calib.tokens, qat=False)
+        model, infos = QuantStudent(image, text), {"image": img_info, "text": txt_info}
+    model.eval()
+    batch = int(profile.batch_sizes[0]) if not profile.dynamic_batch else 1
+    examples = {"image": calib.images[0][:batch], "text": calib.tokens[0][:batch]}
+    with atomic_dir(out, force=cfg.force) as tmp:
+        (tmp / "models").mkdir()
+        towers = {}
+        for name in TOWERS:
+            path = tmp / "models" / f"{name}{backend.suffix}"
+            try:
+                entry = backend.write(getattr(model, name), examples[name], path)
+            except QuantError as e:
+                if not (recipe.allow_fallback and recipe.backend == "pt2e"):
+                    raise
+                # the user allowed it: this tower ships dynamic-range int8 (weights int8, float activations)
+                float_tower = student.image if name == "image" else student.text
+                inputs = calib.images if name == "image" else calib.tokens
+                dyn = backend.quantize(float_tower, inputs, dynamic=True)  # type: ignore[call-arg]
+                entry = {**backend.write(dyn, examples[name], path), "fallback_reason": str(e)}
+            towers[name] = {
+                "file": f"models/{path.name}",
+                **entry,
+                **{k: v for k, v in infos[name].items() if k != "sensitivity_scan"},
+            }
+            if "sensitivity_scan" in infos[name]:
+                towers[name]["sensitivity_scan"] = infos[name]["sensitivity_scan"]
+        torch.save({n: getattr(model, n).state_dict() for n in TOWERS}, tmp / "quantized_state.pt")
+        write_manifest(
+            tmp,
+            KIND,
+            config=config_to_dict(cfg),
+            target=profile.name,
+            method=cfg.method,
+            recipe=recipe.to_manifest(),
+            runtime=backend.runtime,
+            calibration=calib.manifest,
+            student={"source": student.source, "sha256": student.sha256, "name": student.name},
+            towers=towers,
+            train=infos.get("train"),
+        )
+    return out

@@ -1,0 +1,220 @@
+"""fp32 vs PTQ vs QAT per target: Recall@1/5 both ways, model size, and (TFLite) int8/fp32 latency.
+
+Each row says what measured it: the target's runtime where it exists here (LiteRT interpreter for
+.tflite, ONNX Runtime for the Q/DQ ONNX) or the fake-quant torch model (Core ML, which predicts only on
+macOS). Quantized artifacts are read from ``runs/qat/<target>`` (QAT) and ``runs/qat/<target>-ptq``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest
+from edge_msd.eval.retrieval import retrieval_metrics
+from edge_msd.quant.config import QuantConfig
+from edge_msd.quant.pipeline import KIND, TOWERS, load_calibration
+from edge_msd.quant.recipes import backend_for, file_size, recipe_for_target, run_tflite
+
+
+def eval_inputs(
+    data: str, split: str, student: Any, n_images: int
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The first ``n_images`` of a split, all their captions, and each caption's image row."""
+    from edge_msd.data import open_dataset
+
+    ds = open_dataset(data, split)
+    n = min(n_images, ds.n_images)
+    caps = np.flatnonzero(ds.caption_image_index < n)
+    images = torch.stack([student.val_transform(ds.load_image(i)) for i in range(n)])
+    tokens = student.tokenizer([ds.captions[j] for j in caps]).to(torch.int32)
+    return images, tokens, ds.caption_image_index[caps]
+
+
+def _recall(img: np.ndarray, txt: np.ndarray, cap_img: np.ndarray) -> dict[str, float]:
+    m = retrieval_metrics(img, txt, cap_img, ks=(1, 5))
+    return {
+        "i2t_R@1": m["i2t"]["R@1"],
+        "i2t_R@5": m["i2t"]["R@5"],
+        "t2i_R@1": m["t2i"]["R@1"],
+        "t2i_R@5": m["t2i"]["R@5"],
+        "mean_R@1": m["mean_R@1"],
+    }
+
+
+def _torch_embed(tower: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> np.ndarray:
+    tower.eval()
+    with torch.no_grad():
+        return torch.cat([tower(x[s : s + batch]) for s in range(0, len(x), batch)]).float().numpy()
+
+
+def _latency_ms(path: Path, x: np.ndarray, runs: int = 50, threads: int = 1) -> float:
+    """Median batch-1 latency of a .tflite in the LiteRT interpreter (XNNPACK)."""
+    from edge_msd.quant.recipes import _interpreter
+
+    it = _interpreter(path, threads)
+    run_tflite(path, x[:1], it)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run_tflite(path, x[:1], it)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _tflite_latency(
+    s: Any, images: torch.Tensor, tokens: torch.Tensor, variant: str, files: dict[str, Path], threads: int
+) -> dict[str, Any]:
+    """fp32 .tflite (converted here from the float towers) vs the int8 artifact, same interpreter and run."""
+    import litert_torch
+
+    from edge_msd.quant.recipes import _quiet
+
+    lat = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for t, tower, x in (("image", s.image, images), ("text", s.text, tokens)):
+            f32 = Path(tmp) / f"{t}.tflite"
+            with _quiet():
+                litert_torch.convert(tower.eval(), (x[:1],)).export(str(f32))
+            lat[t] = {
+                "fp32_ms": _latency_ms(f32, x.numpy(), threads=threads),
+                "int8_ms": _latency_ms(files[t], x.numpy(), threads=threads),
+            }
+            lat[t]["speedup"] = lat[t]["fp32_ms"] / lat[t]["int8_ms"]
+    total32 = sum(v["fp32_ms"] for v in lat.values())
+    total8 = sum(v["int8_ms"] for v in lat.values())
+    return {"variant": variant, "threads": threads, "towers": lat, "speedup_both_towers": total32 / total8}
+
+
+def _fake_quant_towers(
+    art: Path, manifest: dict, student: Any, cfg: QuantConfig
+) -> dict[str, torch.nn.Module]:
+    """Rebuild the fake-quant towers of an artifact (same recipe, calibration, kept layers) + saved state."""
+    backend = backend_for(recipe_for_target(manifest["target"]))
+    calib = load_calibration(cfg, student)
+    state = torch.load(art / "quantized_state.pt", map_location="cpu", weights_only=False)
+    towers = {}
+    for name, tower, batches in (
+        ("image", student.image, calib.images),
+        ("text", student.text, calib.tokens),
+    ):
+        prepared = backend.quantize(
+            tower, batches, qat=manifest["method"] == "qat", keep_float=manifest["towers"][name]["kept_float"]
+        )
+        prepared.load_state_dict(state[name])
+        towers[name] = backend.simulate(prepared.eval())
+    return towers
+
+
+def quant_report(
+    targets: list[str],
+    *,
+    student: str,
+    calibration: str,
+    data: str = "demo-scenes",
+    out: str | Path = "runs/qat",
+    split: str = "test",
+    n_images: int = 200,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Measure every target's fp32 / PTQ / QAT rows; writes ``quant_report.json`` and ``.md`` in ``out``."""
+    from edge_msd.export.towers import load_student
+
+    out = Path(out)
+    s = load_student(student)
+    images, tokens, cap_img = eval_inputs(data, split, s, n_images)
+    fp32 = {"image": _torch_embed(s.image, images), "text": _torch_embed(s.text, tokens)}
+    rows: list[dict[str, Any]] = []
+    fp32_size = sum(p.numel() * 4 for p in s.model.parameters())
+    latency: dict[str, Any] = {}
+    for target in targets:
+        timed: tuple[str, dict[str, Path]] | None = None
+        rows.append(
+            {
+                "target": target,
+                "variant": "fp32",
+                "measured_with": "torch fp32",
+                "size_bytes": fp32_size,
+                **_recall(fp32["image"], fp32["text"], cap_img),
+            }
+        )
+        for variant, art in (("ptq", out / f"{target}-ptq"), ("qat", out / target)):
+            if not (art / "manifest.json").is_file():
+                continue
+            manifest = read_manifest(art, kind=KIND)
+            backend = backend_for(recipe_for_target(manifest["target"]))
+            files = {t: art / manifest["towers"][t]["file"] for t in TOWERS}
+            if backend.runtime:
+                emb = {
+                    "image": backend.run(files["image"], images.numpy()),
+                    "text": backend.run(files["text"], tokens.numpy()),
+                }
+                how = backend.runtime
+            else:
+                cfg = QuantConfig(target=target, student=student, calibration=calibration, data=data)
+                towers = _fake_quant_towers(art, manifest, s, cfg)
+                emb = {
+                    "image": _torch_embed(towers["image"], images),
+                    "text": _torch_embed(towers["text"], tokens),
+                }
+                how = "fake-quant torch"
+            rows.append(
+                {
+                    "target": target,
+                    "variant": variant,
+                    "measured_with": how,
+                    "artifact": str(art),
+                    "size_bytes": sum(file_size(f) for f in files.values()),
+                    "calibration": manifest["calibration"]["name"],
+                    **_recall(emb["image"], emb["text"], cap_img),
+                }
+            )
+            if backend.runtime == "litert":
+                timed = (variant, files)  # QAT is visited last: it wins when both exist
+        if timed is not None:
+            latency[target] = _tflite_latency(s, images, tokens, *timed, threads=threads)
+    report = {
+        "student": student,
+        "data": data,
+        "split": split,
+        "n_images": len(images),
+        "n_texts": len(tokens),
+        "rows": rows,
+        "tflite_latency": latency,
+    }
+    report["markdown"] = markdown(report)
+    atomic_write_json(out / "quant_report.json", {k: v for k, v in report.items() if k != "markdown"})
+    atomic_write_text(out / "quant_report.md", report["markdown"])
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Retrieval on {report['data']} {report['split']} ({report['n_images']} images, "
+        f"{report['n_texts']} captions), Recall in %:",
+        "",
+        "| target | variant | measured with | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | mean R@1 | size MB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['target']} | {r['variant']} | {r['measured_with']} | {r['i2t_R@1']:.1f} | "
+            f"{r['i2t_R@5']:.1f} | {r['t2i_R@1']:.1f} | {r['t2i_R@5']:.1f} | {r['mean_R@1']:.1f} | "
+            f"{r['size_bytes'] / 1e6:.2f} |"
+        )
+    for target, lat in report["tflite_latency"].items():
+        parts = ", ".join(
+            f"{t} {v['fp32_ms']:.2f} → {v['int8_ms']:.2f} ms ({v['speedup']:.2f}×)"
+            for t, v in lat["towers"].items()
+        )
+        lines += [
+            "",
+            f"{target} ({lat['variant']}) LiteRT batch 1, {lat['threads']} thread(s): {parts}; "
+            f"both towers {lat['speedup_both_towers']:.2f}× faster in int8",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,316 @@
+"""Quantization: calibration manifests, per-target recipes on a tiny open_clip model, QAT via the trainer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from export_helpers import TINY_CFG, tiny_dataset
+
+from edge_msd.data import open_dataset
+from edge_msd.errors import ArtifactError, ConfigError, DataError
+from edge_msd.export.towers import ImageTower, TextTower
+from edge_msd.quant.attention import explicit_attention
+from edge_msd.quant.calibration import (
+    build_calibration_set,
+    check_calibration_set,
+    load_calibration_set,
+    save_calibration_set,
+)
+from edge_msd.quant.recipes import (
+    DEFAULT_RECIPES,
+    QuantError,
+    backend_for,
+    cosine_to,
+    recipe_for_target,
+    run_tflite,
+)
+
+DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
+
+
+@pytest.fixture(scope="module")
+def towers() -> tuple[ImageTower, TextTower]:
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_CFG).eval()
+    return ImageTower(model).eval(), TextTower(model).eval()
+
+
+@pytest.fixture(scope="module")
+def batches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    tokens = []
+    for _ in range(2):
+        t = torch.randint(1, 49000, (8, 16), generator=g, dtype=torch.int32)
+        t[:, 0], t[:, 9], t[:, 10:] = 49406, 49407, 0
+        tokens.append(t)
+    return images, tokens
+
+
+# ---- calibration sets ----------------------------------------------------------------------------
+
+
+def test_calibration_set_is_stratified_reproducible_and_round_trips(tmp_path):
+    ds = open_dataset(DATA, "train")
+    cs = build_calibration_set(ds, 32, seed=3)
+    assert cs.n == 32 and cs.strategy == "index-bins" and cs.dataset_fingerprint == ds.fingerprint()
+    edges = np.linspace(0, ds.n_images, 33).astype(int)  # one image per bin of the split
+    assert all(lo <= i < hi for i, lo, hi in zip(cs.image_ids, edges[:-1], edges[1:], strict=True))
+    assert all(ds.caption_image_index[j] == i for i, j in zip(cs.image_ids, cs.caption_ids, strict=True))
+    assert build_calibration_set(ds, 32, seed=3) == cs
+    assert build_calibration_set(ds, 32, seed=4).sha256 != cs.sha256
+    path = save_calibration_set(cs, tmp_path / "c.json")
+    assert load_calibration_set(path) == cs
+    check_calibration_set(cs, ds)
+
+
+def test_calibration_set_per_class_with_labels():
+    ds = tiny_dataset()
+    ds.labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    cs = build_calibration_set(ds, 4, seed=0, min_samples=4)
+    assert cs.strategy == "per-class"
+    assert sorted(ds.labels[cs.image_ids].tolist()) == [0, 0, 0, 1]  # 6:2 → 3:1
+
+
+def test_calibration_errors(tmp_path):
+    ds = open_dataset(DATA, "train")
+    with pytest.raises(ConfigError, match="too small"):
+        build_calibration_set(ds, 8)
+    with pytest.raises(DataError, match="fewer than"):
+        build_calibration_set(ds, 64)
+    cs = build_calibration_set(ds, 32)
+    with pytest.raises(DataError, match="another dataset"):
+        check_calibration_set(cs, open_dataset(DATA.replace("n_train=48", "n_train=40"), "train"))
+    with pytest.raises(DataError, match="split"):
+        check_calibration_set(cs, open_dataset(DATA, "val"))
+    with pytest.raises(ConfigError, match="at least 64"):
+        check_calibration_set(cs, ds, min_samples=64)
+    path = save_calibration_set(cs, tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    data["image_ids"][0] = (data["image_ids"][0] + 1) % 48
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_calibration_set(path)
+    with pytest.raises(ArtifactError, match="not found"):
+        load_calibration_set(tmp_path / "missing.json")
+
+
+def test_calibrate_cli_writes_manifest(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_msd.cli import main
+
+    out = tmp_path / "cal.json"
+    res = CliRunner().invoke(
+        main, ["calibrate", "--data", DATA, "--n", "32", "--seed", "1", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert load_calibration_set(out).n == 32
+    res = CliRunner().invoke(main, ["calibrate", "--data", DATA, "--n", "4", "--out", str(out)])
+    assert res.exit_code == 2 and "too small" in res.output
+
+
+# ---- recipes -------------------------------------------------------------------------------------
+
+
+def test_recipe_chosen_by_target_and_missing_recipe_error(tmp_path):
+    assert recipe_for_target("tflite").backend == "pt2e"
+    assert recipe_for_target("jetson").backend == "modelopt"
+    assert recipe_for_target("coreml").backend == "coreml"
+    with pytest.raises(ConfigError, match="'onnx'.*no int8 quantization recipe"):
+        recipe_for_target("onnx")
+    from edge_msd.config import load_target
+
+    profile = load_target("tflite")
+    tuned = replace(profile, options={"quant": {"keep_float": ["visual.conv1"], "allow_fallback": True}})
+    assert recipe_for_target(tuned).keep_float == ("visual.conv1",)
+    with pytest.raises(ConfigError, match="unknown field.*bogus"):
+        recipe_for_target(replace(profile, options={"quant": {"bogus": 1}}))
+
+
+def test_explicit_attention_matches_multihead_attention():
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    holder = torch.nn.Module()
+    holder.attn = mha
+    x = torch.randn(3, 5, 16)
+    mask = torch.full((5, 5), float("-inf")).triu(1)
+    ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+    explicit_attention(holder)
+    assert not isinstance(holder.attn, torch.nn.MultiheadAttention)
+    torch.testing.assert_close(holder.attn(x, x, x, need_weights=False, attn_mask=mask)[0], ref)
+
+
+def test_tflite_pt2e_int8_runs_in_litert_close_to_float(towers, batches, tmp_path):
+    backend = backend_for(DEFAULT_RECIPES["tflite"])
+    for tower, data, name in ((towers[0], batches[0], "image"), (towers[1], batches[1], "text")):
+        prepared = backend.quantize(tower, data)
+        assert backend.layers(prepared)
+        path = tmp_path / f"{name}.tflite"
+        entry = backend.write(prepared, data[0][:1], path)
+        assert entry["quantization"] == "full-integer"
+        if name == "image":  # full integer: the image enters as int8 with its scale / zero point
+            assert entry["inputs"][0]["dtype"] == "int8" and entry["inputs"][0]["quantization"]["scale"] > 0
+        out = run_tflite(path, data[1].numpy())
+        ref = tower(data[1]).detach()
+        assert cosine_to(ref, torch.from_numpy(out)) > 0.98
+        sim = backend.simulate(prepared)(data[1]).detach()  # the converted torch graph predicts LiteRT
+        assert cosine_to(sim, torch.from_numpy(out)) > 0.995
+
+
+def test_tensorrt_qdq_onnx_per_channel_runs_in_onnxruntime(towers, batches, tmp_path):
+    backend = backend_for(DEFAULT_RECIPES["tensorrt"])
+    image = towers[0]
+    prepared = backend.quantize(image, batches[0], keep_float=["visual.conv1"])
+    assert "visual.conv1" not in backend.layers(prepared)
+    assert any(n.endswith("attn.in_proj") for n in backend.layers(prepared))  # attention is quantized too
+    path = tmp_path / "image.onnx"
+    entry = backend.write(prepared, batches[0][0], path)
+    assert entry["inputs"][0]["shape"][0] == -1
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
+    inits = {i.name: i for i in graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+
+    def scale_len(name: str) -> int:
+        t = inits.get(name) or consts.get(name)
+        return int(np.prod(t.dims)) if t is not None else 0
+
+    per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and scale_len(n.input[1]) > 1]
+    assert per_channel and all(a.i == 0 for n in per_channel for a in n.attribute if a.name == "axis")
+    out = backend.run(path, batches[0][1].numpy())
+    fq = prepared.eval()(batches[0][1]).detach()
+    np.testing.assert_allclose(out, fq.numpy(), atol=1e-4)
+    assert cosine_to(image(batches[0][1]).detach(), torch.from_numpy(out)) > 0.98
+
+
+def test_sensitivity_scan_and_first_last(towers, batches):
+    from edge_msd.quant.pipeline import quantize_tower
+
+    backend = backend_for(replace(DEFAULT_RECIPES["tensorrt"], scan_max_layers=1, scan_min_gain=-1.0))
+    prepared, info = quantize_tower(backend, towers[1], batches[1], qat=False)
+    scan = info["sensitivity_scan"]
+    assert [r["gain"] for r in scan] == sorted((r["gain"] for r in scan), reverse=True)
+    assert sum(r["kept_float"] for r in scan) == 1
+    kept = set(info["kept_float"])
+    assert scan[0]["layer"] in kept and len(kept) >= 2  # first/last + the most sensitive
+    assert not kept & set(backend.layers(prepared))
+
+
+def test_coreml_linear_quantizer_prepare_finalize_convert(towers, batches, tmp_path):
+    backend = backend_for(DEFAULT_RECIPES["coreml"])
+    tower, data = towers[1], batches[1]
+    prepared = backend.quantize(tower, data, qat=True, n_steps=4)
+    assert len(backend.layers(prepared)) >= 4
+    loss = prepared(data[0]).sum()
+    loss.backward()  # trainable fake quant
+    backend.step(prepared)
+    final = backend.finalize(prepared)
+    assert cosine_to(tower(data[1]).detach(), final(data[1]).detach()) > 0.98
+    entry = backend.write(prepared, data[0][:1], tmp_path / "text.mlpackage")
+    assert (tmp_path / "text.mlpackage").is_dir() and entry["precision"] == "int8"
+
+
+def test_qat_reuses_trainer_and_writes_artifact(tmp_path):
+    from test_trainer import TinyTeacher
+
+    from edge_msd.artifacts import read_manifest, verify_files
+    from edge_msd.quant.config import QuantConfig
+    from edge_msd.quant.pipeline import QuantStudent, _check_finite, quantize_student
+    from edge_msd.students import create_student, save_student
+    from edge_msd.teachers.cache import build_feature_cache
+
+    build_feature_cache(TinyTeacher(), open_dataset(DATA, "train"), tmp_path / "f" / "train", progress=False)
+    torch.manual_seed(0)
+    student = save_student(create_student("edge-xs", embed_dim=32), tmp_path / "student", "edge-xs")
+    cal = save_calibration_set(build_calibration_set(open_dataset(DATA, "train"), 32), tmp_path / "cal.json")
+    cfg = QuantConfig(
+        target="jetson",
+        method="qat",
+        student=str(student),
+        calibration=str(cal),
+        data=DATA,
+        features=str(tmp_path / "f"),
+        steps=3,
+        batch_size=8,
+        warmup_steps=1,
+        calib_batch=16,
+        out=str(tmp_path / "qat"),
+    )
+    out = quantize_student(cfg)
+    manifest = read_manifest(out, kind="edge-msd-quantized")
+    verify_files(out, manifest)
+    assert manifest["method"] == "qat" and manifest["recipe"]["name"] == "tensorrt-int8-qdq"
+    assert manifest["calibration"]["sha256"] == load_calibration_set(cal).sha256
+    assert manifest["train"]["steps"] == 3 and manifest["train"]["skipped_steps"] == 0
+    assert (Path(manifest["train"]["out"]) / "metrics.jsonl").is_file()  # the distillation trainer ran it
+    for name in ("image", "text"):
+        assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / f"models/{name}.onnx")).graph.node}
+    with pytest.raises(QuantError, match="already exists"):
+        quantize_student(cfg)
+    bad = QuantStudent(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        bad.image.weight[0, 0] = float("nan")
+    with pytest.raises(QuantError, match="image.weight.*not finite"):
+        _check_finite(bad, "QAT")
+
+
+@pytest.mark.slow
+def test_tflite_qat_through_trainer_then_report(tmp_path):
+    """PT2E QAT (exported graph, observer/BN freezing on schedule) → .tflite artifact → report rows."""
+    from test_trainer import TinyTeacher
+
+    from edge_msd.quant.config import QuantConfig
+    from edge_msd.quant.pipeline import quantize_student
+    from edge_msd.quant.report import quant_report
+    from edge_msd.students import create_student, save_student
+    from edge_msd.teachers.cache import build_feature_cache
+
+    build_feature_cache(TinyTeacher(), open_dataset(DATA, "train"), tmp_path / "f" / "train", progress=False)
+    torch.manual_seed(0)
+    student = save_student(create_student("edge-xs", embed_dim=32), tmp_path / "student", "edge-xs")
+    cal = save_calibration_set(build_calibration_set(open_dataset(DATA, "train"), 32), tmp_path / "cal.json")
+    common = dict(target="tflite", student=str(student), calibration=str(cal), data=DATA, calib_batch=16)
+    quantize_student(QuantConfig(method="ptq", out=str(tmp_path / "qat" / "tflite-ptq"), **common))
+    out = quantize_student(
+        QuantConfig(
+            method="qat",
+            features=str(tmp_path / "f"),
+            steps=4,
+            batch_size=8,
+            warmup_steps=1,
+            out=str(tmp_path / "qat" / "tflite"),
+            **common,
+        )
+    )
+    assert (out / "models" / "image.tflite").is_file()
+    report = quant_report(
+        ["tflite"],
+        student=str(student),
+        calibration=str(cal),
+        data=DATA,
+        out=tmp_path / "qat",
+        n_images=16,
+        split="test",
+    )
+    variants = {r["variant"]: r for r in report["rows"]}
+    assert set(variants) == {"fp32", "ptq", "qat"} and variants["qat"]["measured_with"] == "litert"
+    assert report["tflite_latency"]["tflite"]["towers"]["image"]["int8_ms"] > 0
+    assert (tmp_path / "qat" / "quant_report.md").is_file()
+
+
+def test_tflite_dynamic_range_fallback_converts_and_runs(towers, batches, tmp_path):
+    backend = backend_for(DEFAULT_RECIPES["tflite"])
+    dyn = backend.quantize(towers[0], batches[0], dynamic=True)
+    entry = backend.write(dyn, batches[0][0][:1], tmp_path / "image.tflite")
+    assert entry["quantization"] == "dynamic-range" and entry["inputs"][0]["dtype"] == "float32"
+    out = run_tflite(tmp_path / "image.tflite", batches[0][1].numpy())
+    assert cosine_to(towers[0](batches[0][1]).detach(), torch.from_numpy(out)) > 0.98
