@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
-from PIL import Image
+if TYPE_CHECKING:  # annotations only: importing this module (and the CLI) must not load torch
+    import torch
+    from PIL import Image
 
 
 @runtime_checkable
