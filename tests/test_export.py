@@ -1,6 +1,7 @@
 """Exporters on a tiny open_clip student: ONNX and TFLite run here with parity; Core ML spec;
-TensorRT's ONNX checks; target profiles and their errors."""
+TensorRT's ONNX checks; int8 bundles made by the quant recipes; target profiles and their errors."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from export_helpers import make_tiny_student, tiny_dataset
 
 from edge_msd.config import load_target
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.export.base import ExportRequest, example_inputs
+from edge_msd.export.base import ExportRequest
 from edge_msd.export.bundle import ExportConfig, export_bundle
 from edge_msd.export.towers import load_student
 
@@ -25,10 +26,29 @@ def student(student_dir):
     return load_student(student_dir)
 
 
-def _export(tmp_path, student_dir, target, precision="", **kw):
+DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"  # real drawn scenes at the tiny student's size
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    from edge_msd.data import open_dataset
+    from edge_msd.quant.calibration import build_calibration_set, save_calibration_set
+
+    cs = build_calibration_set(open_dataset(DATA, "train"), 32)
+    return save_calibration_set(cs, tmp_path_factory.mktemp("cal") / "cal.json")
+
+
+def _export(tmp_path, student_dir, target, precision=None, **kw):
     cfg = ExportConfig(target=target, student=str(student_dir), precision=precision,
                        out=str(tmp_path / target), probe_images=8, **kw)
-    return export_bundle(cfg, dataset=tiny_dataset(), calibration_data=tiny_dataset())
+    return export_bundle(cfg, dataset=tiny_dataset())
+
+
+def _export_int8(tmp_path, student_dir, target, calibration, **kw):
+    """int8 without --quantized: the bundle runs the quant package's PTQ recipe on a calibration set."""
+    cfg = ExportConfig(target=target, student=str(student_dir), precision="int8", out=str(tmp_path / target),
+                       data=DATA, probe_images=8, calibration=str(calibration), **kw)
+    return export_bundle(cfg)
 
 
 def test_text_tower_int32_matches_open_clip(student):
@@ -53,12 +73,39 @@ def test_tflite_fp32_bundle_parity(tmp_path, student_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_tflite_quantized_parity(tmp_path, student_dir, precision):
-    m = _export(tmp_path, student_dir, "tflite", precision)
+def test_tflite_fp16_parity(tmp_path, student_dir):
+    m = _export(tmp_path, student_dir, "tflite", "fp16")
     assert m["parity"]["passed"], m["parity"]
-    if precision == "int8":
-        assert m["models"]["image"]["quantization"] and m["calibration"]["method"] == "post-training"
+
+
+def test_tflite_int8_bundle_from_quant_recipe(tmp_path, student_dir, calibration):
+    """int8 I/O is described (dtype, scale, zero point), parity is against the float student, and the
+    calibration set and recipe are recorded; the benchmark quantizes its inputs by the same numbers."""
+    from edge_msd.bench.options import BenchOptions
+    from edge_msd.bench.run import run_bench
+    from edge_msd.export.bundle import verify_bundle
+    from edge_msd.quant.calibration import load_calibration_set
+
+    m = _export_int8(tmp_path, student_dir, "tflite", calibration)
+    image = m["models"]["image"]
+    name = image["inputs"][0]["name"]
+    assert image["precision"] == "int8" and image["inputs"][0]["dtype"] == "int8"
+    scale, zero = image["quantization"][name]["scale"], image["quantization"][name]["zero_point"]
+    assert scale > 0 and -128 <= zero < 128
+    assert m["models"]["text"]["inputs"][0]["dtype"] == "int32"
+    assert m["parity"]["passed"] and m["parity"]["thresholds"] == {"min_cos": 0.90, "max_delta_r1": 10.0}
+    assert m["calibration"]["sha256"] == load_calibration_set(calibration).sha256
+    q = m["quantization"]
+    assert q["method"] == "ptq" and q["recipe"]["name"] == "tflite-int8-pt2e" and q["artifact"] is None
+    assert q["towers"]["image"]["quantization"] == "full-integer" and q["towers"]["image"]["quantized_layers"]
+    verify_bundle(tmp_path / "tflite")
+    report = run_bench(BenchOptions(bundle=str(tmp_path / "tflite"), iters=2, warmup=0, pool=1,
+                                    out=str(tmp_path / "r.json")))
+    assert report["runtime"]["name"] == "litert" and report["bundle"]["quantization"] == "ptq"
+    assert report["bundle"]["calibration"] == m["calibration"]["name"]
+    assert report["parity"]["image"]["min_cos"] > 0.9  # the device path (int8 in/out) matches torch
+    assert report["parity"]["image"]["min_cos"] == pytest.approx(m["parity"]["image"]["min_cos"], abs=1e-4)
+    assert 0 <= report["recall"]["eval"]["mean_R@1"] <= 100
 
 
 def test_tensorrt_onnx_checks(tmp_path, student):
@@ -72,21 +119,17 @@ def test_tensorrt_onnx_checks(tmp_path, student):
         check_tensorrt_onnx(tmp_path / entries["image"]["file"], expect_qdq=True)
 
 
-def test_tensorrt_int8_qdq(tmp_path, student):
-    import onnxruntime as ort
+def test_tensorrt_int8_bundle_is_qdq_onnx(tmp_path, student_dir, calibration):
+    import onnx
 
-    from edge_msd.export.base import Calibration
-    from edge_msd.export.tensorrt import TensorRTExporter
-
-    ex = example_inputs(student, 8)
-    req = ExportRequest(student, load_target("jetson"), "int8", Calibration(ex["image"], ex["text"]))
-    entries = TensorRTExporter().export(req, tmp_path)
-    assert entries["image"]["tensorrt_check"]["qdq_pairs"] > 0
-    sess = ort.InferenceSession(str(tmp_path / entries["image"]["file"]), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {"image": ex["image"][:3]})[0]
-    with torch.no_grad():
-        ref = student.image(torch.from_numpy(ex["image"][:3])).numpy()
-    assert (out * ref).sum(1).min() > 0.99
+    m = _export_int8(tmp_path, student_dir, "jetson", calibration)
+    for tower in ("image", "text"):
+        e = m["models"][tower]
+        assert e["precision"] == "int8" and e["tensorrt_check"]["qdq_pairs"] > 0
+        graph = onnx.load(str(tmp_path / "jetson" / e["file"])).graph
+        assert "QuantizeLinear" in {n.op_type for n in graph.node}
+    assert m["parity"]["passed"] and m["quantization"]["recipe"]["name"] == "tensorrt-int8-qdq"
+    assert m["quantization"]["towers"]["image"]["kept_float"]  # first/last layers stay float
 
 
 def test_tensorrt_rejects_unsupported_op(tmp_path):
@@ -127,6 +170,39 @@ def test_coreml_spec(tmp_path, student_dir):
     assert set(ops["layer_norm"]) == {"FLOAT32"} and set(ops["softmax"]) == {"FLOAT32"}
     assert "FLOAT16" in ops["linear"]
     assert m["parity"]["passed"] is None and "macOS" in m["parity"]["skipped"]
+
+
+def test_coreml_int8_w8a8_bundle(tmp_path, student_dir, calibration):
+    m = _export_int8(tmp_path, student_dir, "coreml", calibration)
+    for tower in ("image", "text"):
+        e = m["models"][tower]
+        ops = e["coreml_check"]["ops"]
+        assert e["precision"] == "int8" and set(ops["quantize"]) == {"INT8"}
+        assert "constexpr_affine_dequantize" in ops  # int8 weights
+        assert set(ops["layer_norm"]) == {"FLOAT32"}
+    assert m["models"]["text"]["inputs"][0] == {"name": "tokens", "shape": [1, 16], "dtype": "int32"}
+    assert m["quantization"]["recipe"]["name"] == "coreml-w8a8" and m["calibration"]["n"] == 32
+    assert m["parity"]["passed"] is None and m["parity"]["thresholds"]["min_cos"] == 0.95
+
+
+def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
+    """Every export option can come from a file ([export] table); the command line wins."""
+    from click.testing import CliRunner
+
+    from edge_msd.cli import main
+
+    conf = tmp_path / "export.toml"
+    conf.write_text(f'[export]\ntarget = "onnx"\nstudent = "{student_dir}"\ndata = "{DATA}"\n'
+                    f'probe_images = 4\neval_images = 4\nout = "{tmp_path / "ignored"}"\n')
+    res = CliRunner().invoke(main, ["export", "--config", str(conf), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["config"]["target"] == "onnx" and m["config"]["probe_images"] == 4
+    assert m["config"]["out"] == str(tmp_path / "b") and not (tmp_path / "ignored").exists()
+    assert m["parity"]["probe"]["images"] == 4 and m["quantization"] is None and m["calibration"] is None
+    conf.write_text(conf.read_text() + "probe_imgs = 3\n")
+    res = CliRunner().invoke(main, ["export", "--config", str(conf)])
+    assert res.exit_code == 2 and "unknown field(s) probe_imgs" in res.output
 
 
 def test_coreml_predicts_on_macos(tmp_path, student_dir):
@@ -170,10 +246,9 @@ def test_existing_output_refused(tmp_path, student_dir):
 
 def test_failing_parity_fails_export(tmp_path, student_dir):
     p = tmp_path / "strict.toml"
-    p.write_text(Path("targets/tflite.toml").read_text().replace('precision = "fp32"', 'precision = "int8"')
-                 .replace("min_cos = 0.90", "min_cos = 1.01"))
-    cfg = dict(target=str(p), student=str(student_dir), precision="", out=str(tmp_path / "b"), probe_images=8)
-    data = dict(dataset=tiny_dataset(), calibration_data=tiny_dataset())
+    p.write_text(Path("targets/onnx.toml").read_text().replace("min_cos = 0.999", "min_cos = 1.01"))
+    cfg = dict(target=str(p), student=str(student_dir), out=str(tmp_path / "b"), probe_images=8)
+    data = dict(dataset=tiny_dataset())
     with pytest.raises(ArtifactError, match="parity failed"):
         export_bundle(ExportConfig(**cfg), **data)
     assert not (tmp_path / "b").exists()

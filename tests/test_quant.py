@@ -14,8 +14,8 @@ from export_helpers import TINY_CFG, tiny_dataset
 
 from edge_msd.data import open_dataset
 from edge_msd.errors import ArtifactError, ConfigError, DataError
-from edge_msd.export.towers import ImageTower, TextTower
-from edge_msd.quant.attention import explicit_attention
+from edge_msd.export.tflite import run_tflite
+from edge_msd.export.towers import ImageTower, TextTower, explicit_attention
 from edge_msd.quant.calibration import (
     build_calibration_set,
     check_calibration_set,
@@ -28,7 +28,6 @@ from edge_msd.quant.recipes import (
     backend_for,
     cosine_to,
     recipe_for_target,
-    run_tflite,
 )
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
@@ -256,11 +255,62 @@ def test_qat_reuses_trainer_and_writes_artifact(tmp_path):
         assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / f"models/{name}.onnx")).graph.node}
     with pytest.raises(QuantError, match="already exists"):
         quantize_student(cfg)
+    _export_ships_the_artifact(out, tmp_path, cal)
     bad = QuantStudent(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     with torch.no_grad():
         bad.image.weight[0, 0] = float("nan")
     with pytest.raises(QuantError, match="image.weight.*not finite"):
         _check_finite(bad, "QAT")
+
+
+def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
+    """`edge-msd export --target jetson --quantized ART`: the QAT models in a verified bundle, parity
+    against the float student, recipe and calibration set recorded; then the bench reads the bundle."""
+    from click.testing import CliRunner
+
+    from edge_msd.bench.options import BenchOptions
+    from edge_msd.bench.run import run_bench
+    from edge_msd.cli import main
+    from edge_msd.export.bundle import verify_bundle
+
+    bundle = tmp_path / "bundle"
+    args = ["export", "--target", "jetson", "--quantized", str(art), "--data", DATA, "--probe-images", "8",
+            "--out", str(bundle), "--allow-parity-fail"]  # 3 QAT steps from random weights: parity is noise
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    m = verify_bundle(bundle)
+    art_manifest = json.loads((art / "manifest.json").read_text())
+    assert m["student"]["sha256"] == art_manifest["student"]["sha256"]  # the float student, found from ART
+    for name in ("image", "text"):
+        entry = m["models"][name]
+        assert entry["precision"] == "int8" and entry["tensorrt_check"]["qdq_pairs"] > 0
+        assert (bundle / m["models"][name]["file"]).read_bytes() == (art / f"models/{name}.onnx").read_bytes()
+    assert m["calibration"] == art_manifest["calibration"] and m["calibration"]["sha256"]
+    q = m["quantization"]
+    assert q["method"] == "qat" and q["recipe"] == art_manifest["recipe"] and q["artifact"] == str(art)
+    assert q["train"]["steps"] == 3 and m["config"]["quantized"] == str(art)
+    assert m["parity"]["thresholds"] == {"min_cos": 0.95, "max_delta_r1": 5.0} and "passed" in m["parity"]
+    assert m["parity"]["image"]["min_cos"] > 0.8 and m["parity"]["text"]["mean_cos"] > 0.9
+    opts = BenchOptions(bundle=str(bundle), iters=2, warmup=0, pool=1, out=str(tmp_path / "r.json"))
+    report = run_bench(opts)
+    assert report["runtime"]["name"] == "onnxruntime" and report["recall"]["eval"]["mean_R@1"] >= 0
+    assert report["parity"]["image"]["min_cos"] == pytest.approx(m["parity"]["image"]["min_cos"], abs=1e-4)
+    # refused: another target, another student, a contradicting precision, a tampered artifact
+    res = CliRunner().invoke(main, [*args[:2], "tflite", *args[3:], "--force"])
+    assert res.exit_code == 2 and "quantized for target 'jetson-orin'" in res.output
+    other = tmp_path / "other"
+    from export_helpers import make_tiny_student
+
+    make_tiny_student(other)
+    res = CliRunner().invoke(main, [*args, "--force", "--student", str(other)])
+    assert res.exit_code == 2 and "quantized from another student" in res.output
+    res = CliRunner().invoke(main, [*args, "--force", "--precision", "fp16"])
+    assert res.exit_code == 2 and "contradicts" in res.output
+    with open(art / "models" / "text.onnx", "ab") as f:
+        f.write(b"\0")
+    res = CliRunner().invoke(main, [*args, "--force"])
+    assert res.exit_code == 2 and "text.onnx" in res.output
+    assert verify_bundle(bundle)["files"] == m["files"]  # the failed exports left the bundle alone
 
 
 @pytest.mark.slow

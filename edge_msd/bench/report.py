@@ -137,6 +137,9 @@ def _run_name(report: dict[str, Any]) -> str:
     precisions = sorted(
         {m.get("precision") or "?" for m in report.get("bundle", {}).get("models", {}).values()}
     )
+    method = report.get("bundle", {}).get("quantization")  # qat | ptq: int8 runs of both are compared
+    if method:
+        precisions = [f"{p} {method}" if p == "int8" else p for p in precisions]
     rt = report.get("runtime", {})
     extra = (
         f"/{rt.get('provider')}" if rt.get("name") == "onnxruntime" and rt.get("provider") != "cpu" else ""

@@ -143,6 +143,9 @@ class _Run:
                     for t in self.towers
                 },
                 "export_parity": man.get("parity"),
+                # int8 bundles: how they were quantized (qat | ptq) and on which calibration set
+                "quantization": (man.get("quantization") or {}).get("method"),
+                "calibration": (man.get("calibration") or {}).get("name"),
             },
             "runtime": {"name": backend.name, "version": versions[backend.name], **self.options},
             "settings": {

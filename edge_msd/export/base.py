@@ -1,15 +1,18 @@
 """The one interface every exporter implements, and what it is given.
 
-An exporter turns the student's two towers into files under ``out_dir/models`` and returns one
-manifest entry per tower (docs/bundle.md, ``models``). ``runner`` gives a numpy function for the
-parity check where the target's runtime exists on this machine, else the reason it does not.
+An exporter ``write``s one float tower to a file; ``describe`` reads a written file back into its
+manifest entry (docs/bundle.md, ``models``), so a float export and an int8 file made by
+``edge_msd.quant`` (``ship``ped into the bundle) get the same entry and the same checks. ``runner``
+gives a numpy function for the parity check where the target's runtime exists on this machine,
+else the reason it does not.
 """
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +27,12 @@ OUTPUT_NAME = "embedding"
 
 
 @dataclass
-class Calibration:
-    """Real inputs for post-training quantization: float NCHW images and int32 token rows."""
-
-    images: np.ndarray
-    tokens: np.ndarray
-    info: dict = field(default_factory=dict)  # which data, split, count, fingerprint (into the manifest)
-
-
-@dataclass
 class ExportRequest:
-    """What to export: the student (float or already fake-quantized by QAT), precision, calibration."""
+    """What to export: the float student, its target and a float precision (int8 comes from quant)."""
 
     student: Student
     profile: TargetProfile
     precision: str
-    calibration: Calibration | None = None
-    quantized: bool = False  # True when student.model already holds QAT fake-quant modules
 
 
 class Exporter(ABC):
@@ -49,16 +41,39 @@ class Exporter(ABC):
     ext: str
 
     @abstractmethod
+    def check(self, req: ExportRequest) -> None:
+        """Refuse what this exporter cannot write (named field or precision) before any conversion."""
+
+    @abstractmethod
+    def write(self, req: ExportRequest, tower: str, path: Path) -> None:
+        """Convert one float tower of ``req.student`` into ``path``."""
+
+    @abstractmethod
+    def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
+        """The manifest entry of the model file ``folder/rel``, read from the file itself."""
+
     def export(self, req: ExportRequest, out_dir: Path) -> dict[str, dict]:
         """Write models/image.<ext> and models/text.<ext> under ``out_dir``; return their entries."""
+        self.check(req)
+        entries = {}
+        for tower in TOWERS:
+            rel = f"models/{tower}.{self.ext}"
+            (out_dir / "models").mkdir(parents=True, exist_ok=True)
+            self.write(req, tower, out_dir / rel)
+            entries[tower] = self.describe(out_dir, rel, tower, req.precision, req.profile)
+        return entries
+
+    def ship(self, src: Path, dest: Path, tower: str, student: Student, profile: TargetProfile) -> None:
+        """Copy a model file (or .mlpackage folder) made by ``edge_msd.quant`` into the bundle."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copyfile(src, dest)
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         """A function (inputs → embeddings) running the exported file here, or why that is impossible."""
         return f"no runtime for {self.format} on this machine"
-
-    @staticmethod
-    def batch_dim(profile: TargetProfile) -> int:
-        return -1 if profile.dynamic_batch else profile.batch_sizes[0]
 
 
 def io_entry(name: str, shape: list[int], dtype: str, layout: str | None = None) -> dict:

@@ -1,17 +1,25 @@
 """Deploy bundles (docs/bundle.md): export a student for a target, check parity, write, verify.
 
+fp32/fp16 models are converted here by the target's exporter. int8 models are made by one piece of
+code per target, ``edge_msd.quant``'s recipe: the bundle ships a quantized artifact (``edge-msd qat``
+or ``ptq`` output, ``--quantized``) or, without one, runs that same PTQ on a calibration set first.
+Either way parity is measured against the float student, and the artifact's recipe and calibration
+set are recorded in the bundle manifest.
+
 The bundle is written into a temp folder and renamed into place, so a failed export (conversion
 error, failing parity) never leaves a half-written bundle nor touches an existing one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +32,14 @@ from edge_msd.artifacts import (
     file_hashes,
     producer_info,
     read_manifest,
+    sha256_file,
     verify_files,
 )
 from edge_msd.config import TargetProfile, load_target
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.export.base import Calibration, Exporter, ExportRequest
+from edge_msd.export.base import TOWERS, Exporter, ExportRequest
+from edge_msd.export.config import ExportConfig
 from edge_msd.export.parity import parity_report
 from edge_msd.export.towers import Student, load_student
 
@@ -48,24 +58,6 @@ def exporter_for(profile: TargetProfile) -> Exporter:
     else:
         from edge_msd.export.tflite import TFLiteExporter as cls
     return cls()
-
-
-@dataclass
-class ExportConfig:
-    """The resolved export settings, saved into the manifest."""
-
-    target: str
-    student: str
-    precision: str
-    out: str
-    data: str = "demo-scenes"
-    split: str = "test"
-    probe_images: int = 16
-    eval_images: int = 0  # 0: the whole split
-    calibration_split: str = "train"
-    force: bool = False
-    allow_parity_fail: bool = False
-    tar: bool = False
 
 
 def model_images(student: Student, ds: ImageTextDataset, indices: list[int]) -> np.ndarray:
@@ -121,22 +113,76 @@ def write_tokenizer(student: Student, folder: Path) -> dict:
     return {"dir": folder.name, **{k: meta[k] for k in ("context_length", "sot_token", "eot_token")}}
 
 
-def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
-                  calibration_data: ImageTextDataset | None = None, model: torch.nn.Module | None = None,
-                  quantized: bool = False) -> dict:
-    """Export ``cfg.student`` for ``cfg.target`` into the bundle ``cfg.out``; returns the manifest.
+@contextlib.contextmanager
+def quantized_artifact(cfg: ExportConfig, student_dir: Path) -> Iterator[Path]:
+    """``cfg.quantized``, or a PTQ artifact made now by the quant recipe on ``cfg.calibration``."""
+    if cfg.quantized:
+        yield Path(cfg.quantized)
+        return
+    from edge_msd.quant.config import QuantConfig
+    from edge_msd.quant.pipeline import quantize_student
 
-    ``model`` replaces the student's weights (a QAT fake-quant model; set ``quantized``). Datasets
-    default to ``cfg.data`` [``cfg.split``] / [``cfg.calibration_split``].
+    with tempfile.TemporaryDirectory(prefix="edge-msd-ptq-") as d:
+        console.print(f"int8 without --quantized: post-training quantization on {cfg.calibration}")
+        yield quantize_student(QuantConfig(target=cfg.target, method="ptq", student=str(student_dir),
+                                           calibration=cfg.calibration, data=cfg.data, out=f"{d}/ptq"))
+
+
+def read_quantized(art: Path, profile: TargetProfile, exporter: Exporter) -> dict:
+    """The manifest of a verified quantized artifact made for ``profile`` in ``exporter``'s format."""
+    from edge_msd.quant.pipeline import KIND as QUANT_KIND
+
+    if not art.is_dir():
+        raise ArtifactError(f"{art}: quantized artifact not found (`edge-msd qat --target {profile.name}`)")
+    manifest = read_manifest(art, QUANT_KIND)
+    verify_files(art, manifest)
+    if manifest.get("target") != profile.name:
+        raise ConfigError(f"{art} was quantized for target {manifest.get('target')!r}, not {profile.name!r}; "
+                          f"export it with --target {manifest.get('target')} or quantize for {profile.name}")
+    for tower in TOWERS:
+        if Path(manifest["towers"][tower]["file"]).suffix != f".{exporter.ext}":
+            raise ArtifactError(f"{art}: the {tower} model {manifest['towers'][tower]['file']} is not "
+                                f".{exporter.ext}, the {profile.exporter} format")
+    return manifest
+
+
+def ship_quantized(exporter: Exporter, art: Path, manifest: dict, folder: Path, student: Student,
+                   profile: TargetProfile, source: str | None) -> tuple[dict[str, dict], dict]:
+    """Copy the artifact's int8 towers into the bundle; returns their model entries and a summary.
+
+    ``source``: the artifact's path as given, None when export made it (PTQ, not kept)."""
+    models, towers = {}, {}
+    for tower in TOWERS:
+        entry = manifest["towers"][tower]
+        rel = f"models/{tower}.{exporter.ext}"
+        exporter.ship(art / entry["file"], folder / rel, tower, student, profile)
+        models[tower] = exporter.describe(folder, rel, tower, "int8", profile)
+        towers[tower] = {k: entry[k] for k in ("quantization", "kept_float", "calibration_cosine",
+                                               "fallback_reason") if k in entry}
+        towers[tower]["quantized_layers"] = len(entry.get("quantized_layers", []))
+    info = {"method": manifest["method"], "recipe": manifest["recipe"], "towers": towers, "artifact": source,
+            "artifact_manifest_sha256": sha256_file(art / MANIFEST), "train": manifest.get("train")}
+    return models, info
+
+
+def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) -> dict:
+    """Export for ``cfg.target`` into the bundle ``cfg.out_dir()``; returns the manifest.
+
+    ``dataset`` (the probe and eval set) defaults to ``cfg.data`` [``cfg.split``].
     """
+    cfg.validate()
     profile = load_target(cfg.target)
-    precision = cfg.precision or profile.precision
+    precision = "int8" if cfg.quantized else cfg.precision or profile.precision
     if precision not in profile.precisions:
         raise ConfigError(f"target {profile.name}: precision {precision!r} not in {profile.precisions}")
-    out = Path(cfg.out)
+    out = cfg.out_dir()
     if out.exists() and not cfg.force:
         raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    student = load_student(cfg.student, model)
+    exporter = exporter_for(profile)
+    art_manifest = read_quantized(Path(cfg.quantized), profile, exporter) if cfg.quantized else None
+    student_dir = (Path(cfg.student) if cfg.student else
+                   Path(art_manifest["student"]["source"]) if art_manifest else cfg.student_dir())
+    student = load_student(student_dir)
     if profile.resolution != "student" and tuple(student.preprocess.size) != (profile.resolution,) * 2:
         raise ConfigError(f"{profile.source}: resolution {profile.resolution} differs from the student's "
                           f"{student.preprocess.size}; use \"student\" or re-train at that size")
@@ -147,24 +193,21 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
     evalset = image_text_set(student, dataset, cfg.eval_images)
     probe = image_text_set(student, dataset, cfg.probe_images)
     ref = torch_embeddings(student, probe["images"], probe["tokens"])
-    calibration = None
-    if precision == "int8" and not quantized:
-        if calibration_data is None:
-            from edge_msd.data import open_dataset
-
-            calibration_data = open_dataset(cfg.data, cfg.calibration_split)
-        n = int(profile.options.get("calibration_samples", 64))
-        cal = image_text_set(student, calibration_data, n)
-        calibration = Calibration(student.preprocess.normalise(cal["images"]), cal["tokens"][:n],
-                                  {"data": calibration_data.spec,
-                                   "split": calibration_data.split, "images": len(cal["images"]),
-                                   "captions": min(n, len(cal["tokens"])),
-                                   "fingerprint": calibration_data.fingerprint(), "method": "post-training"})
-    exporter = exporter_for(profile)
+    calibration = quantization = None
     with atomic_dir(out, cfg.force) as tmp:
         t0 = time.perf_counter()
-        with console.status(f"exporting {student.name} for {profile.name} ({precision})"):
-            models = exporter.export(ExportRequest(student, profile, precision, calibration, quantized), tmp)
+        if precision == "int8":
+            with quantized_artifact(cfg, student_dir) as art:
+                manifest = art_manifest or read_quantized(art, profile, exporter)
+                if manifest["student"]["sha256"] != student.sha256:
+                    raise ArtifactError(f"{art} was quantized from another student "
+                                        f"({manifest['student']['source']}), not {student.source}")
+                models, quantization = ship_quantized(exporter, art, manifest, tmp, student, profile,
+                                                      cfg.quantized)
+                calibration = manifest["calibration"]
+        else:
+            with console.status(f"exporting {student.name} for {profile.name} ({precision})"):
+                models = exporter.export(ExportRequest(student, profile, precision), tmp)
         export_s = time.perf_counter() - t0
         tokenizer = write_tokenizer(student, tmp / "tokenizer")
         shutil.copyfile(profile.source, tmp / "target.toml")
@@ -179,7 +222,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
             "target": {k: v for k, v in asdict(profile).items() if k != "source"},
             "student": {"name": student.name, "source": student.source, "sha256": student.sha256},
             "models": models, "preprocessing": student.preprocess.to_manifest(), "tokenizer": tokenizer,
-            "parity": parity, "calibration": calibration.info if calibration else None,
+            "parity": parity, "calibration": calibration, "quantization": quantization,
             "export_seconds": round(export_s, 2), "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         if parity.get("passed") is False and not cfg.allow_parity_fail:

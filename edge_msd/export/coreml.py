@@ -1,8 +1,10 @@
 """Core ML ML Program (.mlpackage, iOS 17+) through coremltools: torch.export → ct.convert.
 
 fp16 is the default, with the ops that overflow in fp16 (LayerNorm, softmax, the reductions of the
-L2 norm: ``options.fp32_ops``) kept in fp32 through coremltools' op selector. Conversion and spec
-checks run on Linux; predictions need macOS (libcoremlpython), so parity runs there only.
+L2 norm: ``options.fp32_ops``) kept in fp32 through coremltools' op selector. int8 (W8A8) programs
+come from ``edge_msd.quant``'s LinearQuantizer recipe and are shipped with the same metadata and
+spec checks. Conversion and spec checks run on Linux; predictions need macOS (libcoremlpython), so
+parity runs there only.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import numpy as np
 import torch
 
 from edge_msd import __version__
+from edge_msd.config import TargetProfile
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.export.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
-    TOWERS,
     Exporter,
     ExportRequest,
     Runner,
@@ -29,6 +31,7 @@ from edge_msd.export.base import (
     run_batched,
     tower_module,
 )
+from edge_msd.export.towers import Student
 
 DESCRIPTIONS = {"image": "RGB image, (x/255 - mean)/std, NCHW float32",
                 "text": "int32 CLIP BPE token ids: sot, tokens, eot, zero padding"}
@@ -56,12 +59,29 @@ def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision
             raise ConfigError(f"Core ML conversion of the {tower} tower failed: {msg}") from e
 
 
-def spec_check(path: Path, tower: str, precision: str, fp32_ops: list[str]) -> dict:
-    """Load the saved spec (no compile, works on Linux) and check I/O, program, op precisions."""
+def _annotate(mlmodel, tower: str, student: Student, precision: str, opts: dict) -> None:
+    """Author, licence, version, I/O descriptions and preprocessing, as Xcode shows them."""
+    mlmodel.author = opts.get("author", "edge-msd")
+    mlmodel.license = opts.get("license", "")
+    mlmodel.version = f"{student.name} (edge-msd {__version__})"
+    mlmodel.short_description = f"{student.name} {tower} tower: L2-normalised embedding"
+    mlmodel.input_description[INPUT_NAMES[tower]] = DESCRIPTIONS[tower]
+    mlmodel.output_description[OUTPUT_NAME] = f"L2-normalised {student.embed_dim}-d embedding"
+    meta = {"preprocessing": json.dumps(student.preprocess.to_manifest()) if tower == "image"
+            else json.dumps({"context_length": student.context_length}),
+            "student": student.name, "precision": precision}
+    mlmodel.user_defined_metadata.update(meta)
+
+
+# op types that carry int8 in an ML Program: activation Q/DQ and compressed constant weights
+INT8_OPS = ("quantize", "dequantize", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale",
+            "constexpr_lut_to_dense")
+
+
+def spec_check(spec, path: Path, tower: str, precision: str, fp32_ops: list[str]) -> dict:
+    """Check a saved spec (no compile, works on Linux): I/O, program, op precisions."""
     import coremltools as ct
 
-    model = ct.models.MLModel(str(path), skip_model_load=True)
-    spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise ArtifactError(f"{path}: not an ML Program")
     ins = {i.name: i for i in spec.description.input}
@@ -88,6 +108,8 @@ def spec_check(path: Path, tower: str, precision: str, fp32_ops: list[str]) -> d
         raise ArtifactError(f"{path}: ops {sorted(set(fp16_in_fp32_ops))} run in fp16 but must stay fp32")
     if precision == "fp16" and not any("FLOAT16" in v for v in ops.values()):
         raise ArtifactError(f"{path}: fp16 requested but no op computes in fp16")
+    if precision == "int8" and not set(INT8_OPS) & set(ops):
+        raise ArtifactError(f"{path}: int8 requested but the program holds none of the ops {INT8_OPS}")
     return {"program": "mlProgram", "spec_version": spec.specificationVersion, "ops": ops, "checked": True}
 
 
@@ -96,39 +118,42 @@ class CoreMLExporter(Exporter):
     format = "mlpackage"
     ext = "mlpackage"
 
-    def export(self, req: ExportRequest, out_dir: Path) -> dict[str, dict]:
+    def check(self, req: ExportRequest) -> None:
         if req.profile.dynamic_batch:
             raise ConfigError(f"{req.profile.source}: dynamic_batch is not supported by coreml; set false")
         if req.precision not in ("fp32", "fp16"):
-            raise ConfigError(f"target {req.profile.name}: coreml exports fp32 or fp16 (int8 comes from QAT)")
+            raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
+
+    def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         opts = req.profile.options
-        batch = req.profile.batch_sizes[0]
-        examples = example_inputs(req.student, batch)
-        entries = {}
-        for tower in TOWERS:
-            mlmodel = _convert(tower_module(req.student, tower), examples[tower], tower, req.precision, opts)
-            mlmodel.author = opts.get("author", "edge-msd")
-            mlmodel.license = opts.get("license", "")
-            mlmodel.version = f"{req.student.name} (edge-msd {__version__})"
-            mlmodel.short_description = f"{req.student.name} {tower} tower: L2-normalised embedding"
-            mlmodel.input_description[INPUT_NAMES[tower]] = DESCRIPTIONS[tower]
-            mlmodel.output_description[OUTPUT_NAME] = f"L2-normalised {req.student.embed_dim}-d embedding"
-            meta = {"preprocessing": json.dumps(req.student.preprocess.to_manifest()) if tower == "image"
-                    else json.dumps({"context_length": req.student.context_length}),
-                    "student": req.student.name, "precision": req.precision}
-            mlmodel.user_defined_metadata.update(meta)
-            rel = f"models/{tower}.{self.ext}"
-            (out_dir / "models").mkdir(parents=True, exist_ok=True)
-            mlmodel.save(str(out_dir / rel))
-            check = spec_check(out_dir / rel, tower, req.precision, list(opts.get("fp32_ops", [])))
-            shape = list(examples[tower].shape)
-            dtype = "int32" if tower == "text" else "float32"
-            entries[tower] = {"file": rel, "format": self.format, "precision": req.precision,
-                              "inputs": [io_entry(INPUT_NAMES[tower], shape, dtype, "NCHW" if tower == "image"
-                                                  else None)],
-                              "outputs": [io_entry(OUTPUT_NAME, [batch, req.student.embed_dim], "float32")],
-                              "coreml_check": check}
-        return entries
+        example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]
+        mlmodel = _convert(tower_module(req.student, tower), example, tower, req.precision, opts)
+        _annotate(mlmodel, tower, req.student, req.precision, opts)
+        mlmodel.save(str(path))
+
+    def ship(self, src: Path, dest: Path, tower: str, student: Student, profile: TargetProfile) -> None:
+        """Re-save the quantized program with the same metadata a float export carries."""
+        import coremltools as ct
+
+        mlmodel = ct.models.MLModel(str(src), skip_model_load=True)
+        _annotate(mlmodel, tower, student, "int8", profile.options)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        mlmodel.save(str(dest))
+
+    def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
+        import coremltools as ct
+
+        spec = ct.models.MLModel(str(folder / rel), skip_model_load=True).get_spec()
+        check = spec_check(spec, folder / rel, tower, precision, list(profile.options.get("fp32_ops", [])))
+        arr = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+
+        def io(feature, layout: str | None = None) -> dict:
+            t = feature.type.multiArrayType
+            return io_entry(feature.name, list(t.shape), arr.ArrayDataType.Name(t.dataType).lower(), layout)
+
+        return {"file": rel, "format": self.format, "precision": precision,
+                "inputs": [io(spec.description.input[0], "NCHW" if tower == "image" else None)],
+                "outputs": [io(spec.description.output[0])], "coreml_check": check}
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         if platform.system() != "Darwin":

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from edge_msd.config import TargetProfile
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.export.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
-    TOWERS,
     Exporter,
     ExportRequest,
     Runner,
@@ -38,16 +39,11 @@ def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path, input_
                 torch.onnx.export(module, (x,), str(path), input_names=[input_name], opset_version=opset,
                                   dynamo=True, external_data=False, dynamic_shapes=dyn, verbose=False)
                 rename_output(path, OUTPUT_NAME)
-            else:  # TorchScript exporter: opset 17 and modelopt's Q/DQ nodes (toolchain.md)
+            else:  # TorchScript exporter: opset 17, what TensorRT 8.5+ parses (toolchain.md)
                 axes = {input_name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-                fastpath = torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)  # its fused op has no ONNX symbolic
-                try:
-                    torch.onnx.export(module, (x,), str(path), input_names=[input_name],
-                                      output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
-                                      dynamic_axes=axes)
-                finally:
-                    torch.backends.mha.set_fastpath_enabled(fastpath)
+                torch.onnx.export(module, (x,), str(path), input_names=[input_name],
+                                  output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
+                                  dynamic_axes=axes)
         except Exception as e:  # the exporters raise many types; name the tower and the cause
             msg = str(e).splitlines()[0]
             raise ConfigError(f"ONNX export of {type(module).__name__} failed: {msg}") from e
@@ -85,26 +81,33 @@ def check_onnx(path: Path) -> None:
         raise ArtifactError(f"{path}: onnx.checker rejects the graph: {str(e).splitlines()[0]}") from e
 
 
-def onnx_io(path: Path) -> tuple[list[dict], list[dict]]:
-    """Graph inputs/outputs as manifest entries (-1 for symbolic dims)."""
+def onnx_io(path: Path) -> tuple[list[dict], list[dict], int]:
+    """Graph inputs/outputs as manifest entries (-1 for symbolic dims), and the default-domain opset."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
 
     def entry(v, layout=None):
         t = v.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
         return io_entry(v.name, shape, ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), layout)
 
+    graph = model.graph
     inputs = [entry(v, "NCHW" if len(v.type.tensor_type.shape.dim) == 4 else None) for v in graph.input]
-    return inputs, [entry(v) for v in graph.output]
+    return inputs, [entry(v) for v in graph.output], onnx_opset(model)
 
 
-def ort_runner(path: Path, batch: int) -> Runner:
+def onnx_opset(model: Any) -> int:
+    """The default-domain opset of a loaded onnx.ModelProto."""
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def ort_runner(path: Path, batch: int, threads: int = 1) -> Runner:
+    """ONNX Runtime on the CPU, run in chunks of a static ``batch`` (-1: all rows at once)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: run_batched(lambda c: sess.run(None, {name: c})[0], x, batch)
@@ -114,32 +117,32 @@ class OnnxExporter(Exporter):
     kind = "onnx"
     format = "onnx"
     ext = "onnx"
+    dynamo = True  # the TensorRT subclass uses the TorchScript exporter
 
-    def opset(self, req: ExportRequest) -> int:
-        opset = int(req.profile.options.get("opset", 18))
+    def opset(self, profile: TargetProfile) -> int:
+        opset = int(profile.options.get("opset", 18))
         if opset < 17:
-            raise ConfigError(f"{req.profile.source}: options.opset {opset} < 17 (LayerNormalization)")
+            raise ConfigError(f"{profile.source}: options.opset {opset} < 17 (LayerNormalization)")
         return opset
 
-    def export(self, req: ExportRequest, out_dir: Path) -> dict[str, dict]:
+    def check(self, req: ExportRequest) -> None:
         if req.precision != "fp32":
             raise ConfigError(f"target {req.profile.name}: onnx exports fp32 only, not {req.precision}")
-        return self._export(req, out_dir, dynamo=True)
+        self.opset(req.profile)
 
-    def _export(self, req: ExportRequest, out_dir: Path, dynamo: bool) -> dict[str, dict]:
+    def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         batch = 2 if req.profile.dynamic_batch else req.profile.batch_sizes[0]
-        examples = example_inputs(req.student, batch)
-        entries = {}
-        for tower in TOWERS:
-            rel = f"models/{tower}.{self.ext}"
-            export_onnx(tower_module(req.student, tower), examples[tower], out_dir / rel, INPUT_NAMES[tower],
-                        self.opset(req), req.profile.dynamic_batch, dynamo=dynamo)
-            inputs, outputs = onnx_io(out_dir / rel)
-            entries[tower] = {"file": rel, "format": self.format, "precision": req.precision,
-                              "inputs": inputs, "outputs": outputs, "opset": self.opset(req),
-                              "dynamic_axes": {inputs[0]["name"]: {"0": "batch"}, OUTPUT_NAME: {"0": "batch"}}
-                              if req.profile.dynamic_batch else {}}
-        return entries
+        example = example_inputs(req.student, batch)[tower]
+        export_onnx(tower_module(req.student, tower), example, path, INPUT_NAMES[tower],
+                    self.opset(req.profile), req.profile.dynamic_batch, dynamo=self.dynamo)
+
+    def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
+        inputs, outputs, opset = onnx_io(folder / rel)
+        dynamic = inputs[0]["shape"][0] == -1
+        return {"file": rel, "format": self.format, "precision": precision, "inputs": inputs,
+                "outputs": outputs, "opset": opset,
+                "dynamic_axes": {inputs[0]["name"]: {"0": "batch"}, outputs[0]["name"]: {"0": "batch"}}
+                if dynamic else {}}
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         return ort_runner(bundle_dir / entry["file"], entry["inputs"][0]["shape"][0])

@@ -2,24 +2,22 @@
 engine builder that runs on the device (``edge-msd build-engine``; TensorRT ships with JetPack).
 
 fp32 and fp16 bundles hold the fp32 ONNX; TensorRT lowers it to fp16 while building the engine,
-keeping LayerNorm/Softmax in fp32 (``options.fp32_layers``). int8 bundles hold explicit
-QuantizeLinear/DequantizeLinear pairs from nvidia-modelopt (PTQ here, or a QAT student's own
-fake-quant), exported with the TorchScript exporter, the one that writes modelopt's Q/DQ.
+keeping LayerNorm/Softmax in fp32 (``options.fp32_layers``). int8 bundles ship the explicit
+QuantizeLinear/DequantizeLinear ONNX of ``edge_msd.quant``'s modelopt recipe (QAT or PTQ), checked
+here like the float graph.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from edge_msd.config import TargetProfile
 from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
-from edge_msd.export.base import INPUT_NAMES, TOWERS, ExportRequest, example_inputs, tower_module
-from edge_msd.export.onnx import OnnxExporter, export_onnx, onnx_io
+from edge_msd.export.base import ExportRequest
+from edge_msd.export.onnx import OnnxExporter, onnx_opset
 
 # ONNX ops the TensorRT 8.6/10 ONNX parser imports (onnx-tensorrt operators.md), those that matter here.
 TRT_OPS = frozenset([
@@ -80,63 +78,27 @@ def check_tensorrt_onnx(path: Path, expect_qdq: bool) -> dict:
         raise ArtifactError(f"{path}: int8 requested but the graph holds no QuantizeLinear/DequantizeLinear")
     if not expect_qdq and n_q:
         raise ArtifactError(f"{path}: a float export holds {n_q} QuantizeLinear nodes")
-    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    return {"opset": opset, "qdq_pairs": n_q, "ops": sorted({n.op_type for n in graph.node}), "checked": True}
-
-
-def modelopt_int8(module: torch.nn.Module, calib: np.ndarray) -> torch.nn.Module:
-    """Post-training int8 with nvidia-modelopt: per-channel weights, per-tensor activations (max calib)."""
-    import modelopt.torch.quantization as mtq
-
-    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
-                         {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
-                         {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
-                         {"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False}],
-           "algorithm": "max"}
-    module = copy.deepcopy(module)
-
-    def loop(m: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for s in range(0, len(calib), 16):
-                m(torch.from_numpy(calib[s : s + 16]))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mtq.quantize(module, cfg, loop)
+    ops = sorted({n.op_type for n in graph.node})
+    return {"opset": onnx_opset(model), "qdq_pairs": n_q, "ops": ops, "checked": True}
 
 
 class TensorRTExporter(OnnxExporter):
     kind = "tensorrt"
+    dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the Q/DQ ONNX of edge_msd.quant
 
-    def opset(self, req: ExportRequest) -> int:
-        return int(req.profile.options.get("opset", 17))
+    def opset(self, profile: TargetProfile) -> int:
+        return int(profile.options.get("opset", 17))
 
-    def export(self, req: ExportRequest, out_dir: Path) -> dict[str, dict]:
-        int8 = req.precision == "int8"
-        if int8 and not req.quantized and req.calibration is None:
-            raise ConfigError(f"target {req.profile.name} int8: needs a QAT student or a calibration set")
-        batch = 2 if req.profile.dynamic_batch else req.profile.batch_sizes[0]
-        examples = example_inputs(req.student, batch)
-        calib = {"image": req.calibration.images, "text": req.calibration.tokens} if req.calibration else {}
-        entries = {}
-        for tower in TOWERS:
-            module = tower_module(req.student, tower)
-            if int8 and not req.quantized:
-                module = modelopt_int8(module, calib[tower])
-            rel = f"models/{tower}.onnx"
-            # TorchScript exporter: opset 17 (TensorRT 8.5+) and the only one that writes modelopt's Q/DQ
-            export_onnx(module, examples[tower], out_dir / rel, INPUT_NAMES[tower], self.opset(req),
-                        req.profile.dynamic_batch, dynamo=False)
-            inputs, outputs = onnx_io(out_dir / rel)
-            entries[tower] = {"file": rel, "format": "onnx", "precision": req.precision, "inputs": inputs,
-                              "outputs": outputs, "opset": self.opset(req),
-                              "dynamic_axes": {inputs[0]["name"]: {"0": "batch"}, "embedding": {"0": "batch"}}
-                              if req.profile.dynamic_batch else {}}
-        for tower, entry in entries.items():
-            entry["tensorrt_check"] = check_tensorrt_onnx(out_dir / entry["file"], expect_qdq=int8)
-            entry["parity_runtime"] = "onnxruntime (the engine's source ONNX; fp16 is applied on the device)"
-            entry["engine"] = {"file": f"models/{tower}.plan", "built_on_device": True}
-        return entries
+    def check(self, req: ExportRequest) -> None:
+        if req.precision not in ("fp32", "fp16"):
+            raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
+
+    def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
+        entry = super().describe(folder, rel, tower, precision, profile)
+        entry["tensorrt_check"] = check_tensorrt_onnx(folder / rel, expect_qdq=precision == "int8")
+        entry["parity_runtime"] = "onnxruntime (the engine's source ONNX; fp16 is applied on the device)"
+        entry["engine"] = {"file": f"models/{tower}.plan", "built_on_device": True}
+        return entry
 
 
 # ---- engine builder (runs on the Jetson) -----------------------------------------------------

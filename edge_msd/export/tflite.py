@@ -1,9 +1,8 @@
-"""LiteRT / TFLite through litert-torch (no TensorFlow): fp32, fp16 weights, or int8 (PT2E).
+"""LiteRT / TFLite through litert-torch (no TensorFlow): fp32 or fp16 weights; int8 is shipped.
 
-int8 without a QAT student is post-training: PT2E static per-channel symmetric quantization
-calibrated on real images/captions (toolchain.md). The int8 image model takes and returns int8
-tensors: the runner (and the device) quantize/dequantize with each tensor's (scale, zero point).
-Token inputs stay int32.
+int8 models come from ``edge_msd.quant``'s PT2E recipe (QAT, or PTQ on a calibration set). They take
+and return int8 tensors: the manifest records each int8 tensor's (scale, zero point), and the runner
+(and the device) quantize inputs / dequantize outputs with them. Token inputs stay int32.
 """
 
 from __future__ import annotations
@@ -12,15 +11,16 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from edge_msd.config import TargetProfile
 from edge_msd.errors import ConfigError
 from edge_msd.export.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
-    TOWERS,
     Exporter,
     ExportRequest,
     Runner,
@@ -34,34 +34,19 @@ NP_DTYPES = {np.float32: "float32", np.int8: "int8", np.int32: "int32", np.uint8
              np.float16: "float16"}
 
 
-def _convert(module: torch.nn.Module, example: np.ndarray, precision: str, calib: np.ndarray | None,
-             path: Path, quantized: bool) -> None:
+def _convert(module: torch.nn.Module, example: np.ndarray, precision: str, path: Path) -> None:
     import litert_torch
 
-    x = torch.from_numpy(example)
     kwargs = {}
     if precision == "fp16":
         from litert_torch.generative.quantize.quant_recipes import full_fp16_recipe
 
         kwargs["quant_config"] = full_fp16_recipe()
-    elif precision == "int8" and not quantized:
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-        from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-        quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                 is_dynamic=False))
-        prepared = prepare_pt2e(torch.export.export(module, (x,)).module(), quantizer)
-        with torch.no_grad():  # the exported module is specialised to the example's batch size
-            for s in range(0, len(calib) - len(x) + 1, len(x)):
-                prepared(torch.from_numpy(calib[s : s + len(x)]))
-        module = convert_pt2e(prepared, fold_quantize=False)
-        kwargs["quant_config"] = QuantConfig(pt2e_quantizer=quantizer)
     logging.getLogger("absl").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            edge = litert_torch.convert(module, (x,), **kwargs)
+            edge = litert_torch.convert(module, (torch.from_numpy(example),), **kwargs)
         except Exception as e:  # the converter raises many types; its first line names the op
             raise ConfigError(f"TFLite conversion of {type(module).__name__} ({precision}) failed: "
                               f"{str(e).strip().splitlines()[0][:300]}") from e
@@ -69,7 +54,7 @@ def _convert(module: torch.nn.Module, example: np.ndarray, precision: str, calib
     edge.export(str(path))
 
 
-def interpreter(path: Path, threads: int = 1):
+def interpreter(path: Path, threads: int = 1) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from ai_edge_litert.interpreter import Interpreter
 
@@ -95,22 +80,30 @@ def tflite_io(path: Path) -> tuple[list[dict], list[dict], dict]:
     return inputs, [entry(d, d["name"]) for d in outs], quant
 
 
-def tflite_runner(path: Path, threads: int = 1) -> Runner:
-    interp = interpreter(path, threads)
+def run_tflite(path: Path, x: np.ndarray, interp: Any = None) -> np.ndarray:
+    """Run a .tflite over any number of rows at its static batch; int8 I/O is quantized with each
+    tensor's (scale, zero point), ``q = round(x / scale) + zero_point``, and dequantized back."""
+    interp = interp or interpreter(path)
     i_det, o_det = interp.get_input_details()[0], interp.get_output_details()[0]
-    batch = int(i_det["shape"][0])
 
-    def run(x: np.ndarray) -> np.ndarray:
-        scale, zp = i_det["quantization"]
-        if i_det["dtype"] == np.int8:
-            x = np.clip(np.round(x / scale + zp), -128, 127)
-        interp.set_tensor(i_det["index"], x.astype(i_det["dtype"]))
+    def run(chunk: np.ndarray) -> np.ndarray:
+        if np.dtype(i_det["dtype"]) == np.int8:
+            scale, zp = i_det["quantization"]
+            chunk = np.clip(np.round(chunk / scale) + zp, -128, 127)
+        interp.set_tensor(i_det["index"], chunk.astype(i_det["dtype"]))
         interp.invoke()
         y = interp.get_tensor(o_det["index"])
-        scale, zp = o_det["quantization"]
-        return (y.astype(np.float32) - zp) * scale if o_det["dtype"] == np.int8 else y.astype(np.float32)
+        if np.dtype(o_det["dtype"]) == np.int8:
+            scale, zp = o_det["quantization"]
+            return (y.astype(np.float32) - zp) * np.float32(scale)
+        return y.astype(np.float32)
 
-    return lambda x: run_batched(run, x, batch)
+    return run_batched(run, x, int(i_det["shape"][0]))
+
+
+def tflite_runner(path: Path, threads: int = 1) -> Runner:
+    interp = interpreter(path, threads)
+    return lambda x: run_tflite(path, x, interp)
 
 
 class TFLiteExporter(Exporter):
@@ -118,26 +111,22 @@ class TFLiteExporter(Exporter):
     format = "tflite"
     ext = "tflite"
 
-    def export(self, req: ExportRequest, out_dir: Path) -> dict[str, dict]:
+    def check(self, req: ExportRequest) -> None:
         if req.profile.dynamic_batch:
             raise ConfigError(f"{req.profile.source}: dynamic_batch is not supported by tflite; set false")
-        if req.precision == "int8" and not req.quantized and req.calibration is None:
-            raise ConfigError(f"target {req.profile.name} int8: needs a QAT student or a calibration set")
-        batch = req.profile.batch_sizes[0]
-        examples = example_inputs(req.student, batch)
-        calib = {"image": req.calibration.images, "text": req.calibration.tokens} if req.calibration else {}
-        entries = {}
-        for tower in TOWERS:
-            rel = f"models/{tower}.{self.ext}"
-            _convert(tower_module(req.student, tower), examples[tower], req.precision, calib.get(tower),
-                     out_dir / rel, req.quantized)
-            inputs, outputs, quant = tflite_io(out_dir / rel)
-            # litert names I/O after the signature (args_0, output_0); keep them, note the roles
-            entries[tower] = {"file": rel, "format": self.format, "precision": req.precision,
-                              "inputs": inputs, "outputs": outputs, "quantization": quant,
-                              "roles": {inputs[0]["name"]: INPUT_NAMES[tower],
-                                        outputs[0]["name"]: OUTPUT_NAME}}
-        return entries
+        if req.precision not in ("fp32", "fp16"):
+            raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
+
+    def write(self, req: ExportRequest, tower: str, path: Path) -> None:
+        example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]
+        _convert(tower_module(req.student, tower), example, req.precision, path)
+
+    def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
+        inputs, outputs, quant = tflite_io(folder / rel)
+        # litert names I/O after the signature (args_0, output_0); keep them, note the roles
+        return {"file": rel, "format": self.format, "precision": precision, "inputs": inputs,
+                "outputs": outputs, "quantization": quant,
+                "roles": {inputs[0]["name"]: INPUT_NAMES[tower], outputs[0]["name"]: OUTPUT_NAME}}
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         return tflite_runner(bundle_dir / entry["file"])

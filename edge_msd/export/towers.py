@@ -4,10 +4,17 @@ open_clip pools the text at the end-of-text token with ``tokens.argmax()`` over 
 TFLite, Core ML and old ONNX opsets cannot run. ``TextTower`` takes int32 tokens and pools with a
 one-hot mask of the FIRST end-of-text position (compare, cumsum, multiply, sum): the same vector
 as open_clip's argmax, built only from ops every target supports.
+
+``nn.MultiheadAttention`` is rewritten as plain Linear + matmul + softmax with the same weights
+(``explicit_attention``), for export and quantization alike: its inference fast path
+(``aten::_native_multi_head_attention``) has no ONNX export, the fused op hides its projections from
+quantizers (modelopt and coremltools quantize ``nn.Linear`` modules; MHA reads ``in_proj_weight``
+directly), and Core ML's TorchScript frontend fails on its shape arithmetic.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,63 @@ from torch import nn
 from edge_msd.errors import ArtifactError, ConfigError
 
 STUDENT_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+
+
+class ExplicitSelfAttention(nn.Module):
+    """Self-attention with open_clip's call signature ``attn(x, x, x, need_weights=False, attn_mask=m)``."""
+
+    def __init__(self, mha: nn.MultiheadAttention, where: str = "attention"):
+        super().__init__()
+        if not (mha._qkv_same_embed_dim and mha.batch_first) or mha.bias_k is not None or mha.add_zero_attn:
+            raise ConfigError(
+                f"{where}: only batch-first self-attention without bias_k/add_zero_attn "
+                "can be exported and quantized"
+            )
+        # attention dropout (mha.dropout) is left out: inference never applies it, short QAT does without
+        d = mha.embed_dim
+        self.heads = mha.num_heads
+        self.dim = d
+        self.head_dim = d // mha.num_heads
+        self.scale = self.head_dim**-0.5  # python constants: no shape arithmetic in traced graphs
+        self.in_proj = nn.Linear(d, 3 * d, bias=mha.in_proj_bias is not None)
+        self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(mha.in_proj_weight)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.in_proj_bias is not None:
+                self.in_proj.bias.copy_(mha.in_proj_bias)
+            if mha.out_proj.bias is not None:
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        b, n = query.shape[0], query.shape[1]
+        qkv = self.in_proj(query).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = torch.matmul(q * self.scale, k.transpose(-2, -1))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
+        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(b, n, self.dim)
+        return self.out_proj(out), None
+
+
+def explicit_attention(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by ``ExplicitSelfAttention``."""
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                where = f"{name}.{child_name}" if name else child_name
+                setattr(mod, child_name, ExplicitSelfAttention(child, where))
+    return model
 
 
 @dataclass
@@ -137,8 +201,8 @@ def check_student_dir(folder: Path) -> None:
         raise ArtifactError(f"{folder / STUDENT_FILES[0]}: not valid JSON ({e})") from e
 
 
-def load_student(folder: str | Path, model: nn.Module | None = None) -> Student:
-    """Load a student folder (open_clip hub layout). ``model`` overrides its weights, e.g. a QAT model."""
+def load_student(folder: str | Path) -> Student:
+    """Load a student folder (open_clip hub layout); its towers run explicit attention (module docstring)."""
     import open_clip
 
     from edge_msd.artifacts import sha256_file
@@ -150,18 +214,19 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> Student:
         tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     except (RuntimeError, KeyError, ValueError) as e:
         raise ArtifactError(f"{folder}: open_clip cannot load this student ({e})") from e
-    model = (model or loaded).eval()
+    model = loaded.eval()
     cfg = open_clip.get_model_preprocess_cfg(loaded)
     size = cfg["size"] if isinstance(cfg["size"], list | tuple) else (cfg["size"], cfg["size"])
     prep = Preprocess(size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                       resize=cfg.get("interpolation", "bicubic"),
                       resize_mode=cfg.get("resize_mode", "shortest"))
-    text = TextTower(model).eval()
+    exportable = explicit_attention(copy.deepcopy(model))  # ``model`` stays open_clip's own
+    text = TextTower(exportable).eval()
     ctx = int(text.positional_embedding.shape[0])
     with torch.no_grad():
         dim = int(text(torch.zeros(1, ctx, dtype=torch.int32)).shape[-1])
     manifest = folder / "manifest.json"
     name = json.loads(manifest.read_text()).get("preset", folder.name) if manifest.is_file() else folder.name
-    return Student(model=model, image=ImageTower(model).eval(), text=text, tokenizer=tokenizer,
+    return Student(model=model, image=ImageTower(exportable).eval(), text=text, tokenizer=tokenizer,
                    preprocess=prep, val_transform=val_tf, context_length=ctx, embed_dim=dim,
                    name=str(name), source=str(folder), sha256=sha256_file(folder / STUDENT_FILES[1]))

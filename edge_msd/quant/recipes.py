@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from edge_msd.errors import ConfigError, EdgeMSDError
-from edge_msd.quant.attention import explicit_attention
+from edge_msd.export.tflite import interpreter, run_tflite
+from edge_msd.export.towers import explicit_attention
 
 
 class QuantError(EdgeMSDError):
@@ -276,23 +277,14 @@ class ModeloptBackend(Backend):
         _freeze_bn_modules(prepared)
 
     def write(self, prepared: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:
+        from edge_msd.export.onnx import export_onnx
+
         prepared = prepared.eval()
         name = "image" if example.is_floating_point() else "tokens"
-        try:
-            with torch.no_grad(), _quiet():
-                out_dim = int(prepared(example).shape[-1])
-                torch.onnx.export(
-                    prepared,
-                    (example,),
-                    str(path),
-                    opset_version=17,
-                    dynamo=False,
-                    input_names=[name],
-                    output_names=["embedding"],
-                    dynamic_axes={name: {0: "batch"}, "embedding": {0: "batch"}},
-                )
-        except Exception as e:  # the TorchScript exporter names the op it cannot handle
-            raise QuantError(f"{path.name}: ONNX Q/DQ export failed: {e}") from e
+        with torch.no_grad():
+            out_dim = int(prepared(example).shape[-1])
+        with _quiet():  # the TorchScript exporter: the dynamo one cannot trace modelopt's quantizers
+            export_onnx(prepared, example.numpy(), path, name, opset=17, dynamic_batch=True, dynamo=False)
         return {
             "format": "onnx",
             "precision": "int8",
@@ -301,12 +293,9 @@ class ModeloptBackend(Backend):
         }
 
     def run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        import onnxruntime as ort
+        from edge_msd.export.onnx import ort_runner
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        return ort_runner(path, -1, threads=torch.get_num_threads())(x)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -456,7 +445,7 @@ class PT2EBackend(Backend):
     @staticmethod
     def _input_quant(path: Path) -> dict[str, Any]:
         """The int8 model may take an int8 input: record its (scale, zero point) for the runtime."""
-        it = _interpreter(path)
+        it = interpreter(path)
         d = it.get_input_details()[0]
         scale, zero = d["quantization"]
         if np.dtype(d["dtype"]) == np.int8:
@@ -477,11 +466,12 @@ def _allow_train_eval(gm: nn.Module) -> None:
     )
 
     def train(self: nn.Module, mode: bool = True) -> nn.Module:
-        if mode:
+        # each rewrite torch.exports its patterns (about a second): skip graphs without those ops
+        if _has_mode_ops(self) and mode:
             _move_exported_model_to_train(self)
             if self.meta["edge_msd"]["bn_frozen"]:
                 _replace_batchnorm(self, train_to_eval=True)
-        else:
+        elif _has_mode_ops(self):
             _move_exported_model_to_eval(self)
         self.training = mode
         return self
@@ -490,38 +480,17 @@ def _allow_train_eval(gm: nn.Module) -> None:
     gm.eval = types.MethodType(lambda self: self.train(False), gm)  # type: ignore[method-assign]
 
 
+def _has_mode_ops(gm: nn.Module) -> bool:
+    """Whether train/eval changes the graph: only its dropout and batch_norm ops depend on the mode."""
+    return any(
+        n.op == "call_function" and ("dropout" in str(n.target) or "batch_norm" in str(n.target))
+        for n in gm.graph.nodes
+    )
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _interpreter(path: Path, threads: int | None = None) -> Any:
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path), num_threads=threads or torch.get_num_threads())
-    it.allocate_tensors()
-    return it
-
-
-def run_tflite(path: Path, x: np.ndarray, interpreter: Any = None) -> np.ndarray:
-    """Run a .tflite row by row at its static batch, (de)quantizing int8 inputs/outputs by their params."""
-    it = interpreter or _interpreter(path)
-    din, dout = it.get_input_details()[0], it.get_output_details()[0]
-    step = int(din["shape"][0])
-    outs = []
-    for s in range(0, len(x), step):
-        chunk = x[s : s + step]
-        if np.dtype(din["dtype"]) == np.int8:
-            scale, zero = din["quantization"]
-            chunk = np.clip(np.round(chunk / scale) + zero, -128, 127).astype(np.int8)
-        it.set_tensor(din["index"], chunk.astype(din["dtype"], copy=False))
-        it.invoke()
-        y = it.get_tensor(dout["index"])
-        if np.dtype(dout["dtype"]) == np.int8:
-            scale, zero = dout["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        outs.append(y.astype(np.float32))
-    return np.concatenate(outs)
 
 
 # ---- Core ML: coremltools.optimize.torch LinearQuantizer ---------------------------------------------

@@ -17,9 +17,10 @@ import torch
 
 from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest
 from edge_msd.eval.retrieval import retrieval_metrics
+from edge_msd.export.tflite import interpreter, run_tflite
 from edge_msd.quant.config import QuantConfig
 from edge_msd.quant.pipeline import KIND, TOWERS, load_calibration
-from edge_msd.quant.recipes import backend_for, file_size, recipe_for_target, run_tflite
+from edge_msd.quant.recipes import backend_for, file_size, recipe_for_target
 
 
 def eval_inputs(
@@ -55,9 +56,7 @@ def _torch_embed(tower: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> np
 
 def _latency_ms(path: Path, x: np.ndarray, runs: int = 50, threads: int = 1) -> float:
     """Median batch-1 latency of a .tflite in the LiteRT interpreter (XNNPACK)."""
-    from edge_msd.quant.recipes import _interpreter
-
-    it = _interpreter(path, threads)
+    it = interpreter(path, threads)
     run_tflite(path, x[:1], it)
     times = []
     for _ in range(runs):
