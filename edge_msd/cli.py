@@ -6,6 +6,7 @@ Heavy imports (torch, open_clip, converters) happen inside the verbs so that ``-
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -37,15 +38,287 @@ def main() -> None:
 
 # ==== data, teachers, feature cache (issue 2) ==============================================
 
+from edge_msd.config import config_command  # noqa: E402
+from edge_msd.teachers.features_config import FeaturesConfig  # noqa: E402
+
+
+@main.command("features")
+@config_command(FeaturesConfig, section="features")
+def features_cmd(cfg: FeaturesConfig) -> None:
+    """Run the teacher once over a dataset split and cache its image and text embeddings (resumable;
+    shards split by rank under torchrun)."""
+    from edge_msd.teachers.cache import features_from_config
+
+    out = features_from_config(cfg)
+    click.echo(f"feature cache: {out}")
+
+
+from edge_msd.data.summary import DataConfig  # noqa: E402
+
+
+@main.command("data")
+@click.argument("spec_arg", metavar="[SPEC]", required=False)
+@config_command(DataConfig, section="data")
+def data_cmd(cfg: DataConfig, spec_arg: str | None) -> None:
+    """Open a dataset spec (KIND[:PATH][?key=value&...]) and summarise one split.
+
+    \b
+    Kinds: demo-scenes, fashion-mnist, csv:FILE.csv|.tsv, coco:dataset_coco.json,
+    flickr30k:dataset_flickr30k.json, wds:/data/{000000..000009}.tar
+    """
+    from edge_msd.data.summary import print_summary
+
+    if spec_arg:
+        cfg.spec = spec_arg
+    print_summary(cfg)
+
+
+from edge_msd.teachers.demo_config import DemoTeacherConfig  # noqa: E402
+
+
+@main.group("teacher")
+def teacher_grp() -> None:
+    """Teachers: build the embedded demo teacher, inspect any teacher spec."""
+
+
+@teacher_grp.command("fit")
+@config_command(DemoTeacherConfig, section="teacher")
+@click.option("--force", is_flag=True, help="rebuild even if the demo teacher is already built")
+def teacher_fit_cmd(cfg: DemoTeacherConfig, force: bool) -> None:
+    """Build the demo teacher: pre-trained EfficientNet-Lite0 + MiniLM towers (locked) with projection
+    heads aligned on the demo train split (LiT); writes recall and an attribute probe to eval.json."""
+    from edge_msd.teachers.demo import fit_demo_teacher, print_fit_summary
+
+    print_fit_summary(fit_demo_teacher(cfg, force=force))
+
+
+@teacher_grp.command("info")
+@click.argument("spec", default="demo")
+@click.option("--device", default="cpu", show_default=True, help="torch device")
+def teacher_info_cmd(spec: str, device: str) -> None:
+    """Print a teacher's id, embedding size, parameters and preprocessing.
+
+    \b
+    SPEC: open_clip:MODEL@PRETRAINED | local-dir:/path | onnx:/path | demo (default)
+    """
+    from edge_msd.teachers import print_teacher_info
+
+    print_teacher_info(spec, device)
+
+
 # ==== students, distillation, evaluation (issue 3) =========================================
 
+from edge_msd.distill.config import DistillConfig  # noqa: E402  (torch-free)
+
+
+@main.command("students")
+def students_cmd() -> None:
+    """List the student presets: params and FLOPs per tower, resolution, context length."""
+    from edge_msd.students.presets import print_presets_table
+
+    print_presets_table()
+
+
+@main.command("distill")
+@config_command(DistillConfig, section="distill")
+def distill_cmd(cfg: DistillConfig) -> None:
+    """Distil the teacher's cached embeddings into a student (DSMD); with no options, the demo."""
+    from edge_msd.distill.run import run_distill
+
+    report = run_distill(cfg)
+    if report:
+        t, s = report["teacher"], report["student"]
+        click.echo(f"{cfg.test_split}: teacher mean R@1 {t['mean_R@1']:.1f}, student {s['mean_R@1']:.1f} "
+                   f"({100 * (report['kept_mean_R@1'] or 0):.0f}% kept); wrote {cfg.out}/eval.json")
+
+
+@main.command("eval")
+@click.option("--model", "model", required=True, help="teacher spec (e.g. demo) or a student folder")
+@click.option("--data", default="demo-scenes", show_default=True, help="dataset spec")
+@click.option("--split", default="test", show_default=True, help="dataset split")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the metrics here")
+def eval_cmd(model: str, data: str, split: str, json_out: str | None) -> None:
+    """Retrieval recall (and zero-shot accuracy when the data has labels) of a teacher or a student."""
+    from edge_msd.artifacts import atomic_write_json
+    from edge_msd.distill.run import evaluate_model, print_eval
+
+    result = evaluate_model(model, data, split)
+    print_eval(result)
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
 # ==== quantization, calibration (issue 5) ==================================================
+from edge_msd.quant.config import QuantConfig  # noqa: E402
+
+
+@main.command("calibrate")
+@click.option("--data", "data", default="demo-scenes", show_default=True, help="dataset spec")
+@click.option("--split", default="train", show_default=True, help="split to draw from")
+@click.option("--n", "n", type=int, default=512, show_default=True, help="number of images")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the stratified draw")
+@click.option("--name", default=None, help="name in the manifest [default: from data, split, n, seed]")
+@click.option("--min-samples", type=int, default=32, show_default=True, help="refuse fewer samples than this")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="calibration/demo-scenes.json",
+              show_default=True, help="manifest to write")
+def calibrate_cmd(
+    data: str, split: str, n: int, seed: int, name: str | None, min_samples: int, out: str
+) -> None:
+    """(Re)build a calibration-set manifest: stratified sample ids, seed, sha256 (see calibration/)."""
+    from edge_msd.data import open_dataset
+    from edge_msd.quant.calibration import build_calibration_set, save_calibration_set
+
+    cs = build_calibration_set(open_dataset(data, split), n, seed, name, min_samples=min_samples)
+    save_calibration_set(cs, out)
+    click.echo(f"{out}: {cs.n} samples of {data!r} {split} ({cs.strategy}, seed {seed}), "
+               f"sha256 {cs.sha256[:16]}…")
+
+
+def _quantize(cfg: QuantConfig, report: bool) -> None:
+    from edge_msd.quant.pipeline import quantize_student
+
+    out = quantize_student(cfg)
+    click.echo(f"{out}: {cfg.method} int8 student for target {cfg.target!r}")
+    if report:
+        from edge_msd.quant.report import quant_report
+
+        click.echo(quant_report([cfg.target], student=cfg.student, calibration=cfg.calibration, data=cfg.data,
+                                out=out.parent)["markdown"])
+
+
+@main.command("qat")
+@config_command(QuantConfig, section="quant")
+@click.option("--report", is_flag=True, help="then measure fp32 vs int8 recall (quant_report.json + table)")
+def qat_cmd(cfg: QuantConfig, report: bool) -> None:
+    """Quantization-aware fine-tuning per target (DSMD losses, fake quant), or --method ptq."""
+    _quantize(cfg, report)
+
+
+@main.command("ptq")
+@config_command(QuantConfig, section="quant")
+@click.option("--report", is_flag=True, help="then measure fp32 vs int8 recall (quant_report.json + table)")
+def ptq_cmd(cfg: QuantConfig, report: bool) -> None:
+    """Post-training int8 quantization per target, calibrated on a calibration set (no training)."""
+    import dataclasses
+
+    _quantize(dataclasses.replace(cfg, method="ptq"), report)
+
 
 # ==== targets, export, bundles, engines (issue 4) ==========================================
+@main.command("targets")
+def targets_cmd() -> None:
+    """List the device profiles (targets/*.toml): exporter, precisions, batch, resolution."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge_msd.config import known_targets, load_target
+
+    table = Table("target", "exporter", "precision", "batch", "resolution", "description")
+    for name in known_targets():
+        p = load_target(name)
+        alias = f" → {p.name}" if p.name != name else ""
+        batch = ("dynamic " if p.dynamic_batch else "static ") + ",".join(map(str, p.batch_sizes))
+        table.add_row(name + alias, p.exporter, f"{p.precision} ({'/'.join(p.precisions)})", batch,
+                      str(p.resolution), p.description)
+    Console().print(table)
+
+
+from edge_msd.export.config import ExportConfig  # noqa: E402  (torch-free)
+
+
+@main.command("export")
+@config_command(ExportConfig, section="export")
+def export_cmd(cfg: ExportConfig) -> None:
+    """Export the student for a target into a verified deploy bundle (docs/bundle.md); with
+    --quantized, ship the int8 student that `edge-msd qat` / `ptq` made for that target."""
+    from edge_msd.export.bundle import export_bundle, summary
+
+    summary(export_bundle(cfg), str(cfg.out_dir()))
+
+
+@main.group("bundle")
+def bundle_group() -> None:
+    """Deploy bundles."""
+
+
+@bundle_group.command("verify")
+@click.argument("path", type=click.Path(exists=True))
+def bundle_verify_cmd(path: str) -> None:
+    """Check a bundle's manifest and the sha256 of every file (names the first that differs)."""
+    from edge_msd.export.bundle import verify_bundle
+
+    m = verify_bundle(path)
+    click.echo(f"ok: {path} ({len(m['files'])} files, target {m['target']['name']})")
+
+
+@main.command("build-engine")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", default=None, help="fp32 | fp16 | int8 [default: the bundle's]")
+@click.option("--workspace-mib", type=int, default=None, help="builder workspace [default: the profile's]")
+@click.option("--dla-core", type=int, default=None, help="DLA core (-1: GPU only) [default: the profile's]")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="timing cache file")
+def build_engine_cmd(bundle: str, precision: str | None, workspace_mib: int | None, dla_core: int | None,
+                     timing_cache: str | None) -> None:
+    """Build TensorRT engines (models/*.plan) for a jetson bundle; run this on the Jetson."""
+    from edge_msd.export.tensorrt import build_engines
+
+    built = build_engines(Path(bundle), precision, workspace_mib, dla_core,
+                          Path(timing_cache) if timing_cache else None)
+    for tower, plan in built.items():
+        click.echo(f"{tower}: {plan}")
+
 
 # ==== on-device benchmark and reports (issue 6) ============================================
 
+from edge_msd.bench.options import BenchOptions  # noqa: E402
+
+
+@main.command("bench")
+@config_command(BenchOptions, section="bench")
+def bench_cmd(cfg: BenchOptions) -> None:
+    """Benchmark a deploy bundle on this machine (the same code as the benchmark binary
+    edge-msd-bench.pyz): latency, throughput, memory, power, recall and parity → JSON report.
+    Exit status 3 after --time-limit, 130 after Ctrl-C (the partial report is written)."""
+    from pathlib import Path
+
+    from edge_msd.bench.run import print_report, run_bench
+    from edge_msd.paths import BENCH
+
+    if cfg.out is None:  # runs/export/<target> → runs/bench/<target>.json
+        cfg.out = str(BENCH / f"{Path(cfg.bundle).name}.json")
+    report = run_bench(cfg, echo=click.echo)
+    print_report(report, echo=click.echo)
+    if report["partial"]:
+        sys.exit(130 if report["interrupted"] == "Ctrl-C" else 3)
+
+
+@main.command("report")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default="runs/report", show_default=True, type=click.Path(file_okay=False),
+              help="folder for report.md, report.html and the plots")
+def report_cmd(reports: tuple[str, ...], out_dir: str) -> None:
+    """Merge bench reports (JSON, schema edge-msd-bench/1) from several devices into Markdown and HTML
+    with plots: latency distributions, recall vs latency per device and precision."""
+    from edge_msd.bench.report import merge_reports
+
+    written = merge_reports(list(reports), out_dir)
+    for kind, path in written.items():
+        click.echo(f"{kind}: {path}")
+
 # ==== the whole pipeline on the embedded demo ==============================================
+
+
+from edge_msd.pipeline import DemoConfig  # noqa: E402
+
+
+@main.command("demo")
+@config_command(DemoConfig, section="demo")
+def demo_cmd(cfg: DemoConfig) -> None:
+    """Run the whole pipeline on the embedded demo: teacher fit, distill, export per target, bench on
+    this host, report. Finished stages are skipped, so a re-run resumes."""
+    from edge_msd.pipeline import run_demo
+
+    run_demo(cfg)
 
 
 if __name__ == "__main__":

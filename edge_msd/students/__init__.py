@@ -1,0 +1,20 @@
+"""Student presets (open_clip model configs) and the student folder format."""
+
+from edge_msd.students.presets import (
+    DEFAULT_PRESET,
+    LoadedStudent,
+    create_student,
+    describe_presets,
+    list_presets,
+    load_student,
+    preset_config,
+    save_student,
+    student_transform,
+    tower_flops,
+    tower_params,
+)
+
+__all__ = [
+    "DEFAULT_PRESET", "LoadedStudent", "create_student", "describe_presets", "list_presets", "load_student",
+    "preset_config", "save_student", "student_transform", "tower_flops", "tower_params",
+]

@@ -1,0 +1,117 @@
+"""Config of ``edge-msd distill`` (free of torch, so that the CLI's ``--help`` stays fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_msd import paths
+from edge_msd.config import field
+from edge_msd.errors import ConfigError
+
+# Kept in step with edge_msd.distill.losses.LOSS_NAMES (checked by a test) without importing torch.
+KNOWN_LOSSES = ("contrastive", "feature", "similarity", "hard_negative", "clip", "affinity")
+DSMD_LOSSES = ["contrastive", "feature", "similarity", "hard_negative"]
+KNOWN_BALANCERS = ("dynamic", "fixed", "uncertainty")
+
+
+@dataclass
+class DistillConfig:
+    """``edge-msd distill``: train a student on cached teacher embeddings (DSMD)."""
+
+    teacher: str | None = field(
+        "demo",
+        help="teacher spec: checks the feature caches and builds missing ones; "
+        "empty: the train cache's teacher",
+    )
+    data: str = field("demo-scenes", help="dataset spec")
+    features: str = field(str(paths.FEATURES), help="feature-cache root: one cache folder per split in it")
+    train_split: str = field("train", help="split to train on")
+    val_split: str | None = field("val", help="split for validation R-sum (best checkpoint); empty: none")
+    test_split: str | None = field("test", help="held-out split for the final eval.json; empty: none")
+    out: str = field(str(paths.DISTILL), help="output folder (student/, eval.json, metrics, checkpoints)")
+    preset: str = field("edge-s", help="student preset (see `edge-msd students`)")
+    embed_dim: int | None = field(
+        None,
+        help="student embedding dim [default: the teacher's; else a "
+        "training-only linear adaptor bridges the two]",
+    )
+    init: str | None = field(None, help="start from this saved student folder instead of random weights")
+    losses: list[str] = field(DSMD_LOSSES, help=f"losses, comma-separated; known: {', '.join(KNOWN_LOSSES)}")
+    temperature: float = field(0.07, help="temperature of contrastive distillation")
+    margin: float = field(0.2, help="margin of hard-negative distillation")
+    balancer: str = field("dynamic", help=f"loss balancer: {', '.join(KNOWN_BALANCERS)}")
+    balancer_temperature: float = field(1.0, help="softmax temperature of the dynamic balancer's rate term")
+    queue_size: int = field(
+        4096, help="teacher-embedding queue length (negatives of contrastive distillation)"
+    )
+    steps: int = field(200, help="optimizer steps (200: about 3-4 minutes of the demo on 2 CPU cores)")
+    batch_size: int = field(128, help="images per optimizer step, over all ranks and accumulation steps")
+    captions_per_image: int = field(1, help="captions drawn per image per step")
+    accum_steps: int = field(1, help="gradient accumulation: micro-batches per optimizer step")
+    lr: float = field(2e-3, help="peak learning rate (AdamW)")
+    weight_decay: float = field(0.05, help="AdamW weight decay (not on norms, biases, embeddings)")
+    warmup_steps: int = field(20, help="linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = field(0.02, help="final learning rate as a fraction of the peak")
+    grad_clip: float = field(1.0, help="max gradient norm (0: off)")
+    augment: bool = field(True, help="light augmentation: random zoom-in crop (no flips, no colour jitter)")
+    eval_every: int = field(50, help="validate every N steps (and at the end)")
+    ckpt_every: int = field(50, help="checkpoint every N steps (and at the end)")
+    max_bad_steps: int = field(20, help="stop with an error after this many non-finite steps in a row")
+    seed: int = field(0, help="seed of initialisation, data order and augmentation")
+    device: str = field("auto", help="auto, cpu, cuda, cuda:N")
+    bf16: bool = field(True, help="bf16 autocast on CUDA (ignored on CPU)")
+    num_workers: int = field(0, help="DataLoader workers that decode images (0: in the main process)")
+    predecode_mb: int = field(
+        4096,
+        help="decode all training images once into memory if they fit in this many MB; else decode per batch",
+    )
+    resume: bool = field(False, help="continue from out/checkpoints/last.pt exactly where it stopped")
+    force: bool = field(False, help="start afresh even if out/ holds another run")
+
+    def validate(self) -> None:
+        unknown = [n for n in self.losses if n not in KNOWN_LOSSES]
+        if unknown:
+            raise ConfigError(
+                f"field 'losses': unknown loss(es) {', '.join(unknown)}; known: {', '.join(KNOWN_LOSSES)}"
+            )
+        if not self.losses:
+            raise ConfigError(f"field 'losses': empty; choose from {', '.join(KNOWN_LOSSES)}")
+        if self.balancer not in KNOWN_BALANCERS:
+            raise ConfigError(
+                f"field 'balancer': unknown {self.balancer!r}; known: {', '.join(KNOWN_BALANCERS)}"
+            )
+        for name in (
+            "steps",
+            "batch_size",
+            "captions_per_image",
+            "accum_steps",
+            "queue_size",
+            "eval_every",
+            "ckpt_every",
+            "max_bad_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"field '{name}': expected a positive integer, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers", "predecode_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"field '{name}': expected >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(
+                f"field 'batch_size': {self.batch_size} is not divisible by accum_steps={self.accum_steps}"
+            )
+        if not (
+            self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip >= 0 and self.weight_decay >= 0
+        ):
+            raise ConfigError(
+                "fields 'lr' > 0, 0 <= 'min_lr_ratio' <= 1, 'grad_clip' >= 0 and "
+                "'weight_decay' >= 0 are required"
+            )
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise ConfigError(f"field 'embed_dim': expected a positive integer, got {self.embed_dim}")
+
+    def feature_dir(self, split: str) -> Path:
+        return Path(self.features) / split
+
+    def out_dir(self) -> Path:
+        return Path(self.out)

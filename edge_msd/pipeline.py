@@ -1,0 +1,99 @@
+"""``edge-msd demo``: the whole pipeline on the embedded demo, each stage skipped when already done.
+
+teacher fit → distill (features built on the way) → export per target → bench on this host → report.
+Every stage is the same function its own verb calls; this module only chains them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from edge_msd import paths
+from edge_msd.config import field
+
+console = Console()
+
+
+@dataclass
+class DemoConfig:
+    """``edge-msd demo``: run every stage on the embedded demo (offline, CPU)."""
+
+    steps: int | None = field(None, help="distillation steps [default: distill's own default]")
+    preset: str = field("edge-s", help="student preset")
+    targets: list[str] = field(["onnx", "tflite", "coreml", "jetson"], help="targets to export")
+    bench: list[str] = field(["onnx", "tflite"], help="exported targets to benchmark on this host")
+    iters: int = field(50, help="timed iterations per benchmark measurement")
+    force: bool = field(False, help="redo every stage, even those already done")
+
+
+def _stage(name: str) -> float:
+    console.rule(f"[bold]{name}")
+    return time.perf_counter()
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, float]:
+    """Run the stages in order; returns seconds per stage (a finished stage takes ~0 s)."""
+    from edge_msd.bench.options import BenchOptions
+    from edge_msd.bench.report import merge_reports
+    from edge_msd.bench.run import print_report, run_bench
+    from edge_msd.distill.config import DistillConfig
+    from edge_msd.distill.run import print_eval, run_distill
+    from edge_msd.export.bundle import ExportConfig, export_bundle, summary, verify_bundle
+    from edge_msd.teachers.demo import fit_demo_teacher, print_fit_summary
+    from edge_msd.teachers.demo_config import DemoTeacherConfig
+
+    seconds: dict[str, float] = {}
+
+    t = _stage("1. demo teacher (frozen EfficientNet-Lite0 + MiniLM-L6, LiT heads)")
+    print_fit_summary(fit_demo_teacher(DemoTeacherConfig(), force=cfg.force))
+    seconds["teacher"] = time.perf_counter() - t
+
+    t = _stage("2. distill (DSMD) from cached teacher embeddings")
+    distill_dir = paths.DISTILL
+    if cfg.force or not (distill_dir / "eval.json").is_file():
+        overrides = {"steps": cfg.steps} if cfg.steps else {}
+        dcfg = DistillConfig(preset=cfg.preset, force=True, **overrides)
+        print_eval(run_distill(dcfg))
+    else:
+        console.print(f"{distill_dir}/eval.json exists: distillation done (--force to redo)")
+    seconds["distill"] = time.perf_counter() - t
+
+    reports = []
+    for target in cfg.targets:
+        t = _stage(f"3. export --target {target}")
+        out = paths.EXPORT / target
+        if cfg.force or not _valid_bundle(out, verify_bundle):
+            ecfg = ExportConfig(target=target, student=str(distill_dir / "student"), precision="",
+                                out=str(out), force=True)
+            summary(export_bundle(ecfg), str(out))
+        else:
+            console.print(f"{out} is a verified bundle: export done (--force to redo)")
+        seconds[f"export {target}"] = time.perf_counter() - t
+        if target in cfg.bench:
+            t = _stage(f"4. bench {target} on this host")
+            report_path = paths.BENCH / f"{target}.json"
+            report = run_bench(BenchOptions(bundle=str(out), iters=cfg.iters, out=str(report_path)),
+                               echo=console.print)
+            print_report(report, echo=console.print)
+            reports.append(str(report_path))
+            seconds[f"bench {target}"] = time.perf_counter() - t
+    if reports:
+        t = _stage("5. report")
+        for kind, path in merge_reports(reports, str(paths.RUNS / "report")).items():
+            console.print(f"{kind}: {path}")
+        seconds["report"] = time.perf_counter() - t
+    console.rule("done")
+    for stage, s in seconds.items():
+        console.print(f"{stage:>16}: {s:7.1f} s")
+    return seconds
+
+
+def _valid_bundle(folder: Path, verify) -> bool:
+    if not (folder / "manifest.json").is_file():
+        return False
+    verify(folder)  # a tampered bundle is an error, not something to silently overwrite
+    return True

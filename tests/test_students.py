@@ -1,0 +1,78 @@
+"""Student presets build, and a saved student loads with plain open_clip to the same embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from edge_msd.artifacts import read_manifest
+from edge_msd.cli import main
+from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.students import create_student, list_presets, load_student, save_student, tower_params
+
+
+def test_presets_grow_and_build():
+    assert list_presets() == ["edge-xs", "edge-s", "edge-m"]
+    sizes = []
+    for preset in list_presets():
+        m = create_student(preset)
+        with torch.no_grad():
+            img = m.encode_image(torch.zeros(2, 3, 64, 64))
+            txt = m.encode_text(torch.ones(2, 32, dtype=torch.long))
+        assert img.shape == txt.shape == (2, 256)
+        sizes.append(tower_params(m)["total"])
+    assert sizes == sorted(sizes)
+    assert create_student("edge-xs", embed_dim=48).text_projection.shape == (96, 48)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="known: edge-xs, edge-s, edge-m"):
+        create_student("edge-xl")
+
+
+def test_save_then_plain_open_clip_load_gives_same_embeddings(tmp_path):
+    torch.manual_seed(0)
+    model = create_student("edge-xs", embed_dim=32).eval()
+    out = save_student(model, tmp_path / "student", "edge-xs", {"note": "test"})
+    assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors",
+                                                "manifest.json"}
+    assert read_manifest(out, "student")["note"] == "test"
+
+    plain, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    plain.eval()
+    image = Image.new("RGB", (96, 96), (200, 30, 30))
+    x = preprocess(image)[None]
+    assert x.shape == (1, 3, 64, 64)
+    tokens = tokenizer(["a small red circle on a plain white background"])
+    assert tokens.shape == (1, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.encode_image(x), model.encode_image(x))
+        assert torch.equal(plain.encode_text(tokens), model.encode_text(tokens))
+    loaded = load_student(out)
+    assert loaded.preset == "edge-xs"
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(loaded.tokenizer(["a cat"])),
+                           model.encode_text(tokenizer(["a cat"])))
+
+
+def test_tampered_student_refused(tmp_path):
+    out = save_student(create_student("edge-xs"), tmp_path / "s", "edge-xs")
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["embed_dim"] = 999
+    (out / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="open_clip_config.json"):
+        load_student(out)
+
+
+def test_students_table():
+    result = CliRunner().invoke(main, ["students"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    for preset in list_presets():
+        assert preset in result.output
+    assert "MFLOPs" in result.output and "(default)" in result.output

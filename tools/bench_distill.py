@@ -1,0 +1,259 @@
+"""Benchmark the distillation: student vs teacher latency, cached vs online training throughput, ablation.
+
+    python tools/bench_distill.py latency   [--teacher demo] [--preset edge-s | --student DIR]
+    python tools/bench_distill.py throughput [--steps 20]
+    python tools/bench_distill.py ablation  [--steps 600] [--out runs/ablation]
+    python tools/bench_distill.py all
+
+Everything runs in one process so that ratios are measured side by side on the same machine state:
+torch on the CPU, one thread, batch 1 for latency (median of many calls after warm-up). Markdown
+tables go to stdout and, with ``--md FILE``, to a file.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from edge_msd.distill.config import DistillConfig
+from edge_msd.distill.run import count_params, write_eval
+from edge_msd.distill.trainer import train
+from edge_msd.students import create_student, load_student, preset_config, student_transform, tower_params
+
+
+def _median_ms(fn, reps: int = 200, warmup: int = 20) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _teacher_tower_params(teacher: Any) -> tuple[int | None, int | None]:
+    model = getattr(teacher, "model", None)
+    if model is not None and hasattr(model, "visual"):
+        image = count_params(model.visual)
+        return image, count_params(model) - image
+    return None, count_params(teacher)
+
+
+def latency(teacher_spec: str, preset: str, student_dir: str | None, reps: int) -> str:
+    from edge_msd.data import open_dataset
+    from edge_msd.teachers import load_teacher
+
+    torch.set_num_threads(1)
+    ds = open_dataset("demo-scenes", "test")
+    image, caption = ds.load_image(0), ds.captions[0]
+    teacher = load_teacher(teacher_spec)
+    if student_dir:
+        st = load_student(student_dir)
+        student, s_pre, s_tok, name = st.model, st.preprocess, st.tokenizer, f"student {st.preset}"
+    else:
+        import open_clip
+
+        cfg = preset_config(preset)
+        student, s_pre, name = create_student(preset).eval(), student_transform(cfg), f"student {preset}"
+        s_tok = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
+    t_x, t_tok = teacher.preprocess(image)[None], teacher.tokenize([caption])
+    s_x, s_t = s_pre(image)[None], s_tok([caption])
+    rows = []
+    ti = _median_ms(lambda: teacher.encode_image(t_x), reps)
+    si = _median_ms(lambda: student.encode_image(s_x), reps)
+    tt = _median_ms(lambda: teacher.encode_text(t_tok), reps)
+    stt = _median_ms(lambda: student.encode_text(s_t), reps)
+    tpi, tpt = _teacher_tower_params(teacher)
+    spar = tower_params(student)
+    rows.append(
+        (
+            "image",
+            ti,
+            si,
+            tpi,
+            spar["image"],
+            _flops(lambda: teacher.encode_image(t_x)),
+            _flops(lambda: student.encode_image(s_x)),
+            tuple(t_x.shape),
+            tuple(s_x.shape),
+        )
+    )
+    rows.append(
+        (
+            "text",
+            tt,
+            stt,
+            tpt,
+            spar["text"],
+            _flops(lambda: teacher.encode_text(t_tok)),
+            _flops(lambda: student.encode_text(s_t)),
+            tuple(t_tok.shape),
+            tuple(s_t.shape),
+        )
+    )
+    lines = [
+        f"### Latency, batch 1, torch {torch.__version__} CPU, 1 thread ({name} vs teacher {teacher_spec})",
+        "",
+        "| tower | teacher ms | student ms | speed-up | teacher params | student params | "
+        "teacher MFLOPs | student MFLOPs | teacher input | student input |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for tower, t_ms, s_ms, tp, sp, tf, sf, ti_shape, si_shape in rows:
+        lines.append(
+            f"| {tower} | {t_ms:.2f} | {s_ms:.2f} | {t_ms / s_ms:.1f}x | {_m(tp)} | {_m(sp)} | "
+            f"{tf / 1e6:.1f} | {sf / 1e6:.1f} | {ti_shape} | {si_shape} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _m(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.2f}M"
+
+
+def throughput(cfg: DistillConfig, steps: int, out: Path) -> str:
+    """samples/s of training from the cache vs the same steps plus the teacher's forward pass per batch."""
+    from edge_msd.data import open_dataset
+    from edge_msd.teachers import load_teacher
+
+    torch.set_num_threads(2)
+    run = replace(
+        cfg,
+        steps=steps,
+        out=str(out),
+        val_split=None,
+        test_split=None,
+        force=True,
+        eval_every=10**6,
+        ckpt_every=10**6,
+        warmup_steps=1,
+    )
+    t0 = time.perf_counter()
+    res = train(run, progress=False)
+    rates = [r["samples_per_s"] for r in res.history if "samples_per_s" in r][2:]
+    cached = float(np.median(rates))
+    elapsed = time.perf_counter() - t0
+    teacher = load_teacher(cfg.teacher)
+    ds = open_dataset(cfg.data, cfg.train_split)
+    b = cfg.batch_size
+    idx = np.arange(b)
+    x = torch.stack([teacher.preprocess(ds.load_image(int(i))) for i in idx])
+    caps = [
+        ds.captions[int(j)]
+        for j in ds.caption_image_index.argsort(kind="stable")[: b * cfg.captions_per_image]
+    ]
+
+    def teacher_batch():
+        teacher.encode_image(x)
+        teacher.encode_text(teacher.tokenize(caps))
+
+    t_ms = _median_ms(teacher_batch, reps=5, warmup=1)
+    online = b / (b / cached + t_ms / 1e3)
+    return (
+        f"### Training throughput (batch {b}, {cfg.preset}, torch CPU, 2 threads)\n\n"
+        "| mode | samples/s |\n| --- | ---: |\n"
+        f"| from cached teacher features | {cached:.1f} |\n"
+        f"| teacher online (+{t_ms:.0f} ms teacher forward per batch) | {online:.1f} |\n"
+        f"| ratio cached / online | {cached / online:.1f}x |\n\n"
+        f"({steps} cached steps took {elapsed:.1f} s including setup.)\n"
+    )
+
+
+ABLATIONS = [
+    ("all four, dynamic balancer", {}),
+    ("all four, fixed equal weights", {"balancer": "fixed"}),
+    ("without contrastive", {"losses": ["feature", "similarity", "hard_negative"]}),
+    ("without feature", {"losses": ["contrastive", "similarity", "hard_negative"]}),
+    ("without similarity", {"losses": ["contrastive", "feature", "hard_negative"]}),
+    ("without hard_negative", {"losses": ["contrastive", "feature", "similarity"]}),
+]
+
+
+def ablation(cfg: DistillConfig, steps: int, out: Path, only: list[str] | None) -> str:
+    lines = [
+        f"### Ablation ({cfg.preset}, {steps} steps, batch {cfg.batch_size}, seed {cfg.seed}, "
+        f"test split of {cfg.data})",
+        "",
+        "| setting | i2t R@1 | t2i R@1 | mean R@1 | R-sum | kept of teacher |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    teacher_line = None
+    for i, (name, kw) in enumerate(ABLATIONS):
+        if only and str(i) not in only:
+            continue
+        run = replace(cfg, steps=steps, out=str(out / f"a{i}"), force=True, **kw)
+        run.validate()
+        report = write_eval(run, train(run, progress=False))
+        s, t = report["student"], report["teacher"]
+        teacher_line = (
+            f"| teacher | {t['i2t']['R@1']:.1f} | {t['t2i']['R@1']:.1f} | {t['mean_R@1']:.1f} | "
+            f"{t['rsum']:.1f} | 100% |"
+        )
+        lines.append(
+            f"| {name} | {s['i2t']['R@1']:.1f} | {s['t2i']['R@1']:.1f} | {s['mean_R@1']:.1f} | "
+            f"{s['rsum']:.1f} | {100 * s['mean_R@1'] / t['mean_R@1']:.0f}% |"
+        )
+        click.echo(lines[-1], err=True)
+    if teacher_line:
+        lines.insert(4, teacher_line)
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.argument("what", type=click.Choice(["latency", "throughput", "ablation", "all"]))
+@click.option("--teacher", default="demo", show_default=True)
+@click.option("--preset", default="edge-s", show_default=True)
+@click.option("--student", "student_dir", default=None, help="a trained student folder (latency)")
+@click.option("--steps", type=int, default=None, help="steps (throughput: 20; ablation: the distill default)")
+@click.option("--reps", type=int, default=200, show_default=True, help="latency calls per tower")
+@click.option("--only", default=None, help="ablation rows to run, comma-separated indices")
+@click.option("--out", default="runs/bench_distill", show_default=True)
+@click.option("--features", default=None, help="feature-cache root [default: DistillConfig's]")
+@click.option("--md", "md_file", default=None, help="also write the Markdown here")
+def cli(
+    what: str,
+    teacher: str,
+    preset: str,
+    student_dir: str | None,
+    steps: int | None,
+    reps: int,
+    only: str | None,
+    out: str,
+    features: str | None,
+    md_file: str | None,
+) -> None:
+    cfg = DistillConfig(teacher=teacher, preset=preset)
+    if features:
+        cfg = replace(cfg, features=features)
+    cfg.validate()
+    parts = []
+    if what in ("latency", "all"):
+        parts.append(latency(teacher, preset, student_dir, reps))
+    if what in ("throughput", "all"):
+        parts.append(throughput(cfg, steps or 20, Path(out) / "throughput"))
+    if what in ("ablation", "all"):
+        parts.append(ablation(cfg, steps or cfg.steps, Path(out), only.split(",") if only else None))
+    text = "\n".join(parts)
+    click.echo(text)
+    if md_file:
+        Path(md_file).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    cli()
