@@ -123,13 +123,11 @@ def students_cmd() -> None:
 @config_command(DistillConfig, section="distill")
 def distill_cmd(cfg: DistillConfig) -> None:
     """Distil the teacher's cached embeddings into a student (DSMD); with no options, the demo."""
-    from edge_msd.distill.run import run_distill
+    from edge_msd.distill.run import distill_summary, run_distill
 
     report = run_distill(cfg)
     if report:
-        t, s = report["teacher"], report["student"]
-        click.echo(f"{cfg.test_split}: teacher mean R@1 {t['mean_R@1']:.1f}, student {s['mean_R@1']:.1f} "
-                   f"({100 * (report['kept_mean_R@1'] or 0):.0f}% kept); wrote {cfg.out}/eval.json")
+        click.echo(distill_summary(report, cfg))
 
 
 @main.command("eval")

@@ -41,7 +41,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
     from edge_msd.bench.report import merge_reports
     from edge_msd.bench.run import print_report, run_bench
     from edge_msd.distill.config import DistillConfig
-    from edge_msd.distill.run import print_eval, run_distill
+    from edge_msd.distill.run import distill_summary, run_distill
     from edge_msd.export.bundle import ExportConfig, export_bundle, summary, verify_bundle
     from edge_msd.teachers.demo import fit_demo_teacher, print_fit_summary
     from edge_msd.teachers.demo_config import DemoTeacherConfig
@@ -57,7 +57,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
     if cfg.force or not (distill_dir / "eval.json").is_file():
         overrides = {"steps": cfg.steps} if cfg.steps else {}
         dcfg = DistillConfig(preset=cfg.preset, force=True, **overrides)
-        print_eval(run_distill(dcfg))
+        console.print(distill_summary(run_distill(dcfg), dcfg))
     else:
         console.print(f"{distill_dir}/eval.json exists: distillation done (--force to redo)")
     seconds["distill"] = time.perf_counter() - t

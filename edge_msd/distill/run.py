@@ -40,6 +40,13 @@ def run_distill(cfg: DistillConfig) -> dict:
     return write_eval(cfg, result)
 
 
+def distill_summary(report: dict, cfg: DistillConfig) -> str:
+    """One line comparing teacher and student on the held-out split of ``eval.json``."""
+    t, s = report["teacher"], report["student"]
+    return (f"{cfg.test_split}: teacher mean R@1 {t['mean_R@1']:.1f}, student {s['mean_R@1']:.1f} "
+            f"({100 * (report['kept_mean_R@1'] or 0):.0f}% kept); wrote {cfg.out}/eval.json")
+
+
 def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
     to_uint8, mean, std = result.preprocess
     size = int(preset_config(cfg.preset)["vision_cfg"]["image_size"])
