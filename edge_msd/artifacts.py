@@ -141,15 +141,21 @@ def write_manifest(folder: str | os.PathLike, kind: str, config: Any = None, **f
     return manifest
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a UTF-8 JSON file; bytes that are not JSON are an ArtifactError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder} is not an edge-msd artifact: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    manifest = read_json(path)
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{path}: kind is {manifest.get('kind')!r}, expected {kind!r}")
     return manifest

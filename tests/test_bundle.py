@@ -72,7 +72,8 @@ def test_verify_truncated_tar_and_foreign_file(bundle, tmp_path):
         verify_bundle(tmp_path / "x" / "onnx")
 
 
-def test_cli_targets_and_errors(tmp_path):
+def test_cli_targets_and_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out (runs/export/<target>) must not meet a real run's bundle
     runner = CliRunner()
     out = runner.invoke(main, ["targets"])
     assert out.exit_code == 0 and "jetson-orin" in out.output and "tflite" in out.output

@@ -78,6 +78,7 @@ def tiny_cfg(features: Path, out: Path, **kw) -> DistillConfig:
         eval_every=3,
         ckpt_every=2,
         lr=1e-3,
+        augment=True,  # off by default; on here so that resume equality covers its RNG
     )
     base.update(kw)
     return build_config(DistillConfig, base)

@@ -75,39 +75,29 @@ def latency(teacher_spec: str, preset: str, student_dir: str | None, reps: int) 
         s_tok = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
     t_x, t_tok = teacher.preprocess(image)[None], teacher.tokenize([caption])
     s_x, s_t = s_pre(image)[None], s_tok([caption])
-    rows = []
-    ti = _median_ms(lambda: teacher.encode_image(t_x), reps)
-    si = _median_ms(lambda: student.encode_image(s_x), reps)
-    tt = _median_ms(lambda: teacher.encode_text(t_tok), reps)
-    stt = _median_ms(lambda: student.encode_text(s_t), reps)
-    tpi, tpt = _teacher_tower_params(teacher)
-    spar = tower_params(student)
-    rows.append(
+    towers = {
+        "image": (lambda: teacher.encode_image(t_x), lambda: student.encode_image(s_x), t_x, s_x),
+        "text": (lambda: teacher.encode_text(t_tok), lambda: student.encode_text(s_t), t_tok, s_t),
+    }
+    ms = {
+        tower: (_median_ms(t_fn, reps), _median_ms(s_fn, reps))
+        for tower, (t_fn, s_fn, _, _) in towers.items()
+    }
+    t_params = dict(zip(towers, _teacher_tower_params(teacher), strict=True))
+    s_params = tower_params(student)
+    rows = [
         (
-            "image",
-            ti,
-            si,
-            tpi,
-            spar["image"],
-            _flops(lambda: teacher.encode_image(t_x)),
-            _flops(lambda: student.encode_image(s_x)),
-            tuple(t_x.shape),
-            tuple(s_x.shape),
+            tower,
+            *ms[tower],
+            t_params[tower],
+            s_params[tower],
+            _flops(t_fn),
+            _flops(s_fn),
+            tuple(t_in.shape),
+            tuple(s_in.shape),
         )
-    )
-    rows.append(
-        (
-            "text",
-            tt,
-            stt,
-            tpt,
-            spar["text"],
-            _flops(lambda: teacher.encode_text(t_tok)),
-            _flops(lambda: student.encode_text(s_t)),
-            tuple(t_tok.shape),
-            tuple(s_t.shape),
-        )
-    )
+        for tower, (t_fn, s_fn, t_in, s_in) in towers.items()
+    ]
     lines = [
         f"### Latency, batch 1, torch {torch.__version__} CPU, 1 thread ({name} vs teacher {teacher_spec})",
         "",
@@ -185,6 +175,11 @@ ABLATIONS = [
 ]
 
 
+def _recall_cells(r: dict[str, Any]) -> str:
+    """i2t R@1 | t2i R@1 | mean R@1 | R-sum of one eval.json model entry."""
+    return f"{r['i2t']['R@1']:.1f} | {r['t2i']['R@1']:.1f} | {r['mean_R@1']:.1f} | {r['rsum']:.1f}"
+
+
 def ablation(cfg: DistillConfig, steps: int, out: Path, only: list[str] | None) -> str:
     lines = [
         f"### Ablation ({cfg.preset}, {steps} steps, batch {cfg.batch_size}, seed {cfg.seed}, "
@@ -201,14 +196,8 @@ def ablation(cfg: DistillConfig, steps: int, out: Path, only: list[str] | None) 
         run.validate()
         report = write_eval(run, train(run, progress=False))
         s, t = report["student"], report["teacher"]
-        teacher_line = (
-            f"| teacher | {t['i2t']['R@1']:.1f} | {t['t2i']['R@1']:.1f} | {t['mean_R@1']:.1f} | "
-            f"{t['rsum']:.1f} | 100% |"
-        )
-        lines.append(
-            f"| {name} | {s['i2t']['R@1']:.1f} | {s['t2i']['R@1']:.1f} | {s['mean_R@1']:.1f} | "
-            f"{s['rsum']:.1f} | {100 * s['mean_R@1'] / t['mean_R@1']:.0f}% |"
-        )
+        teacher_line = f"| teacher | {_recall_cells(t)} | 100% |"
+        lines.append(f"| {name} | {_recall_cells(s)} | {100 * s['mean_R@1'] / t['mean_R@1']:.0f}% |")
         click.echo(lines[-1], err=True)
     if teacher_line:
         lines.insert(4, teacher_line)

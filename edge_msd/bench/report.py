@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from edge_msd.artifacts import read_json
 from edge_msd.errors import ArtifactError
 
 SCHEMA = "edge-msd-bench/1"
@@ -114,11 +114,9 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
     """Read a bench report; another schema (or not a report) is a clear error naming the file."""
     path = Path(path)
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_json(path)
     except FileNotFoundError as e:
         raise ArtifactError(f"{path}: report not found") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
     schema = report.get("schema") if isinstance(report, dict) else None
     if schema is None:
         raise ArtifactError(f"{path}: not an edge-msd bench report (no 'schema' field)")

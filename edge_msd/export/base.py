@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_msd.config import TargetProfile
+from edge_msd.errors import ConfigError
 from edge_msd.export.towers import Student
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -74,6 +75,14 @@ class Exporter(ABC):
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         """A function (inputs → embeddings) running the exported file here, or why that is impossible."""
         return f"no runtime for {self.format} on this machine"
+
+
+def check_static_float(req: ExportRequest, exporter: str) -> None:
+    """The ``check`` of exporters that write a static batch in fp32 or fp16 only (coreml, tflite)."""
+    if req.profile.dynamic_batch:
+        raise ConfigError(f"{req.profile.source}: dynamic_batch is not supported by {exporter}; set false")
+    if req.precision not in ("fp32", "fp16"):
+        raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
 
 
 def io_entry(name: str, shape: list[int], dtype: str, layout: str | None = None) -> dict:

@@ -26,6 +26,7 @@ from edge_msd.export.base import (
     Exporter,
     ExportRequest,
     Runner,
+    check_static_float,
     example_inputs,
     io_entry,
     run_batched,
@@ -119,10 +120,7 @@ class CoreMLExporter(Exporter):
     ext = "mlpackage"
 
     def check(self, req: ExportRequest) -> None:
-        if req.profile.dynamic_batch:
-            raise ConfigError(f"{req.profile.source}: dynamic_batch is not supported by coreml; set false")
-        if req.precision not in ("fp32", "fp16"):
-            raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
+        check_static_float(req, self.kind)
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         opts = req.profile.options

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_msd.artifacts import atomic_write_json, producer_info, sha256_bytes
+from edge_msd.artifacts import atomic_write_json, producer_info, read_json, sha256_bytes
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.errors import ArtifactError, ConfigError, DataError
 from edge_msd.quant.config import MIN_SAMPLES
@@ -125,10 +125,7 @@ def load_calibration_set(path: str | Path) -> CalibrationSet:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: calibration set not found (build one with `edge-msd calibrate`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise ArtifactError(
             f"{path}: kind is {data.get('kind') if isinstance(data, dict) else None!r}, expected {KIND!r}"

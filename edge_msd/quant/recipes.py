@@ -189,8 +189,17 @@ class Backend:
         raise QuantError(f"no {self.recipe.exporter} runtime on this machine to run {path}")
 
 
-def _io(example: torch.Tensor, out_dim: int, batch: int | str, dtype_in: str) -> dict[str, Any]:
+def _calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Run the calibration batches through ``model`` (its observers record the ranges)."""
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+
+
+def _io(example: torch.Tensor, out_dim: int, batch: int | str) -> dict[str, Any]:
+    """I/O entries: float32 images or int32 tokens in, a float32 embedding per row out."""
     shape_in = [batch if isinstance(batch, int) else -1, *example.shape[1:]]
+    dtype_in = "float32" if example.is_floating_point() else "int32"
     return {
         "inputs": [{"shape": shape_in, "dtype": dtype_in}],
         "outputs": [{"shape": [shape_in[0], out_dim], "dtype": "float32"}],
@@ -226,14 +235,8 @@ class ModeloptBackend(Backend):
 
         model = explicit_attention(copy.deepcopy(tower)).eval()
         patterns = [*self.recipe.keep_float, *keep_float]
-
-        def forward_loop(m: nn.Module) -> None:
-            with torch.no_grad():
-                for b in batches:
-                    m(b)
-
         with _quiet():
-            model = mtq.quantize(model, self._config(patterns), forward_loop)
+            model = mtq.quantize(model, self._config(patterns), lambda m: _calibrate(m, batches))
         self._disable_unreached(model)
         # modelopt matches wildcards against quantizer names; fnmatch patterns are applied here
         for name, mod in model.named_modules():
@@ -289,7 +292,7 @@ class ModeloptBackend(Backend):
             "format": "onnx",
             "precision": "int8",
             "quantization": "explicit-qdq",
-            **_io(example, out_dim, "batch", "float32" if name == "image" else "int32"),
+            **_io(example, out_dim, "batch"),
         }
 
     def run(self, path: Path, x: np.ndarray) -> np.ndarray:
@@ -379,9 +382,7 @@ class PT2EBackend(Backend):
         }
         _allow_train_eval(prepared)
         prepared.eval()
-        with torch.no_grad():
-            for b in batches:
-                prepared(b)
+        _calibrate(prepared, batches)
         return prepared.train(qat)
 
     def simulate(self, prepared: nn.Module) -> nn.Module:
@@ -390,10 +391,7 @@ class PT2EBackend(Backend):
 
         if prepared.meta["edge_msd"].get("qat"):
             return prepared
-        model = copy.deepcopy(prepared)
-        _allow_train_eval(model)
-        model.eval()
-        return convert_pt2e(model, fold_quantize=False)
+        return convert_pt2e(_eval_copy(prepared), fold_quantize=False)
 
     def layers(self, prepared: nn.Module) -> list[str]:
         names = []
@@ -422,9 +420,7 @@ class PT2EBackend(Backend):
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         meta = prepared.meta["edge_msd"]
-        model = copy.deepcopy(prepared)
-        _allow_train_eval(model)
-        model.eval()
+        model = _eval_copy(prepared)
         try:
             with torch.no_grad(), _quiet():
                 converted = convert_pt2e(model, fold_quantize=False)
@@ -436,9 +432,7 @@ class PT2EBackend(Backend):
         except Exception as e:
             raise QuantError(f"{path.name}: LiteRT int8 conversion failed: {_first_line(e)}") from e
         kind = "dynamic-range" if meta["dynamic"] else "full-integer"
-        io_ = _io(
-            example, out_dim, int(example.shape[0]), "float32" if example.is_floating_point() else "int32"
-        )
+        io_ = _io(example, out_dim, int(example.shape[0]))
         io_["inputs"][0].update(self._input_quant(path))
         return {"format": "tflite", "precision": "int8", "quantization": kind, **io_}
 
@@ -478,6 +472,14 @@ def _allow_train_eval(gm: nn.Module) -> None:
 
     gm.train = types.MethodType(train, gm)  # type: ignore[method-assign]
     gm.eval = types.MethodType(lambda self: self.train(False), gm)  # type: ignore[method-assign]
+
+
+def _eval_copy(prepared: nn.Module) -> nn.Module:
+    """A copy of a prepared PT2E graph in inference mode (``prepared`` keeps its mode), for convert_pt2e."""
+    model = copy.deepcopy(prepared)
+    _allow_train_eval(model)
+    model.eval()
+    return model
 
 
 def _has_mode_ops(gm: nn.Module) -> bool:
@@ -562,9 +564,7 @@ class CoreMLBackend(Backend):
             _set_submodule(model, n, layer)
             model._edge_msd_quantizers[n] = quantizer
         model.eval()
-        with torch.no_grad():
-            for b in batches:
-                model(b)
+        _calibrate(model, batches)
         return model.train(qat)
 
     def layers(self, prepared: nn.Module) -> list[str]:
@@ -626,7 +626,7 @@ class CoreMLBackend(Backend):
         precision = {"w8a8": "int8", "weight-int8": "int8-weights"}.get(
             self.recipe.size_option, self.recipe.size_option
         )
-        io_ = _io(example, out_dim, int(example.shape[0]), "float32" if is_image else "int32")
+        io_ = _io(example, out_dim, int(example.shape[0]))
         return {"format": "mlpackage", "precision": precision, "quantization": self.recipe.size_option, **io_}
 
 
