@@ -24,7 +24,7 @@ from PIL import Image
 
 from edge_msd.artifacts import atomic_dir, atomic_write_json, sha256_bytes, sha256_file, write_manifest
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.teachers.open_clip_teacher import set_offline
+from edge_msd.teachers.open_clip_teacher import eval_transform, set_offline
 
 TEACHER_JSON = "teacher.json"
 IMAGE_ONNX = "image.onnx"
@@ -68,7 +68,6 @@ class OnnxTeacher:
     def __init__(self, folder: str | Path, spec: str, device: str = "cpu"):
         set_offline()  # an HF tokenizer folder must never trigger a download
         import onnxruntime as ort
-        import open_clip
 
         folder = Path(folder).expanduser().resolve()
         path = folder / TEACHER_JSON
@@ -83,17 +82,9 @@ class OnnxTeacher:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path}: not valid JSON ({e})") from e
         pre = _require(meta, path, "preprocess")
-        size = _require(meta, path, "preprocess", "size")
+        _require(meta, path, "preprocess", "size")  # checked here so the error names the field
         self.preprocess_cfg = dict(pre)
-        self._transform = open_clip.image_transform(
-            tuple(size) if isinstance(size, list) else size,
-            is_train=False,
-            mean=pre.get("mean"),
-            std=pre.get("std"),
-            resize_mode=pre.get("resize_mode"),
-            interpolation=pre.get("interpolation"),
-            fill_color=pre.get("fill_color", 0),
-        )
+        self._transform = eval_transform(self.preprocess_cfg)
         self.tokenizer = _make_tokenizer(meta, folder, path)
         self.device = torch.device("cpu")  # where encode_* take their inputs (onnxruntime copies them)
         providers = ["CPUExecutionProvider"]

@@ -29,6 +29,22 @@ def set_offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def eval_transform(cfg: dict) -> Any:
+    """open_clip's evaluation transform from a preprocess config (size, mean, std, resize mode…)."""
+    import open_clip
+
+    size = cfg["size"]
+    return open_clip.image_transform(
+        tuple(size) if isinstance(size, list) else size,
+        is_train=False,
+        mean=cfg.get("mean"),
+        std=cfg.get("std"),
+        resize_mode=cfg.get("resize_mode"),
+        interpolation=cfg.get("interpolation"),
+        fill_color=cfg.get("fill_color", 0),
+    )
+
+
 class OpenClipTeacher:
     """A Teacher around an open_clip model, its eval transform and its tokenizer."""
 
@@ -40,16 +56,7 @@ class OpenClipTeacher:
         self.tokenizer = tokenizer
         self.id = teacher_id
         self.preprocess_cfg: dict = dict(open_clip.get_model_preprocess_cfg(model))
-        cfg = self.preprocess_cfg
-        self._transform = open_clip.image_transform(
-            cfg["size"],
-            is_train=False,
-            mean=cfg.get("mean"),
-            std=cfg.get("std"),
-            resize_mode=cfg.get("resize_mode"),
-            interpolation=cfg.get("interpolation"),
-            fill_color=cfg.get("fill_color", 0),
-        )
+        self._transform = eval_transform(self.preprocess_cfg)
         # Probing works for every open_clip model class (CLIP, CustomTextCLIP, timm/HF towers).
         self.embed_dim = int(self.encode_text(self.tokenize(["a photo"])).shape[1])
 
