@@ -10,9 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 from edge_msd.config import build_config
-from edge_msd.distill.dist import all_reduce_mean, gather_across_ranks
+from edge_msd.distill.dist import (
+    all_reduce_mean,
+    average_batchnorm_stats,
+    gather_across_ranks,
+    sync_batchnorm,
+)
 from edge_msd.distill.losses import LOSS_NAMES, LossConfig, _max_violation, distill_losses
 from edge_msd.distill.queue import TeacherQueue
 from edge_msd.errors import ConfigError
@@ -332,14 +338,20 @@ def test_collectives_are_no_ops_without_a_process_group():
     t = torch.arange(6.0).reshape(3, 2)
     assert gather_across_ranks(t) is t
     assert torch.equal(all_reduce_mean(t), t)
+    bn = nn.BatchNorm1d(2)
+    assert sync_batchnorm(bn, torch.device("cpu")) is bn
 
 
 def _gather_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         rows = torch.full((2 + rank, 3), float(rank))  # ranks hold different row counts
-        torch.save((gather_across_ranks(rows), all_reduce_mean(torch.tensor([float(rank)]))),
-                   f"{out_dir}/{rank}.pt")
+        bn = nn.Sequential(nn.BatchNorm1d(2))
+        bn[0].running_mean.fill_(float(rank))
+        bn[0].running_var.fill_(1.0 + 2 * rank)
+        average_batchnorm_stats(bn)
+        torch.save((gather_across_ranks(rows), all_reduce_mean(torch.tensor([float(rank)])),
+                    bn[0].running_mean, bn[0].running_var), f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -352,6 +364,8 @@ def test_gather_across_two_ranks_with_unequal_rows(tmp_path):
     mp.start_processes(_gather_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
     expected = torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 3)
     for rank in (0, 1):
-        gathered, mean = torch.load(tmp_path / f"{rank}.pt")
+        gathered, mean, bn_mean, bn_var = torch.load(tmp_path / f"{rank}.pt")
         assert torch.equal(gathered, expected)
         assert mean.item() == 0.5
+        # BatchNorm running statistics end equal on both ranks: the mean of theirs.
+        assert torch.equal(bn_mean, torch.full((2,), 0.5)) and torch.equal(bn_var, torch.full((2,), 2.0))

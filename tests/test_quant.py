@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 from export_helpers import TINY_CFG, tiny_dataset
+from torch import nn
 
 from edge_msd.data import open_dataset
 from edge_msd.errors import ArtifactError, ConfigError, DataError
@@ -162,6 +163,32 @@ def test_tflite_pt2e_int8_runs_in_litert_close_to_float(towers, batches, tmp_pat
         assert cosine_to(ref, torch.from_numpy(out)) > 0.98
         sim = backend.simulate(prepared)(data[1]).detach()  # the converted torch graph predicts LiteRT
         assert cosine_to(sim, torch.from_numpy(out)) > 0.995
+
+
+def test_tflite_qat_folds_batchnorm_into_int8_convs(batches, tmp_path):
+    """A conv+BN tower (the mobile-CNN students): QAT trains conv weights with BN folded in, and the
+    LiteRT model holds int8 convs with no float BatchNorm arithmetic left between them."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    torch.manual_seed(0)
+    tower = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8))
+    for m in tower.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    tower.eval()
+    backend = backend_for(DEFAULT_RECIPES["tflite"])
+    prepared = backend.quantize(tower, batches[0], qat=True)
+    assert not any("batch_norm" in str(n.target) for n in prepared.graph.nodes)
+    ref = tower(batches[0][1]).detach()
+    assert cosine_to(ref, prepared(batches[0][1]).detach()) > 0.99  # fake-quant with folded BN ≈ float
+    path = tmp_path / "cnn.tflite"
+    backend.write(prepared, batches[0][0][:1], path)
+    ops = [d["op_name"] for d in Interpreter(model_path=str(path))._get_ops_details()]
+    assert ops.count("CONV_2D") == 2 and "MUL" not in ops and "SUB" not in ops, ops
+    assert cosine_to(ref, torch.from_numpy(run_tflite(path, batches[0][1].numpy()))) > 0.98
 
 
 def test_tensorrt_qdq_onnx_per_channel_runs_in_onnxruntime(towers, batches, tmp_path):

@@ -117,8 +117,9 @@ def test_tiny_run_writes_student_metrics_plot_eval(features, tmp_path):
     assert metrics["i2t"]["R@1"] == pytest.approx(saved["student"]["i2t"]["R@1"])
 
 
-def test_resume_ends_with_same_weights(features, tmp_path):
-    full = train(tiny_cfg(features, tmp_path / "a"), progress=False)
+@pytest.mark.parametrize("preset", ["edge-xs", "edge-s"])  # edge-s: BatchNorm statistics resume too
+def test_resume_ends_with_same_weights(features, tmp_path, preset):
+    full = train(tiny_cfg(features, tmp_path / "a", preset=preset), progress=False)
 
     class Killed(Exception):
         pass
@@ -128,8 +129,8 @@ def test_resume_ends_with_same_weights(features, tmp_path):
             raise Killed  # after the step-2 checkpoint, mid-epoch: step 3 is lost and redone
 
     with pytest.raises(Killed):
-        train(tiny_cfg(features, tmp_path / "b"), on_step=kill_at_3, progress=False)
-    resumed = train(tiny_cfg(features, tmp_path / "b", resume=True), progress=False)
+        train(tiny_cfg(features, tmp_path / "b", preset=preset), on_step=kill_at_3, progress=False)
+    resumed = train(tiny_cfg(features, tmp_path / "b", preset=preset, resume=True), progress=False)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()

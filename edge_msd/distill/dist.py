@@ -1,7 +1,7 @@
 """The few collectives the distillation losses need; each is a no-op outside ``torch.distributed``.
 
 Only detached tensors go through them (teacher embeddings, image ids, loss values): no gradient
-crosses ranks here, DDP's own all-reduce takes care of the student's gradients.
+crosses ranks here (the trainer all-reduces the student's gradients itself).
 """
 
 from __future__ import annotations
@@ -46,3 +46,25 @@ def all_reduce_mean(t: Tensor) -> Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= dist.get_world_size()
     return out
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """BatchNorm for data-parallel training: on CUDA, SyncBatchNorm (statistics of the global batch);
+    elsewhere SyncBatchNorm cannot run, so BatchNorm normalises with each rank's rows and
+    :func:`average_batchnorm_stats` keeps the running statistics equal on all ranks."""
+    if is_distributed() and device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+@torch.no_grad()
+def average_batchnorm_stats(model: torch.nn.Module) -> None:
+    """Average BatchNorm running means and variances over ranks (no-op on one rank or under SyncBN,
+    whose statistics are already global)."""
+    if not is_distributed():
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm):
+            for t in (m.running_mean, m.running_var):
+                if t is not None:
+                    t.copy_(all_reduce_mean(t))

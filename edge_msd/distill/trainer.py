@@ -9,6 +9,9 @@ exactly the data an uninterrupted one would, and under ``torchrun`` rank r takes
 same global batch: the embeddings are gathered back into the global batch (teacher rows and the
 queue are identical on every rank, the rank's own student rows keep their gradient), so in-batch
 hard negatives and the queue span all ranks and 2 processes compute what 1 process would.
+BatchNorm (the mobile-CNN image towers) is the exception: on CUDA it becomes SyncBatchNorm, which
+normalises with the global batch; elsewhere each rank normalises with its own rows, as plain DDP
+does, and the running statistics are averaged over ranks after every step.
 
 One loop serves distillation and QAT (``edge_msd.quant`` calls ``train`` with hooks).
 """
@@ -45,7 +48,12 @@ from edge_msd.artifacts import atomic_write_bytes, atomic_write_json, atomic_wri
 from edge_msd.config import config_to_dict, save_config
 from edge_msd.distill.balancer import make_balancer
 from edge_msd.distill.config import DistillConfig
-from edge_msd.distill.dist import gather_across_ranks, is_distributed
+from edge_msd.distill.dist import (
+    average_batchnorm_stats,
+    gather_across_ranks,
+    is_distributed,
+    sync_batchnorm,
+)
 from edge_msd.distill.losses import LOSS_NAMES, LossConfig, distill_losses
 from edge_msd.distill.queue import TeacherQueue
 from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
@@ -557,6 +565,7 @@ def _train(
     adaptor = adaptor.to(device)
     if prepare_model is not None:
         model = prepare_model(model)
+    model = sync_batchnorm(model, device)
     if is_distributed():  # identical start on all ranks
         for t in list(model.state_dict().values()) + list(adaptor.state_dict().values()):
             if t.is_floating_point():
@@ -676,6 +685,7 @@ def _train(
                 ok = math.isfinite(grad_norm)
             if ok:
                 optimizer.step()
+                average_batchnorm_stats(model)
                 state["bad_in_row"] = 0
             else:
                 optimizer.zero_grad(set_to_none=True)

@@ -322,7 +322,7 @@ def _pt2e_quantizer(dynamic: bool, qat: bool, keep_float: tuple[str, ...]) -> An
         """litert-torch's quantizer, except that nodes inside ``keep_float`` modules stay float."""
 
         # litert-torch 0.10's conv+BN QAT pattern export fails under torch 2.14 (it torch.export()s a plain
-        # function); convs are still annotated by the "conv" pattern, BN stays a separate float op.
+        # function); BN is folded into the convs before annotation instead (PT2EBackend.quantize).
         STATIC_QAT_ONLY_OPS: list[str] = []
 
         def _annotate_all_static_patterns(self, model, quantization_config, filter_fn=None):  # noqa: ANN001
@@ -361,10 +361,11 @@ class PT2EBackend(Backend):
         dynamic: bool = False,
     ) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+        from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
         patterns = (*self.recipe.keep_float, *keep_float)
         example = batches[0]
-        tower = copy.deepcopy(tower).train(qat)
+        tower = copy.deepcopy(tower).eval()
         batch = torch.export.Dim("batch", min=1, max=4096)
         try:
             gm = torch.export.export(tower, (example,), dynamic_shapes=({0: batch},)).module()
@@ -372,6 +373,9 @@ class PT2EBackend(Backend):
             raise QuantError(
                 f"{type(tower).__name__}: torch.export failed, PT2E needs an exportable tower: {e}"
             ) from e
+        # BatchNorm is folded into its conv with the float student's running statistics, for QAT too
+        # (they stay frozen): the int8 graph then has no float BN ops between quantized convs.
+        _fuse_conv_bn_(gm)
         quantizer = _pt2e_quantizer(dynamic, qat and not dynamic, patterns)
         prepared = (prepare_qat_pt2e if qat and not dynamic else prepare_pt2e)(gm, quantizer)
         prepared.meta["edge_msd"] = {

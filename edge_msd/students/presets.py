@@ -1,9 +1,10 @@
 """Student presets: open_clip model configs (architecture as data) and their save/load format.
 
-A student is a plain open_clip ``CLIP`` model: a small native ViT image tower and a small text
-transformer with open_clip's default CLIP BPE tokenizer. Presets are the JSON files in
-``model_configs/``, registered with ``open_clip.add_model_config``. A saved student is a folder in
-the Hugging Face hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``), so that
+A student is a plain open_clip ``CLIP`` model: a small image tower (a timm MobileNetV4 trained from
+scratch, or open_clip's native ViT for ``edge-xs``) and a small text transformer with open_clip's
+default CLIP BPE tokenizer. Presets are the JSON files in ``model_configs/``, registered with
+``open_clip.add_model_config``. A saved student is a folder in the Hugging Face hub layout
+(``open_clip_config.json`` + ``open_clip_model.safetensors``), so that
 ``open_clip.create_model_and_transforms('local-dir:DIR')`` and ``open_clip.get_tokenizer('local-dir:DIR')``
 load it without edge-msd; ``manifest.json`` beside them records provenance and file hashes.
 """
