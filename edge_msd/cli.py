@@ -108,7 +108,7 @@ def teacher_info_cmd(spec: str, device: str) -> None:
 
 # ==== students, distillation, evaluation (issue 3) =========================================
 
-from edge_msd.distill.config import DistillConfig  # noqa: E402  (torch-free)
+from edge_msd.distill.config import DistillConfig, EvalConfig  # noqa: E402  (torch-free)
 
 
 @main.command("students")
@@ -131,44 +131,34 @@ def distill_cmd(cfg: DistillConfig) -> None:
 
 
 @main.command("eval")
-@click.option("--model", "model", required=True, help="teacher spec (e.g. demo) or a student folder")
-@click.option("--data", default="demo-scenes", show_default=True, help="dataset spec")
-@click.option("--split", default="test", show_default=True, help="dataset split")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the metrics here")
-def eval_cmd(model: str, data: str, split: str, json_out: str | None) -> None:
+@config_command(EvalConfig, section="eval")
+def eval_cmd(cfg: EvalConfig) -> None:
     """Retrieval recall (and zero-shot accuracy when the data has labels) of a teacher or a student."""
     from edge_msd.artifacts import atomic_write_json
     from edge_msd.distill.run import evaluate_model, print_eval
 
-    result = evaluate_model(model, data, split)
+    result = evaluate_model(cfg.model, cfg.data, cfg.split)
     print_eval(result)
-    if json_out:
-        atomic_write_json(json_out, result)
+    if cfg.json:
+        atomic_write_json(cfg.json, result)
 
 
 # ==== quantization, calibration (issue 5) ==================================================
-from edge_msd.quant.config import QuantConfig  # noqa: E402
+from edge_msd.quant.config import CalibrateConfig, QuantConfig  # noqa: E402
 
 
 @main.command("calibrate")
-@click.option("--data", "data", default="demo-scenes", show_default=True, help="dataset spec")
-@click.option("--split", default="train", show_default=True, help="split to draw from")
-@click.option("--n", "n", type=int, default=512, show_default=True, help="number of images")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the stratified draw")
-@click.option("--name", default=None, help="name in the manifest [default: from data, split, n, seed]")
-@click.option("--min-samples", type=int, default=32, show_default=True, help="refuse fewer samples than this")
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="calibration/demo-scenes.json",
-              show_default=True, help="manifest to write")
-def calibrate_cmd(
-    data: str, split: str, n: int, seed: int, name: str | None, min_samples: int, out: str
-) -> None:
+@config_command(CalibrateConfig, section="calibrate")
+def calibrate_cmd(cfg: CalibrateConfig) -> None:
     """(Re)build a calibration-set manifest: stratified sample ids, seed, sha256 (see calibration/)."""
     from edge_msd.data import open_dataset
     from edge_msd.quant.calibration import build_calibration_set, save_calibration_set
 
-    cs = build_calibration_set(open_dataset(data, split), n, seed, name, min_samples=min_samples)
-    save_calibration_set(cs, out)
-    click.echo(f"{out}: {cs.n} samples of {data!r} {split} ({cs.strategy}, seed {seed}), "
+    cs = build_calibration_set(
+        open_dataset(cfg.data, cfg.split), cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples
+    )
+    save_calibration_set(cs, cfg.out)
+    click.echo(f"{cfg.out}: {cs.n} samples of {cfg.data!r} {cfg.split} ({cs.strategy}, seed {cfg.seed}), "
                f"sha256 {cs.sha256[:16]}…")
 
 

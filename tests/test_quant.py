@@ -116,6 +116,12 @@ def test_calibrate_cli_writes_manifest(tmp_path):
     assert load_calibration_set(out).n == 32
     res = CliRunner().invoke(main, ["calibrate", "--data", DATA, "--n", "4", "--out", str(out)])
     assert res.exit_code == 2 and "too small" in res.output
+    # the same from a TOML config; the command line wins over the file
+    toml = tmp_path / "cal.toml"
+    toml.write_text(f'[calibrate]\ndata = "{DATA}"\nn = 40\nseed = 2\nout = "{out}"\n')
+    res = CliRunner().invoke(main, ["calibrate", "--config", str(toml), "--n", "36"])
+    assert res.exit_code == 0, res.output
+    assert load_calibration_set(out).n == 36 and load_calibration_set(out).seed == 2
 
 
 # ---- recipes -------------------------------------------------------------------------------------

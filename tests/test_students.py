@@ -81,3 +81,16 @@ def test_students_table():
     for preset in list_presets():
         assert preset in result.output
     assert "MFLOPs" in result.output and "(default)" in result.output
+
+
+def test_eval_cli_reads_a_config_and_writes_json(tmp_path):
+    out = save_student(create_student("edge-xs", embed_dim=32), tmp_path / "s", "edge-xs")
+    toml = tmp_path / "eval.toml"
+    toml.write_text(f'[eval]\nmodel = "{out}"\ndata = "demo-scenes?n_train=8&n_val=8&n_test=12&size=32"\n'
+                    f'json = "{tmp_path / "m.json"}"\n')
+    result = CliRunner().invoke(main, ["eval", "--config", str(toml)], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n_images"] == 12 and 0 <= metrics["mean_R@1"] <= 100
+    result = CliRunner().invoke(main, ["eval"])
+    assert result.exit_code != 0 and "field 'model': required" in result.output

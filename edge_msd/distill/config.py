@@ -119,3 +119,17 @@ class DistillConfig:
 
     def out_dir(self) -> Path:
         return Path(self.out)
+
+
+@dataclass
+class EvalConfig:
+    """``edge-msd eval``: retrieval recall of a teacher or a saved student on one split."""
+
+    model: str | None = field(None, help="teacher spec (e.g. demo) or a student folder (required)")
+    data: str = field("demo-scenes", help="dataset spec")
+    split: str = field("test", help="dataset split")
+    json: str | None = field(None, help="also write the metrics to this JSON file")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("field 'model': required; a teacher spec (e.g. demo) or a student folder")

@@ -50,3 +50,16 @@ class QuantConfig:
         if self.out:
             return Path(self.out)
         return paths.QAT / (self.target if self.method == "qat" else f"{self.target}-ptq")
+
+
+@dataclasses.dataclass
+class CalibrateConfig:
+    """``edge-msd calibrate``: (re)build a calibration-set manifest."""
+
+    data: str = field("demo-scenes", help="dataset spec")
+    split: str = field("train", help="split to draw from")
+    n: int = field(512, help="number of images")
+    seed: int = field(0, help="seed of the stratified draw")
+    name: str | None = field(None, help="name in the manifest [default: from data, split, n, seed]")
+    min_samples: int = field(MIN_SAMPLES, help="refuse fewer samples than this")
+    out: str = field("calibration/demo-scenes.json", help="manifest to write")
