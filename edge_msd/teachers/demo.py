@@ -394,10 +394,11 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
         history = train_heads(model.to(cfg.device), feats, states, masks, train.caption_image_index, cfg)
         t4 = time.perf_counter()
         del states
-        # The folder carries its own HF config and tokenizer; hf_model_name points at it.
+        # The folder carries its own HF config and tokenizer; hf_model_name "." names the folder itself,
+        # so a copied or moved teacher still loads (edge-msd resolves it against the folder).
         for name in HF_FILES:
             shutil.copy2(minilm_dir() / name, tmp / name)
-        atomic_write_json(tmp / "open_clip_config.json", model_config(cfg, str(out)))
+        atomic_write_json(tmp / "open_clip_config.json", model_config(cfg, "."))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "open_clip_model.safetensors"))
         save_config(cfg, tmp / "config.toml")
