@@ -131,12 +131,15 @@ def build_model(cfg: DemoTeacherConfig, work: Path) -> torch.nn.Module:
     config_path.write_text(json.dumps(model_config(cfg, str(minilm_dir()))["model_cfg"]))
     open_clip.add_model_config(config_path)
     torch.manual_seed(cfg.seed)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report lists MiniLM's unused pooler, which is expected
+    hf_logging.disable_progress_bar()  # and a "Loading weights" bar for a load that takes no time
     try:
         model = open_clip.create_model("edge-msd-demo-teacher", pretrained_text=True, device="cpu")
     finally:
         hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
     map_efficientnet_lite0(model.visual.trunk)
     model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)  # trunk stays in eval mode throughout
     model.lock_text_tower(unlocked_layers=cfg.text_unlocked_layers, freeze_layer_norm=True)
