@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edge_msd import __version__
 from edge_msd.errors import ArtifactError, StorageError, storage_message
@@ -72,8 +72,9 @@ def _failed_path(path: Path, filename: str | None, within: Path | None) -> Path:
     return path  # the temp file beside ``path``
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it into place (mode 0666 & ~umask)."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``path`` (mode 0666 & ~umask) once the block ends without error."""
     path = Path(path)
     with storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600
-                f.write(data)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -89,6 +90,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

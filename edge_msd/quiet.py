@@ -21,20 +21,16 @@ class Noise:
     category: type[Warning] | None = None  # the Python warning's category; None: a log record
 
 
-_NO_COREML_RUNTIME = r"Failed to load _ML\w+Proxy: No module named 'coremltools\.libcoremlpython'"
-
 KNOWN_NOISE: tuple[Noise, ...] = (
     # torchao registers its enums as pytree constants on import; torch 2.14 logs that it no longer must
     Noise("torch.utils._pytree", r"<enum '\w+'> is an Enum subclass and is now natively supported"),
     # open_clip when the demo teacher is built: its towers are pre-trained, its heads new, as intended
     Noise("root", r"Model \S+ initialized partially\."),
     # coremltools names versions it was not tested with; conversion works with ours (docs/toolchain)
-    Noise("coremltools._deps", r"Torch version \S+ has not been tested with coremltools"),
-    Noise("coremltools._deps", r"scikit-learn version \S+ is not supported"),  # its sklearn converter
+    Noise("coremltools", r"Torch version \S+ has not been tested with coremltools"),
+    Noise("coremltools", r"scikit-learn version \S+ is not supported"),  # its sklearn converter
     # Core ML predicts only on macOS: elsewhere its runtime is absent, and edge-msd does not use it there
-    Noise("coremltools.models.compute_device", _NO_COREML_RUNTIME),
-    Noise("coremltools.models.compute_plan", _NO_COREML_RUNTIME),
-    Noise("coremltools.models.model", _NO_COREML_RUNTIME),
+    Noise("coremltools", r"Failed to load _ML\w+Proxy: No module named 'coremltools\.libcoremlpython'"),
     # raised inside coremltools and modelopt, which still script a few helpers
     Noise(r"torch\.jit\._script$", r"`torch\.jit\.script` is deprecated", FutureWarning),
     # modelopt's quantizers see no transformers model here
