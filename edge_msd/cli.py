@@ -11,23 +11,38 @@ from pathlib import Path
 import click
 
 from edge_msd import __version__
-from edge_msd.errors import EdgeMSDError
+from edge_msd.errors import EdgeMSDError, storage_message
+from edge_msd.quiet import known_noise_hidden
 
 
 class _Group(click.Group):
-    """Turns EdgeMSDError into one clear line on stderr and exit status 2 (no traceback)."""
+    """Runs a verb with known-harmless third-party noise hidden (unless -v); problems the user can fix
+    become one line on stderr and exit status 2: an EdgeMSDError, or an OSError such as a read-only
+    or full disk (other exceptions are bugs and keep their traceback)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
-            return super().invoke(ctx)
+            with known_noise_hidden(not ctx.params.get("verbose")):
+                return super().invoke(ctx)
         except EdgeMSDError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except OSError as e:
+            message = storage_message(e)
+            if message is None:
+                raise
+            _fail(message)
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="edge-msd")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="also show the known-harmless warnings and log lines of third-party libraries")
+def main(verbose: bool) -> None:
     """Distil a CLIP-style teacher into a small student, quantize and export it per device, and
     benchmark it on the device.
 
