@@ -114,6 +114,7 @@ def test_tensorrt_onnx_checks(tmp_path, student):
     entries = TensorRTExporter().export(ExportRequest(student, load_target("jetson"), "fp16"), tmp_path)
     for e in entries.values():
         assert e["tensorrt_check"]["opset"] == 17 and e["tensorrt_check"]["qdq_pairs"] == 0
+        assert e["outputs"][0]["shape"] == [-1, 32]  # dynamic batch, the student's embedding width
         assert all(i["dtype"] != "int64" for i in e["inputs"] + e["outputs"])
     with pytest.raises(ArtifactError, match="no QuantizeLinear"):
         check_tensorrt_onnx(tmp_path / entries["image"]["file"], expect_qdq=True)
@@ -126,6 +127,7 @@ def test_tensorrt_int8_bundle_is_qdq_onnx(tmp_path, student_dir, calibration):
     for tower in ("image", "text"):
         e = m["models"][tower]
         assert e["precision"] == "int8" and e["tensorrt_check"]["qdq_pairs"] > 0
+        assert e["outputs"][0]["shape"] == [-1, 32]
         graph = onnx.load(str(tmp_path / "jetson" / e["file"])).graph
         assert "QuantizeLinear" in {n.op_type for n in graph.node}
     assert m["parity"]["passed"] and m["quantization"]["recipe"]["name"] == "tensorrt-int8-qdq"

@@ -83,6 +83,24 @@ def check_tensorrt_onnx(path: Path, expect_qdq: bool) -> dict:
     return {"opset": onnx_opset(model), "qdq_pairs": n_q, "ops": ops, "checked": True}
 
 
+def resolved_outputs(path: Path, outputs: list[dict]) -> list[dict]:
+    """``outputs`` with every dimension but the batch resolved by ONNX shape inference: the TorchScript
+    exporter names the embedding width symbolically (``Divembedding_dim_1``) although it is fixed."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    inferred = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+                for v in graph.output}
+    resolved = []
+    for out in outputs:
+        shape = inferred.get(out["name"], out["shape"])
+        if len(shape) != len(out["shape"]) or -1 in shape[1:]:
+            raise ArtifactError(f"{path}: the shape of output {out['name']!r} cannot be resolved beyond the "
+                                f"batch ({shape}); the embedding width must be fixed")
+        resolved.append({**out, "shape": [out["shape"][0], *shape[1:]]})
+    return resolved
+
+
 class TensorRTExporter(OnnxExporter):
     kind = "tensorrt"
     dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the Q/DQ ONNX of edge_msd.quant
@@ -96,6 +114,7 @@ class TensorRTExporter(OnnxExporter):
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
         entry = super().describe(folder, rel, tower, precision, profile)
+        entry["outputs"] = resolved_outputs(folder / rel, entry["outputs"])
         entry["tensorrt_check"] = check_tensorrt_onnx(folder / rel, expect_qdq=precision == "int8")
         entry["parity_runtime"] = "onnxruntime (the engine's source ONNX; fp16 is applied on the device)"
         entry["engine"] = {"file": engine_file(tower), "built_on_device": True}
