@@ -172,6 +172,10 @@ def test_coreml_spec(tmp_path, student_dir):
     assert set(ops["layer_norm"]) == {"FLOAT32"} and set(ops["softmax"]) == {"FLOAT32"}
     assert "FLOAT16" in ops["linear"]
     assert m["parity"]["passed"] is None and "macOS" in m["parity"]["skipped"]
+    for tower in ("image", "text"):  # the L2 norm: fp32 from reduce_l2_norm through its clamp to the divide
+        assert m["models"][tower]["coreml_check"]["l2_norms_fp32"] == 1
+        ops = m["models"][tower]["coreml_check"]["ops"]
+        assert set(ops["maximum"]) == set(ops["tile"]) == set(ops["reduce_l2_norm"]) == {"FLOAT32"}
 
 
 def test_coreml_int8_w8a8_bundle(tmp_path, student_dir, calibration):
