@@ -195,6 +195,7 @@ def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
     """Every export option can come from a file ([export] table); the command line wins."""
     from click.testing import CliRunner
 
+    from edge_msd.bench.integrity import bundle_digest
     from edge_msd.cli import main
 
     conf = tmp_path / "export.toml"
@@ -203,6 +204,7 @@ def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
     res = CliRunner().invoke(main, ["export", "--config", str(conf), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert f"bundle digest: {bundle_digest(m)}" in res.output  # the export summary prints it
     assert m["config"]["target"] == "onnx" and m["config"]["probe_images"] == 4
     assert m["config"]["out"] == str(tmp_path / "b") and not (tmp_path / "ignored").exists()
     assert m["parity"]["probe"]["images"] == 4 and m["quantization"] is None and m["calibration"] is None
