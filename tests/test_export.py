@@ -165,7 +165,10 @@ def test_build_engine_without_tensorrt_says_so(tmp_path, student_dir):
 
 
 def test_coreml_spec(tmp_path, student_dir):
+    from edge_msd.export.bundle import verify_bundle
+
     m = _export(tmp_path, student_dir, "coreml")
+    assert verify_bundle(tmp_path / "coreml").manifest == m  # .mlpackage folders: every file listed
     text = m["models"]["text"]
     assert text["precision"] == "fp16" and text["inputs"][0]["dtype"] == "int32"
     ops = text["coreml_check"]["ops"]
