@@ -135,6 +135,8 @@ def _set(path: str, value) -> Callable[[dict], None]:
     ("models.image.file", "/etc/passwd", "models.image.file '/etc/passwd' is absolute"),
     ("models.image.file", "../outside.onnx", r"'../outside.onnx' leaves the bundle \('..'\)"),
     ("models.text.engine", {"file": "models/../../x.plan"}, "models.text.engine.file .* leaves the bundle"),
+    ("models.text.engine", "x.plan", "models.text.engine.file must be a path relative to the bundle"),
+    ("target", ["not", "a", "table"], "'target' must be a table, got list"),
     ("tokenizer.dir", "../../tokenizer", "tokenizer.dir .* leaves the bundle"),
     ("target.options", {"timing_cache": "/tmp/timing.cache"}, "target.options.timing_cache .* is absolute"),
     ("models.image.file", "evalset.npz/x", "models.image.file 'evalset.npz/x' is not among the files"),

@@ -34,9 +34,17 @@ def engine_file(tower: str) -> str:
     return f"models/{tower}.plan"
 
 
-def timing_cache_file(manifest: dict[str, Any]) -> str:
+def _at(obj: Any, *keys: str) -> Any:
+    """``obj[k1][k2]…``, or None where a level is missing or no table (hostile manifests must not crash)."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def timing_cache_file(manifest: dict[str, Any]) -> Any:
     """The TensorRT timing cache the profile names (``options.timing_cache``), relative to the bundle."""
-    return ((manifest.get("target") or {}).get("options") or {}).get("timing_cache", DEFAULT_TIMING_CACHE)
+    value = _at(manifest, "target", "options", "timing_cache")
+    return DEFAULT_TIMING_CACHE if value is None else value
 
 
 @dataclasses.dataclass
@@ -81,10 +89,10 @@ def manifest_paths(manifest: dict[str, Any]) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = [(f"files[{rel!r}]", rel) for rel in manifest["files"]]
     for tower, entry in manifest["models"].items():
         out.append((f"models.{tower}.file", entry.get("file")))
-        if entry.get("engine"):
-            out.append((f"models.{tower}.engine.file", entry["engine"].get("file")))
-    if manifest.get("tokenizer"):
-        out.append(("tokenizer.dir", manifest["tokenizer"].get("dir")))
+        if entry.get("engine") is not None:
+            out.append((f"models.{tower}.engine.file", _at(entry, "engine", "file")))
+    if manifest.get("tokenizer") is not None:
+        out.append(("tokenizer.dir", _at(manifest, "tokenizer", "dir")))
     out.append(("target.options.timing_cache", timing_cache_file(manifest)))
     return out
 
@@ -92,7 +100,7 @@ def manifest_paths(manifest: dict[str, Any]) -> list[tuple[str, object]]:
 def device_added(manifest: dict[str, Any]) -> set[str]:
     """Files a bundle may hold beyond its manifest: the signature and what the device builds there."""
     engines = {engine_file(t) for t in manifest["models"]}
-    engines |= {e["engine"]["file"] for e in manifest["models"].values() if e.get("engine")}
+    engines |= {_at(e, "engine", "file") for e in manifest["models"].values()} - {None}
     return {SIGNATURE, ENGINES_JSON, timing_cache_file(manifest), *engines}
 
 
@@ -108,6 +116,9 @@ def _check_structure(root: Path, manifest: dict[str, Any]) -> None:
     models = manifest.get("models")
     if not isinstance(models, dict) or not models or not all(isinstance(e, dict) for e in models.values()):
         raise ArtifactError(f"{where}: 'models' is missing, empty or not a table of model entries")
+    for key in ("target", "preprocessing", "tokenizer"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise ArtifactError(f"{where}: '{key}' must be a table, got {type(manifest[key]).__name__}")
 
 
 def _check_paths(root: Path, manifest: dict[str, Any]) -> None:
