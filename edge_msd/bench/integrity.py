@@ -116,8 +116,8 @@ def _check_structure(root: Path, manifest: dict[str, Any]) -> None:
     models = manifest.get("models")
     if not isinstance(models, dict) or not models or not all(isinstance(e, dict) for e in models.values()):
         raise ArtifactError(f"{where}: 'models' is missing, empty or not a table of model entries")
-    for key in ("target", "preprocessing", "tokenizer"):
-        if not isinstance(manifest.get(key, {}), dict):
+    for key in ("target", "preprocessing", "tokenizer", "student", "parity", "calibration", "quantization"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):  # readers look inside
             raise ArtifactError(f"{where}: '{key}' must be a table, got {type(manifest[key]).__name__}")
 
 
