@@ -311,7 +311,7 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
             "--out", str(bundle), "--allow-parity-fail"]  # 3 QAT steps from random weights: parity is noise
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    m = verify_bundle(bundle)
+    m = verify_bundle(bundle).manifest
     art_manifest = json.loads((art / "manifest.json").read_text())
     assert m["student"]["sha256"] == art_manifest["student"]["sha256"]  # the float student, found from ART
     for name in ("image", "text"):
@@ -343,7 +343,7 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
         f.write(b"\0")
     res = CliRunner().invoke(main, [*args, "--force"])
     assert res.exit_code == 2 and "text.onnx" in res.output
-    assert verify_bundle(bundle)["files"] == m["files"]  # the failed exports left the bundle alone
+    assert verify_bundle(bundle).manifest["files"] == m["files"]  # the failed exports left the bundle alone
 
 
 @pytest.mark.slow
