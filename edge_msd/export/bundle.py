@@ -29,6 +29,7 @@ from rich.console import Console
 from edge_msd.artifacts import (
     MANIFEST,
     atomic_dir,
+    atomic_writer,
     file_hashes,
     producer_info,
     read_manifest,
@@ -261,10 +262,8 @@ def _size(path: Path) -> int:
 def pack(folder: Path) -> Path:
     """Write ``<folder>.tar.gz`` (atomically) holding the bundle under its folder name."""
     dest = folder.with_name(folder.name + ".tar.gz")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder.parent)
-    with open(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+    with atomic_writer(dest) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
         tar.add(folder, arcname=folder.name)
-    Path(tmp).replace(dest)
     return dest
 
 

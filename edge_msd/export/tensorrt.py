@@ -9,7 +9,6 @@ here like the float graph.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +124,7 @@ class TensorRTExporter(OnnxExporter):
 def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int | None = None,
                   dla_core: int | None = None, timing_cache: Path | None = None) -> dict[str, Path]:
     """Build models/<tower>.plan for a jetson bundle with the TensorRT Python API (TensorRT 8.6/10)."""
-    from edge_msd.artifacts import atomic_write_bytes
+    from edge_msd.artifacts import atomic_write_bytes, atomic_write_json
 
     manifest = check_bundle(bundle).manifest  # the bundle rules: only verified ONNX inside it is parsed
     target = manifest["target"]
@@ -187,8 +186,8 @@ def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int
         atomic_write_bytes(out, bytes(plan))
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
         built[tower] = out
-    (bundle / ENGINES_JSON).write_text(json.dumps(
-        {"precision": precision, "dla_core": dla_core, "workspace_mib": workspace_mib,
-         "batch_profile": [bmin, bopt, bmax], "tensorrt": trt.__version__,
-         "plans": {t: p.name for t, p in built.items()}}, indent=2))
+    atomic_write_json(bundle / ENGINES_JSON,
+                      {"precision": precision, "dla_core": dla_core, "workspace_mib": workspace_mib,
+                       "batch_profile": [bmin, bopt, bmax], "tensorrt": trt.__version__,
+                       "plans": {t: p.name for t, p in built.items()}})
     return built
