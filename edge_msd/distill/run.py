@@ -55,14 +55,13 @@ def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
     )
     cache = test.cache
     device = next(result.model.parameters()).device
+    images, captions, targets = test.usable()  # images the cache marked bad are left out, and counted
     s_img, s_txt = encode_split(
-        result.model, test.images.get(np.arange(cache.n_images)), test.tokens, mean, std, device
+        result.model, test.images.get(images), test.tokens[torch.from_numpy(captions)], mean, std, device
     )
-    cap_img = cache.caption_image_index
-    teacher = retrieval_metrics(
-        cache.image(np.arange(cache.n_images)), cache.text(np.arange(cache.n_captions)), cap_img
-    )
-    student = retrieval_metrics(s_img, s_txt, cap_img)
+    t_img, t_txt = cache.image(images), cache.text(captions)
+    teacher = retrieval_metrics(t_img, t_txt, targets)
+    student = retrieval_metrics(s_img, s_txt, targets)
     report = {
         "split": cfg.test_split,
         "data": cfg.data,
@@ -74,15 +73,13 @@ def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
         "skipped_steps": result.skipped_steps,
         "best_val_rsum": result.best_val_rsum,
         "kept_mean_R@1": student["mean_R@1"] / teacher["mean_R@1"] if teacher["mean_R@1"] else None,
+        "skipped_data": {**result.skipped_data, cfg.test_split: test.skipped()},
     }
     held = getattr(test.dataset, "held_out", None)
     if held is not None:  # demo-scenes: recall on colour-shape pairs never seen in training
-        mask = np.asarray(held, dtype=bool)
-        for name, (img, txt) in (
-            ("teacher", (cache.image(np.arange(cache.n_images)), cache.text(np.arange(cache.n_captions)))),
-            ("student", (s_img, s_txt)),
-        ):
-            report[name]["unseen_pairs_mean_R@1"] = _subset_mean_r1(img, txt, cap_img, mask)
+        mask = np.asarray(held, dtype=bool)[images]
+        for name, (img, txt) in (("teacher", (t_img, t_txt)), ("student", (s_img, s_txt))):
+            report[name]["unseen_pairs_mean_R@1"] = _subset_mean_r1(img, txt, targets, mask)
     atomic_write_json(Path(result.out_dir) / "eval.json", report)
     return report
 

@@ -8,10 +8,16 @@ captions and augmentation come from a generator seeded by (seed, step). So a res
 exactly the data an uninterrupted one would, and under ``torchrun`` rank r takes slice r of the
 same global batch: the embeddings are gathered back into the global batch (teacher rows and the
 queue are identical on every rank, the rank's own student rows keep their gradient), so in-batch
-hard negatives and the queue span all ranks and 2 processes compute what 1 process would.
-BatchNorm (the mobile-CNN image towers) is the exception: on CUDA it becomes SyncBatchNorm, which
-normalises with the global batch; elsewhere each rank normalises with its own rows, as plain DDP
-does, and the running statistics are averaged over ranks after every step.
+hard negatives and the queue span all ranks, and DistributedDataParallel's gradient average makes
+2 processes compute what 1 process would (see ``edge_msd.distill.dist``). BatchNorm (the
+mobile-CNN image towers) is the exception: on CUDA it becomes SyncBatchNorm, which normalises with
+the global batch; elsewhere each rank normalises with its own rows, as plain DDP does, and the
+running statistics are averaged over ranks after every step.
+
+Randomness is owned: the student's initialisation draws from its own generator seeded by the seed,
+the rest of the run from the seed reset after the data is ready, so side work such as building a
+missing feature cache cannot change a run. Images a feature cache marked bad (``--skip-bad``) are
+never decoded, trained on or evaluated; they are counted in ``metrics.jsonl`` and ``eval.json``.
 
 One loop serves distillation and QAT (``edge_msd.quant`` calls ``train`` with hooks).
 """
@@ -22,7 +28,7 @@ import contextlib
 import io
 import json
 import math
-import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -49,9 +55,15 @@ from edge_msd.config import config_to_dict, save_config
 from edge_msd.distill.balancer import make_balancer
 from edge_msd.distill.config import DistillConfig
 from edge_msd.distill.dist import (
+    StudentStep,
     average_batchnorm_stats,
-    gather_across_ranks,
+    broadcast_from_rank0,
+    data_parallel,
+    gather_with_local_grad,
+    init_distributed,
     is_distributed,
+    local_slice,
+    rank_world,
     sync_batchnorm,
 )
 from edge_msd.distill.losses import LOSS_NAMES, LossConfig, distill_losses
@@ -82,6 +94,7 @@ class TrainResult:
     val: dict | None = None
     student_dir: Path | None = None
     history: list[dict] = field(default_factory=list)
+    skipped_data: dict[str, dict[str, int]] = field(default_factory=dict)  # per split, see SplitData.skipped
     teacher: Any = None  # the loaded teacher, when cfg.teacher named one
     teacher_id: str = ""
     preprocess: tuple | None = None  # (PIL -> uint8 HWC, mean, std): what the student saw
@@ -127,20 +140,35 @@ class _DecodeSet(torch.utils.data.Dataset):
 
 
 class ImageStore:
-    """uint8 (N, 3, H, W) images by index: all decoded up front, or decoded on demand."""
+    """uint8 (N, 3, H, W) images by index: the usable ones decoded up front, or decoded on demand.
+
+    Images the feature cache marked bad (``valid`` False) are never decoded: they may be corrupt.
+    """
 
     def __init__(
-        self, dataset: Any, to_uint8: Callable, size: int, predecode_mb: int, num_workers: int, desc: str
+        self,
+        dataset: Any,
+        valid: np.ndarray,
+        to_uint8: Callable,
+        size: int,
+        predecode_mb: int,
+        num_workers: int,
+        desc: str,
     ):
         self.dataset, self.to_uint8 = dataset, to_uint8
-        n = dataset.n_images
+        usable = np.flatnonzero(valid)
+        self.row = np.full(len(valid), -1, dtype=np.int64)  # image index -> row of ``array``
+        self.row[usable] = np.arange(len(usable))
         self.array: Tensor | None = None
-        if n * 3 * size * size <= predecode_mb * 2**20:
-            self.array = decode_images(dataset, np.arange(n), to_uint8, num_workers, desc)
+        if len(usable) * 3 * size * size <= predecode_mb * 2**20:
+            self.array = decode_images(dataset, usable, to_uint8, num_workers, desc)
 
     def get(self, indices: np.ndarray) -> Tensor:
+        bad = np.asarray(indices)[self.row[indices] < 0]
+        if len(bad):
+            raise ValueError(f"images {bad[:5].tolist()} were marked bad by the feature cache")
         if self.array is not None:
-            return self.array[torch.as_tensor(indices)]
+            return self.array[torch.as_tensor(self.row[indices])]
         return torch.stack([_hwc_to_chw(self.to_uint8(self.dataset.load_image(int(i)))) for i in indices])
 
 
@@ -248,28 +276,13 @@ def _progress(disable: bool = False) -> Progress:
     )
 
 
-def _rank_world() -> tuple[int, int]:
-    if is_distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed(device: torch.device) -> bool:
-    """Join the torchrun process group if launched by torchrun; True if this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
 def _device(cfg: DistillConfig) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
+    """This process's device: under torchrun, ``cuda`` is the rank's own ``cuda:LOCAL_RANK``."""
+    from edge_msd.teachers.cache import rank_device
+
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"field 'device': {cfg.device} asked for but CUDA is not available")
-    return torch.device(cfg.device)
+    return torch.device(rank_device(cfg.device))
 
 
 def loss_config(cfg: DistillConfig) -> LossConfig:
@@ -302,21 +315,6 @@ def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
             plain = p.ndim < 2 or "embedding" in name or name.startswith("logit_")
             (no_decay if plain else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _local_slice(global_n: int, rank: int, world: int) -> slice:
-    per = global_n // world
-    return slice(rank * per, (rank + 1) * per)
-
-
-def _gather_with_local_grad(local: Tensor) -> Tensor:
-    """All ranks' rows in rank order; this rank's rows are ``local`` itself, so they keep their gradient."""
-    if not is_distributed():
-        return local
-    rank, world = _rank_world()
-    full = gather_across_ranks(local)
-    n = local.shape[0]
-    return torch.cat([full[: rank * n], local, full[(rank + 1) * n :]])
 
 
 @torch.no_grad()
@@ -362,6 +360,68 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def _own_rng(seed: int) -> Iterator[None]:
+    """Run the block on the CPU torch RNG seeded with ``seed``; the global RNG is left as it was.
+
+    What ran before (e.g. building a missing feature cache) therefore cannot change what the block draws.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _bad_checkpoint(path: Path, why: str) -> ArtifactError:
+    return ArtifactError(f"{path}: {why}; restore an intact copy, or start afresh with --force (no --resume)")
+
+
+def _first_line(e: BaseException | str) -> str:
+    """The first sentence of an error's text: torch's messages go on for paragraphs."""
+    line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+    return line.split(". ")[0].rstrip(".")[:160]
+
+
+def _load_checkpoint(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint this trainer wrote, read with ``weights_only=True``; anything else is an ArtifactError."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        names_code = [line for line in str(e).splitlines() if "GLOBAL" in line]  # a function to call
+        if names_code:
+            why = f"refused, it could run code ({_first_line(names_code[0])})"
+            raise _bad_checkpoint(path, why) from None
+        detail = _first_line(str(e).rpartition("WeightsUnpickler error:")[2])
+        raise _bad_checkpoint(path, f"not a readable checkpoint (damaged: {detail})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise _bad_checkpoint(path, f"not a readable checkpoint (damaged: {_first_line(e)})") from None
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise _bad_checkpoint(path, f"not a checkpoint of this trainer (no {', '.join(missing)})")
+    return ck
+
+
+def _key_mismatch(own: dict[str, Any], saved: dict[str, Any]) -> str:
+    """'missing a, b; unexpected c; other shape d' between two state dicts, or '' when they fit."""
+    shapes = [k for k in own.keys() & saved.keys() if isinstance(own[k], Tensor)
+              and (not isinstance(saved[k], Tensor) or saved[k].shape != own[k].shape)]
+    groups = (("missing", own.keys() - saved.keys()), ("unexpected", saved.keys() - own.keys()),
+              ("other shape", shapes))
+    return "; ".join(f"{name} {', '.join(sorted(keys)[:3])}{' …' if len(keys) > 3 else ''}"
+                     for name, keys in groups if keys)
+
+
+def _load_state(module: Any, state: Any, path: Path, what: str) -> None:
+    """``module.load_state_dict(state)``; a state that does not fit is an ArtifactError naming the keys."""
+    if isinstance(module, nn.Module) and isinstance(state, dict):
+        mismatch = _key_mismatch(module.state_dict(), state)
+        if mismatch:
+            raise _bad_checkpoint(path, f"its {what} does not fit this run's model ({mismatch})")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise _bad_checkpoint(path, f"its {what} does not fit this run ({_first_line(e)})") from None
+
+
 # ---- data of one split ---------------------------------------------------------------------------
 
 
@@ -373,6 +433,22 @@ class SplitData:
     dataset: Any
     images: ImageStore
     tokens: Tensor  # (n_captions, context_length) int64
+
+    def skipped(self) -> dict[str, int]:
+        """What this split leaves out: images the cache marked bad, samples the reader dropped."""
+        return {
+            "bad_images": int((~self.cache.valid_images).sum()),
+            "dropped_when_read": len(self.dataset.skipped),
+        }
+
+    def usable(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(usable image ids, the ids of their captions, each caption's image as a position in the first)."""
+        valid = np.flatnonzero(self.cache.valid_images)
+        cap_img = self.cache.caption_image_index
+        caps = np.flatnonzero(np.isin(cap_img, valid))
+        position = np.full(len(self.cache.valid_images), -1, dtype=np.int64)
+        position[valid] = np.arange(len(valid))
+        return valid, caps, position[cap_img[caps]]
 
 
 def open_split(
@@ -387,32 +463,36 @@ def open_split(
 ) -> SplitData:
     """Open ``split``'s feature cache (built by ``teacher`` when missing) and the dataset it was made from.
 
-    A cache of another teacher or of other data is refused (ArtifactError naming both).
+    A cache of another teacher or of other data is refused (ArtifactError naming both). A cache built
+    with ``skip_bad`` opens its dataset with ``skip_bad``, and the images it marked bad are never read.
+    Under torchrun every rank builds its share of a missing cache.
     """
     from edge_msd.data import open_dataset
-    from edge_msd.teachers.cache import FeatureCache, build_feature_cache
+    from edge_msd.teachers.cache import FeatureCache, build_feature_cache, built_skipping_bad
 
-    dataset = open_dataset(cfg.data, split)
     path = cfg.feature_dir(split)
-    if not (path / "manifest.json").is_file() and _rank_world()[0] == 0:
+    built = broadcast_from_rank0((path / "manifest.json").is_file())  # all ranks must take the same road
+    dataset = open_dataset(cfg.data, split, skip_bad=built and built_skipping_bad(path))
+    if not built:
         if teacher is None:
             raise ArtifactError(f"no feature cache at {path} and no teacher configured to build it")
-        _console.print(f"[bold]feature cache {path} missing: running teacher {cfg.teacher!r} over {split}")
+        if rank_world()[0] == 0:
+            _console.print(f"[bold]feature cache {path} missing: teacher {cfg.teacher!r} builds it ({split})")
         build_feature_cache(teacher, dataset, path)
-    if is_distributed():
-        dist.barrier()
     cache = FeatureCache.open(path, teacher_id=teacher_id, dataset_fingerprint=dataset.fingerprint())
     if cache.n_images != dataset.n_images or cache.n_captions != dataset.n_captions:
         raise ArtifactError(
             f"feature cache {path} has {cache.n_images} images / {cache.n_captions} captions, "
             f"dataset {cfg.data}:{split} has {dataset.n_images} / {dataset.n_captions}"
         )
-    images = ImageStore(dataset, to_uint8, size, cfg.predecode_mb, cfg.num_workers, f"decoding {split}")
+    images = ImageStore(
+        dataset, cache.valid_images, to_uint8, size, cfg.predecode_mb, cfg.num_workers, f"decoding {split}"
+    )
     tokens = tokenizer(list(dataset.captions)).long()
     return SplitData(cache, dataset, images, tokens)
 
 
-def resolve_teacher(cfg: DistillConfig) -> tuple[Any, str]:
+def resolve_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Any, str]:
     """(teacher or None, the teacher id every cache must carry).
 
     With ``cfg.teacher`` set, that teacher is loaded (its id checks the caches; it builds missing ones).
@@ -422,7 +502,7 @@ def resolve_teacher(cfg: DistillConfig) -> tuple[Any, str]:
     from edge_msd.teachers.cache import FeatureCache
 
     if cfg.teacher:
-        teacher = load_teacher(cfg.teacher)
+        teacher = load_teacher(cfg.teacher, device=str(device))
         return teacher, teacher.id
     path = cfg.feature_dir(cfg.train_split)
     if not (path / "manifest.json").is_file():
@@ -460,7 +540,7 @@ def train(
     cfg.validate()
     out = Path(out_dir) if out_dir is not None else cfg.out_dir()
     device = _device(cfg)
-    created_pg = _init_distributed(device)
+    created_pg = init_distributed(device)
     try:
         return _train(cfg, out, device, student, prepare_model, on_step, progress)
     finally:
@@ -504,6 +584,28 @@ def _run_identity(cfg: DistillConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
+def _student_and_adaptor(
+    cfg: DistillConfig, student: nn.Module | None, t_dim: int
+) -> tuple[nn.Module, nn.Module]:
+    """The student to train (given, ``cfg.init`` or a fresh preset) + adaptor from its width to t_dim."""
+    if student is None and cfg.init:
+        loaded = load_student(cfg.init)
+        if loaded.preset != cfg.preset:
+            raise ConfigError(
+                f"field 'init': {cfg.init} is a {loaded.preset} student but preset is {cfg.preset}"
+            )
+        student = loaded.model
+    if student is None:
+        student = create_student(cfg.preset, embed_dim=cfg.embed_dim or t_dim)
+    s_dim = int(student.text_projection.shape[1]) if hasattr(student, "text_projection") else t_dim
+    adaptor: nn.Module = nn.Identity()
+    if s_dim != t_dim:
+        # Shared by both towers so that the student's own image and text spaces stay aligned.
+        adaptor = nn.Linear(s_dim, t_dim, bias=False)
+        nn.init.orthogonal_(adaptor.weight)
+    return student, adaptor
+
+
 def _train(
     cfg: DistillConfig,
     out: Path,
@@ -515,7 +617,7 @@ def _train(
 ) -> TrainResult:
     import open_clip
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     loss_cfg = loss_config(cfg)
     micro = cfg.batch_size // cfg.accum_steps
     if micro % world:
@@ -531,9 +633,8 @@ def _train(
     if is_distributed():
         dist.barrier()
 
-    torch.manual_seed(cfg.seed)
     model_cfg = preset_config(cfg.preset)  # validates the preset name (lists the known ones)
-    teacher, teacher_id = resolve_teacher(cfg)
+    teacher, teacher_id = resolve_teacher(cfg, device)
     to_uint8, mean, std = split_preprocess(student_transform(model_cfg))
     size = int(model_cfg["vision_cfg"]["image_size"])
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
@@ -545,32 +646,15 @@ def _train(
     )
     t_dim = train_data.cache.dim
 
-    if student is None:
-        if cfg.init:
-            loaded = load_student(cfg.init)
-            if loaded.preset != cfg.preset:
-                raise ConfigError(
-                    f"field 'init': {cfg.init} is a {loaded.preset} student but preset is {cfg.preset}"
-                )
-            student = loaded.model
-        else:
-            student = create_student(cfg.preset, embed_dim=cfg.embed_dim or t_dim)
-    model: nn.Module = student.to(device)
-    s_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else t_dim
-    adaptor: nn.Module = nn.Identity()
-    if s_dim != t_dim:
-        # Shared by both towers so that the student's own image and text spaces stay aligned.
-        adaptor = nn.Linear(s_dim, t_dim, bias=False)
-        nn.init.orthogonal_(adaptor.weight)
-    adaptor = adaptor.to(device)
+    with _own_rng(cfg.seed):  # the student's init depends on the seed alone, not on what ran before
+        model, adaptor = _student_and_adaptor(cfg, student, t_dim)
+    torch.manual_seed(cfg.seed)  # everything after draws from here, whatever the side work consumed
+    model, adaptor = model.to(device), adaptor.to(device)
     if prepare_model is not None:
         model = prepare_model(model)
     model = sync_batchnorm(model, device)
-    if is_distributed():  # identical start on all ranks
-        for t in list(model.state_dict().values()) + list(adaptor.state_dict().values()):
-            if t.is_floating_point():
-                dist.broadcast(t, 0)
     model.train()
+    forward = data_parallel(StudentStep(model, adaptor), device)  # DDP copies rank 0's weights to all
 
     balancer_kw: dict[str, Any] = (
         {"temperature": cfg.balancer_temperature} if cfg.balancer == "dynamic" else {}
@@ -595,23 +679,29 @@ def _train(
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "best_rsum": None, "samples": 0}
     ckpt_dir = out / CKPT_DIR
     if cfg.resume:
-        ck = torch.load(ckpt_dir / LAST, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        adaptor.load_state_dict(ck["adaptor"])
-        balancer.load_state_dict(ck["balancer"])
+        last = ckpt_dir / LAST
+        ck = _load_checkpoint(last, ("model", "adaptor", "balancer", "queue", "optimizer", "rng", "state"))
+        parts = {"model": model, "adaptor": adaptor, "balancer": balancer, "optimizer": optimizer}
         if queue is not None:
-            queue.load_state_dict(ck["queue"])
-        optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(ck["rng"])
-        state.update(ck["state"])
+            parts["queue"] = queue
+        for name, part in parts.items():
+            _load_state(part, ck[name], last, name)
+        try:
+            _set_rng_state(ck["rng"])
+            state.update(ck["state"])
+        except (RuntimeError, TypeError, ValueError, KeyError) as e:
+            raise _bad_checkpoint(last, f"its random state does not fit ({_first_line(e)})") from None
         _truncate_metrics(out / METRICS, state["step"])
         if rank == 0:
             _console.print(f"resumed {out} at step {state['step']}")
 
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext
-    sl = _local_slice(micro, rank, world)
+    sl = local_slice(micro)
+    skipped_data = {split.dataset.split: split.skipped() for split in (train_data, val_data) if split}
     metrics_f = open(out / METRICS, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
+    if metrics_f and not cfg.resume:
+        metrics_f.write(json.dumps({"step": 0, "skipped_data": skipped_data}) + "\n")
     history: list[dict] = []
     val_metrics: dict | None = None
 
@@ -655,31 +745,31 @@ def _train(
                 tokens = tokens.to(device, non_blocking=True)
                 t_img, t_txt = t_img.to(device), t_txt.to(device)
                 img_ids, cap_ids = img_ids.to(device), cap_ids.to(device)
-                with autocast():
-                    s_img = adaptor(model.encode_image(x))
-                    s_txt = adaptor(model.encode_text(tokens))
-                s_img = _gather_with_local_grad(s_img.float())
-                s_txt = _gather_with_local_grad(s_txt.float())
-                losses = distill_losses(s_img, s_txt, t_img, t_txt, img_ids, cap_ids, queue, loss_cfg)
-                total, weights = balancer(losses)
-                if queue is not None:  # after the loss: the queue never holds this batch's positives
-                    queue.enqueue(t_img, t_txt, img_ids, cap_ids)
-                for k, v in losses.items():
-                    logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
-                if not torch.isfinite(total):
-                    ok = False
-                    break
-                total_val += float(total.detach()) / cfg.accum_steps
-                # Every rank holds the whole global loss but backprops only its own rows: x world
-                # makes the all-reduced mean gradient equal the 1-process gradient.
-                (total * world / cfg.accum_steps).backward()
+                # DDP averages the gradients once per step, after the last micro-batch.
+                sync = a == cfg.accum_steps - 1 or not is_distributed()
+                with contextlib.nullcontext() if sync else forward.no_sync():
+                    with autocast():
+                        s_img, s_txt = forward(x, tokens)
+                    s_img = gather_with_local_grad(s_img.float())
+                    s_txt = gather_with_local_grad(s_txt.float())
+                    losses = distill_losses(s_img, s_txt, t_img, t_txt, img_ids, cap_ids, queue, loss_cfg)
+                    total, weights = balancer(losses)
+                    if queue is not None:  # after the loss: the queue never holds this batch's positives
+                        queue.enqueue(t_img, t_txt, img_ids, cap_ids)
+                    for k, v in losses.items():
+                        logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
+                    if not torch.isfinite(total):  # the loss is global: every rank stops here alike
+                        ok = False
+                        break
+                    total_val += float(total.detach()) / cfg.accum_steps
+                    # Every rank holds the whole global loss but backprops only its own rows: x world
+                    # makes DDP's mean gradient over ranks equal the 1-process gradient.
+                    (total * world / cfg.accum_steps).backward()
             grad_norm = float("nan")
             if ok:
-                if is_distributed():
-                    for p in trainable:
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad /= world
+                for p in balancer.parameters():  # outside DDP, and the same on every rank: undo x world
+                    if p.grad is not None:
+                        p.grad /= world
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
                 ok = math.isfinite(grad_norm)
@@ -767,11 +857,11 @@ def _train(
     if metrics_f:
         metrics_f.close()
 
+    if val_data is not None and is_distributed():
+        dist.barrier()  # rank 0 has written best.pt
     if val_data is not None and (ckpt_dir / BEST).is_file():
-        if is_distributed():
-            dist.barrier()
-        best = torch.load(ckpt_dir / BEST, map_location="cpu", weights_only=True)
-        model.load_state_dict(best["model"])
+        best = _load_checkpoint(ckpt_dir / BEST, ("model", "val"))
+        _load_state(model, best["model"], ckpt_dir / BEST, "model")
         val_metrics = best["val"]
     result = TrainResult(
         model=model,
@@ -781,6 +871,7 @@ def _train(
         best_val_rsum=state["best_rsum"],
         val=val_metrics,
         history=history,
+        skipped_data=skipped_data,
         teacher=teacher,
         teacher_id=teacher_id,
         preprocess=(to_uint8, mean, std),
@@ -806,16 +897,11 @@ def _train(
 
 
 def validate(model: nn.Module, data: SplitData, mean: Tensor, std: Tensor, device: torch.device) -> dict:
-    """Student retrieval metrics on a split (its valid images and their captions)."""
-    valid = np.flatnonzero(data.cache.valid_images)
-    cap_img = data.cache.caption_image_index
-    keep = np.isin(cap_img, valid)
-    remap = np.full(len(data.cache.valid_images), -1, dtype=np.int64)
-    remap[valid] = np.arange(len(valid))
-    imgs = data.images.get(valid)
-    tokens = data.tokens[torch.from_numpy(np.flatnonzero(keep))]
-    img, txt = encode_split(model, imgs, tokens, mean, std, device)
-    return retrieval_metrics(img, txt, remap[cap_img[keep]])
+    """Student retrieval metrics on a split (its usable images and their captions)."""
+    images, captions, targets = data.usable()
+    tokens = data.tokens[torch.from_numpy(captions)]
+    img, txt = encode_split(model, data.images.get(images), tokens, mean, std, device)
+    return retrieval_metrics(img, txt, targets)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
