@@ -15,9 +15,11 @@ from edge_msd.config import build_config
 from edge_msd.data import open_dataset
 from edge_msd.distill import trainer as trainer_mod
 from edge_msd.distill.config import KNOWN_LOSSES, DistillConfig
+from edge_msd.distill.images import ImageStore
 from edge_msd.distill.losses import LOSS_NAMES
 from edge_msd.distill.run import evaluate_model, write_eval
-from edge_msd.distill.trainer import Schedule, train
+from edge_msd.distill.schedule import Schedule
+from edge_msd.distill.trainer import train
 from edge_msd.errors import ArtifactError, BadSampleError, ConfigError
 from edge_msd.students import load_student
 from edge_msd.teachers.cache import build_feature_cache
@@ -331,7 +333,7 @@ def test_skip_bad_cache_excludes_bad_images_from_the_image_store(bad_csv):
 
     cache = FeatureCache.open(features / "train")
     dataset = open_dataset(spec, "train", skip_bad=True)
-    store = trainer_mod.ImageStore(dataset, cache.valid_images, lambda im: np.asarray(im), 24, 64, 0, "")
+    store = ImageStore(dataset, cache.valid_images, lambda im: np.asarray(im), 24, 64, 0, "")
     assert store.array is not None and len(store.array) == dataset.n_images - 1
     with pytest.raises(ValueError, match=r"\[3\] were marked bad"):
         store.get(np.array([2, 3]))

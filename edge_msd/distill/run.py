@@ -11,7 +11,10 @@ from torch import nn
 
 from edge_msd.artifacts import atomic_write_json
 from edge_msd.distill.config import DistillConfig
-from edge_msd.distill.trainer import TrainResult, encode_split, open_split, split_preprocess, train
+from edge_msd.distill.images import decode_images, split_preprocess
+from edge_msd.distill.splits import open_split
+from edge_msd.distill.trainer import TrainResult, train
+from edge_msd.distill.validation import encode_split
 from edge_msd.eval.retrieval import retrieval_metrics, zero_shot_accuracy
 from edge_msd.students import preset_config
 
@@ -106,8 +109,6 @@ def evaluate_model(model_spec: str, data: str, split: str, batch_size: int = 256
     ):
         st = load_student(path)
         to_uint8, mean, std = split_preprocess(st.preprocess)
-        from edge_msd.distill.trainer import decode_images
-
         images = decode_images(dataset, np.arange(dataset.n_images), to_uint8)
         tokens = st.tokenizer(list(dataset.captions)).long()
         img, txt = encode_split(st.model, images, tokens, mean, std, torch.device("cpu"), batch_size)
