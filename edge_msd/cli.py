@@ -167,10 +167,13 @@ from edge_msd.quant.config import CalibrateConfig, QuantConfig  # noqa: E402
 def calibrate_cmd(cfg: CalibrateConfig) -> None:
     """(Re)build a calibration-set manifest: stratified sample ids, seed, sha256 (see calibration/)."""
     from edge_msd.data import open_dataset
-    from edge_msd.quant.calibration import build_calibration_set, save_calibration_set
+    from edge_msd.paths import FEATURES
+    from edge_msd.quant.calibration import build_calibration_set, cache_bad_images, save_calibration_set
 
+    dataset = open_dataset(cfg.data, cfg.split, skip_bad=True)  # bad samples are left out and counted
+    bad = cache_bad_images(FEATURES / cfg.split, dataset)  # the default feature cache of that split
     cs = build_calibration_set(
-        open_dataset(cfg.data, cfg.split), cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples
+        dataset, cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples, bad_images=bad
     )
     save_calibration_set(cs, cfg.out)
     click.echo(f"{cfg.out}: {cs.n} samples of {cfg.data!r} {cfg.split} ({cs.strategy}, seed {cfg.seed}), "

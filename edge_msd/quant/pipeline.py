@@ -74,13 +74,15 @@ def load_calibration(cfg: QuantConfig, student: Any) -> Calibration:
     from edge_msd.data import open_dataset
 
     cs = load_calibration_set(cfg.calibration)
-    dataset = open_dataset(cfg.data, cs.split)
+    dataset = open_dataset(cfg.data, cs.split, skip_bad=True)  # as `calibrate` opened it
     check_calibration_set(cs, dataset, cfg.min_calibration)
-    images, tokens = [], []
-    for x, t in calibration_batches(cs, dataset, student.val_transform, student.tokenizer, cfg.calib_batch):
+    images, tokens, skipped = [], [], []
+    for x, t in calibration_batches(
+        cs, dataset, student.val_transform, student.tokenizer, cfg.calib_batch, skipped=skipped
+    ):
         images.append(x)
         tokens.append(t)
-    return Calibration(cs.to_manifest(), images, tokens)
+    return Calibration({**cs.to_manifest(), "skipped_when_loaded": len(skipped)}, images, tokens)
 
 
 def first_last_layers(tower: nn.Module, example: torch.Tensor) -> list[str]:
@@ -228,6 +230,7 @@ def run_qat(
         "skipped_steps": result.skipped_steps,
         "out": str(result.out_dir),
         "best_val_rsum": result.best_val_rsum,
+        "skipped_data": result.skipped_data,
         "preset": preset,
     }
     return model, infos
