@@ -78,7 +78,8 @@ def cold_start(args: dict[str, Any], timeout_s: float = 300) -> dict[str, Any]:
     """Run the child on ``args`` (bundle, tower, batch, runtime, format, threads, options, engine_dir)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "edge_msd.bench.coldstart", json.dumps(args)]
+    flags = ["-S"] if sys.flags.no_site else []  # the interpreter as this process was started
+    cmd = [sys.executable, *flags, "-m", "edge_msd.bench.coldstart", json.dumps(args)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:

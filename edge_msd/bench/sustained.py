@@ -22,7 +22,7 @@ def windows_p50(samples_ns: Sequence[int], window_s: float) -> list[dict[str, An
     if x.size == 0:
         return []
     ends = np.cumsum(x) / 1e9
-    index = np.minimum((ends // window_s).astype(int), int(ends[-1] // window_s))
+    index = np.maximum(np.ceil(ends / window_s - 1e-9).astype(int) - 1, 0)  # a call ending on a boundary
     out = []
     for w in np.unique(index):
         sel = x[index == w] / 1e6
