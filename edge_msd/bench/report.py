@@ -388,6 +388,7 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
             acc,
         ),
     ]
+    tables = [t for t in tables if t[2]]  # sections no run measured (no vendor tool, say) are left out
     md = ["# edge-msd benchmark report", ""]
     for title, head, body in tables:
         md += [f"## {title}", "", markdown(head, body), ""]

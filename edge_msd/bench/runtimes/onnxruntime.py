@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def _session_options(ort: Any, threads: int | None) -> Any:
 
 
 def profile_ops(profile: list[dict[str, Any]]) -> list[Op]:
-    """ONNX Runtime's profiling events (Chrome trace JSON) → one ``Op`` per node with its mean kernel time.
+    """ONNX Runtime's profiling events (Chrome trace JSON) → one ``Op`` per node with its median kernel time.
 
     Node events look like ``{"cat": "Node", "name": "/fc/MatMul_kernel_time", "dur": 12,
     "args": {"op_name": "MatMul", "provider": "CPUExecutionProvider", …}}`` (dur in µs).
@@ -52,7 +53,8 @@ def profile_ops(profile: list[dict[str, Any]]) -> list[Op]:
         args = ev.get("args") or {}
         kinds[node] = (str(args.get("op_name", "?")), str(args.get("provider", "?")))
         durations.setdefault(node, []).append(float(ev.get("dur", 0)) / 1000)
-    return [Op(n, kinds[n][0], kinds[n][1], sum(d) / len(d)) for n, d in durations.items()]
+    # the median, not the mean: the first profiled call carries one-off allocations
+    return [Op(n, kinds[n][0], kinds[n][1], statistics.median(d)) for n, d in durations.items()]
 
 
 class OrtSession(Session):
