@@ -686,7 +686,7 @@ LITERT_NODES = [
 
 
 def test_litert_ops_outside_the_delegate():
-    from edge_msd.bench.runtimes.litert import executed_ops
+    from edge_msd.delegation import executed_ops
 
     assert executed_ops(LITERT_NODES, [15]) == {4}
     assert executed_ops([n for n in LITERT_NODES if n["op_name"] != "DELEGATE"], [15]) == {0, 1, 2, 3, 4, 5}

@@ -8,9 +8,8 @@ import numpy as np
 
 from edge_msd.bench.placement import Op, summarise, unavailable
 from edge_msd.bench.runtimes.base import Backend, RuntimeMissing, Session
+from edge_msd.delegation import DELEGATE_OP, executed_ops
 from edge_msd.errors import ConfigError
-
-DELEGATE_OP = "DELEGATE"  # the node a delegate puts in place of the ops it took
 
 
 def _dist_version(dist: str) -> str | None:
@@ -34,26 +33,6 @@ def numpy_abi_problem(module: str | None) -> str | None:
         f"tflite-runtime {release} needs numpy 1.x but numpy {np.__version__} is installed: "
         'pip install "numpy<2" (or pip install ai-edge-litert, which works with numpy 2)'
     )
-
-
-def executed_ops(ops: list[dict[str, Any]], graph_outputs: list[int]) -> set[int]:
-    """Indices of the ops the interpreter runs itself (not inside a delegate).
-
-    A delegate appends a DELEGATE node per partition it took and leaves the original nodes listed; an
-    original op runs on its own iff its output is needed (by a DELEGATE node, an op that runs, or the
-    graph output) and no DELEGATE node produces it."""
-    delegates = [o for o in ops if o["op_name"] == DELEGATE_OP]
-    from_delegate = {int(t) for o in delegates for t in o["outputs"]}
-    producer = {int(t): o for o in ops if o["op_name"] != DELEGATE_OP for t in o["outputs"]}
-    todo = [int(t) for o in delegates for t in o["inputs"]] + [int(t) for t in graph_outputs]
-    ran: set[int] = set()
-    while todo:
-        t = todo.pop()
-        if t in from_delegate or t not in producer or producer[t]["index"] in ran:
-            continue
-        ran.add(producer[t]["index"])
-        todo += [int(i) for i in producer[t]["inputs"]]
-    return ran
 
 
 def _quant_params(detail: dict[str, Any]) -> tuple[float, int]:
