@@ -300,6 +300,8 @@ def test_litert_session_fp32_and_int8_io(tmp_path):
     y = s.run(s.prepare(x.numpy()))
     np.testing.assert_allclose(y, model(x).detach().numpy(), atol=1e-5)
     assert s.describe()["xnnpack"] is True
+    p = s.placement(None, 0)  # Flatten + Linear: XNNPACK takes every op
+    assert p["available"] and p["accelerator"] == "XNNPACK" and p["on_accelerator"] == p["ops"] > 0
 
 
 def test_litert_int8_quantize_and_dequantize():
