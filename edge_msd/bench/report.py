@@ -325,6 +325,42 @@ def _per_run(reports: list[dict[str, Any]], make_rows: Any) -> list[list[str]]:
     return [[_run_name(r), *row] for r in reports for row in make_rows(r)]
 
 
+def recall_rows(report: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for name, rec in (report.get("recall") or {}).items():
+        if isinstance(rec, dict):
+            out.append(
+                [name, *(_f(rec[d][k], ".2f") for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10"))]
+            )
+    for tower, p in (report.get("parity") or {}).items():
+        out.append(
+            [f"parity {tower}", f"min cos {p['min_cos']:.5f}", f"mean cos {p['mean_cos']:.5f}", *[""] * 4]
+        )
+    return out
+
+
+def _html(tables: list[tuple[str, list[str], list[list[str]]]], plots: list[Path]) -> str:
+    h = [
+        "<!doctype html><meta charset='utf-8'><title>edge-msd benchmark report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child{text-align:left}</style>",
+        "<h1>edge-msd benchmark report</h1>",
+    ]
+    for title, head, body in tables:
+        h.append(
+            f"<h2>{html.escape(title)}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+            + "</table>"
+        )
+    for p in plots:  # embedded, so the HTML is one file to share
+        data = base64.b64encode(p.read_bytes()).decode()
+        h.append(f"<h3>{html.escape(p.stem)}</h3><img alt='{p.stem}' src='data:image/png;base64,{data}'>")
+    return "\n".join(h) + "\n"
+
+
 def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Merge bench reports of several devices into ``report.md`` and ``report.html`` with plots."""
     from edge_msd.artifacts import atomic_write_text
@@ -347,35 +383,6 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
         ]
         for r, p in zip(reports, paths, strict=True)
     ]
-    acc = []
-    for r in reports:
-        for name, rec in (r.get("recall") or {}).items():
-            if isinstance(rec, dict):
-                acc.append(
-                    [
-                        _run_name(r),
-                        name,
-                        _f(rec["i2t"]["R@1"], ".2f"),
-                        _f(rec["i2t"]["R@5"], ".2f"),
-                        _f(rec["i2t"]["R@10"], ".2f"),
-                        _f(rec["t2i"]["R@1"], ".2f"),
-                        _f(rec["t2i"]["R@5"], ".2f"),
-                        _f(rec["t2i"]["R@10"], ".2f"),
-                    ]
-                )
-        for tower, p in (r.get("parity") or {}).items():
-            acc.append(
-                [
-                    _run_name(r),
-                    f"parity {tower}",
-                    f"min cos {p['min_cos']:.5f}",
-                    f"mean cos {p['mean_cos']:.5f}",
-                    "",
-                    "",
-                    "",
-                    "",
-                ]
-            )
     tables = [
         ("Runs", ["run", "CPU", "OS", "threads", "status", "file"], runs),
         ("Latency (ms) and throughput", ["run", *LATENCY_HEAD], _per_run(reports, latency_rows)),
@@ -385,7 +392,7 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
         (
             "Recall (%) and parity",
             ["run", "set", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10"],
-            acc,
+            _per_run(reports, recall_rows),
         ),
     ]
     tables = [t for t in tables if t[2]]  # sections no run measured (no vendor tool, say) are left out
@@ -396,24 +403,6 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
     md_path = out / "report.md"
     atomic_write_text(md_path, "\n".join(md) + "\n")
 
-    h = [
-        "<!doctype html><meta charset='utf-8'><title>edge-msd benchmark report</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child{text-align:left}</style>",
-        "<h1>edge-msd benchmark report</h1>",
-    ]
-    for title, head, body in tables:
-        h.append(
-            f"<h2>{html.escape(title)}</h2><table><tr>"
-            + "".join(f"<th>{html.escape(c)}</th>" for c in head)
-            + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-            + "</table>"
-        )
-    for p in plots:  # embedded, so the HTML is one file to share
-        data = base64.b64encode(p.read_bytes()).decode()
-        h.append(f"<h3>{html.escape(p.stem)}</h3><img alt='{p.stem}' src='data:image/png;base64,{data}'>")
     html_path = out / "report.html"
-    atomic_write_text(html_path, "\n".join(h) + "\n")
+    atomic_write_text(html_path, _html(tables, plots))
     return {"markdown": md_path, "html": html_path, **{p.stem: p for p in plots}}
