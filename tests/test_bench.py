@@ -302,6 +302,13 @@ def test_litert_session_fp32_and_int8_io(tmp_path):
     assert s.describe()["xnnpack"] is True
     p = s.placement(None, 0)  # Flatten + Linear: XNNPACK takes every op
     assert p["available"] and p["accelerator"] == "XNNPACK" and p["on_accelerator"] == p["ops"] > 0
+    from edge_msd.bench import vendor  # ai-edge-litert ships Google's Python benchmark tool
+
+    if vendor.find_tool("litert") == "ai_edge_litert.tools.benchmark_litert_model":
+        v = vendor.compare("litert", tmp_path / "m.tflite", 2, 1, 20, {"p50": 0.05}, [], {})
+        assert v["tool"] == "benchmark_litert_model" and v["n"] == 20, v
+        # this model is faster than the tool's 0.01 ms resolution: no ratio then, and it says why
+        assert v.get("ratio", 0) > 0 or v["error"].endswith("printed p50 0 ms: below its resolution")
 
 
 def test_litert_int8_quantize_and_dequantize():
@@ -798,8 +805,32 @@ P90 Latency: 0.000331 s
 """
 
 
+# ai-edge-litert 2.3's tools/benchmark_litert_model.py on a tflite bundle's image tower, here.
+BENCHMARK_LITERT_MODEL_OUT = """
+========================================
+ BENCHMARK RESULTS
+========================================
+Model initialization:  3.87 ms
+Warmup (first):        0.18 ms
+Warmup (avg):          0.06 ms (5 runs)
+Inference (avg):       0.02 ms (200 runs)
+Inference (min):       0.01 ms
+Inference (max):       0.07 ms
+Inference (median):    0.02 ms
+Inference (std):       0.00 ms
+Fully accelerated:     False
+========================================
+"""
+
+
 def test_vendor_parsers_on_recorded_output():
     from edge_msd.bench import vendor
+
+    assert vendor.parse_benchmark_litert_model(BENCHMARK_LITERT_MODEL_OUT) == {
+        "mean_ms": 0.02,
+        "n": 200,
+        "p50_ms": 0.02,
+    }
 
     assert vendor.parse_benchmark_model(BENCHMARK_MODEL_OUT) == pytest.approx(
         {"mean_ms": 63.7432, "n": 50, "p50_ms": 51.891}
@@ -841,8 +872,11 @@ def test_vendor_tool_beside_the_harness(bundle, tmp_path, monkeypatch):
         "5",
         "-x",
         "1",
-        str(bundle / "models/text.onnx"),
+        str(bundle / "models/image.onnx"),
     ]
+    assert (
+        report["towers"]["text"]["vendor"] is None
+    )  # int32 token input: the tools' random integers are no tokens
     assert "vendor tool beside the harness" in format_table(report)
     _fake_tool(tmp_path / "bin2", "benchmark_model", BENCHMARK_MODEL_OUT, log)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin2'}{os.pathsep}{os.environ['PATH']}")
