@@ -277,7 +277,7 @@ class _Run:
                 "options": self.options, "engine_dir": self.opts.engine_dir,
             })
         timed = self.report["towers"][tower]["measurements"][-1].get("latency_ms") or {}
-        if self.opts.vendor and timed.get("n"):
+        if self.opts.vendor and tower == "image" and timed.get("n"):  # the tools' random ints are no tokens
             path = self.files[tower][self._format(tower)]
             out["vendor"] = vendor.compare(
                 self.backend.name, path, batch, self.threads, timed["n"], timed,

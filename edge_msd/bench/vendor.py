@@ -4,8 +4,8 @@
 
 The tool runs the same model file at the same batch and threads; its p50 (its mean where it prints no
 median) is parsed from its standard output and set next to ours, so that a user sees whether the
-harness agrees with the tool they trust. The tools feed random values, so only towers with float inputs
-are compared (random integers are not token ids). Standard library only.
+harness agrees with the tool they trust. The tools feed random values, so only the image tower is
+compared (random integers are not token ids). Standard library only.
 """
 
 from __future__ import annotations
@@ -139,10 +139,10 @@ def compare(
     options: dict[str, Any],
     timeout_s: float = 300,
 ) -> dict | None:
-    """Run the runtime's vendor tool on a float-input model; None when there is no tool or the input is
-    integer. ``ours`` is the harness's ``latency_ms`` for the same batch."""
+    """Run the runtime's vendor tool if one is installed (else None). ``ours`` is the harness's
+    ``latency_ms`` for the same batch."""
     tool = find_tool(runtime)
-    if tool is None or not str((inputs or [{}])[0].get("dtype", "float32")).startswith("float"):
+    if tool is None:
         return None
     cmd = command(tool, model, batch, threads, iters, inputs, options)
     entry: dict[str, Any] = {"tool": tool.rsplit(".", 1)[-1], "command": " ".join(cmd)}
