@@ -9,7 +9,6 @@ minus before. Standard library + numpy + the runtime.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -37,7 +36,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     path = model_files(bundle.root, {tower: bundle.model(tower)}, engines)[tower][args["format"]]
     before = sysinfo.rss_mb()
     t0 = time.perf_counter_ns()
-    importlib.import_module(backend.module_name() or "")
+    backend.import_runtime()
     t1 = time.perf_counter_ns()
     after_import = sysinfo.rss_mb()
     session = backend().load(bundle.model(tower), path, args["threads"], batch, args["options"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -119,17 +120,17 @@ class LiteRtBackend(Backend):
     def unavailable_reason(cls) -> str | None:
         return super().unavailable_reason() or numpy_abi_problem(cls.module_name())
 
+    @classmethod
+    def import_runtime(cls) -> Any:
+        mod = cls.module_name()
+        return importlib.import_module("tensorflow.lite" if mod == "tensorflow" else f"{mod}.interpreter")
+
     def load(self, model_entry, path, threads, batch, options):
         mod = self.module_name()
         problem = numpy_abi_problem(mod)
         if problem:
             raise RuntimeMissing(problem)
-        if mod == "ai_edge_litert":
-            from ai_edge_litert import interpreter as tfl
-        elif mod == "tflite_runtime":
-            from tflite_runtime import interpreter as tfl
-        else:
-            import tensorflow.lite as tfl  # type: ignore[no-redef]
+        tfl = self.import_runtime()
         xnnpack = bool(options.get("xnnpack", True))
         kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": threads}
         if not xnnpack:
