@@ -283,23 +283,30 @@ def train_heads(
 def _encode(
     teacher: Any, dataset: Any, texts: list[str], batch: int = BATCH
 ) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's embeddings of every image of ``dataset`` and of ``texts``."""
     imgs = []
     for s in range(0, dataset.n_images, batch):
         x = torch.stack(
             [teacher.preprocess(dataset.load_image(i)) for i in range(s, min(s + batch, dataset.n_images))]
         )
         imgs.append(teacher.encode_image(x).numpy())
-    txts = [
-        teacher.encode_text(teacher.tokenize(texts[s : s + batch])).numpy()
-        for s in range(0, len(texts), batch)
-    ]
-    return np.concatenate(imgs), np.concatenate(txts)
+    return np.concatenate(imgs), _encode_texts(teacher, texts, batch)
 
 
-def attribute_probe(teacher: Any, dataset: Any, n_images: int) -> dict[str, Any]:
+def _encode_texts(teacher: Any, texts: list[str], batch: int = BATCH) -> np.ndarray:
+    return np.concatenate(
+        [
+            teacher.encode_text(teacher.tokenize(texts[s : s + batch])).numpy()
+            for s in range(0, len(texts), batch)
+        ]
+    )
+
+
+def attribute_probe(teacher: Any, dataset: Any, image_emb: np.ndarray, n_images: int) -> dict[str, Any]:
     """What the teacher tells apart: image vs. its caption and a twin with one attribute changed.
 
-    For each probed image, ``accuracy`` is how often the image is closer to its true caption than to
+    For each probed image (the first ``n_images``; ``image_emb``: the teacher's embeddings of the
+    dataset's images), ``accuracy`` is how often the image is closer to its true caption than to
     the twin (chance 50%); ``text_cosine`` is the mean cosine of the two captions' embeddings (near 1:
     the text side cannot tell them apart at all). Split by one/two-object scenes where both occur.
     """
@@ -309,7 +316,7 @@ def attribute_probe(teacher: Any, dataset: Any, n_images: int) -> dict[str, Any]
     twins = [dataset.counterfactuals(i) for i in range(n)]
     kinds = [k for k in twins[0] if k != "original"] if twins else []
     texts = [t["original"] for t in twins] + [t[k] for t in twins for k in kinds]
-    img, txt = _encode(teacher, _Subset(dataset, n), texts)
+    img, txt = image_emb[:n], _encode_texts(teacher, texts)
     orig, var = txt[:n], txt[n:].reshape(n, len(kinds), -1)
     n_obj = (
         np.asarray([len(dataset.scenes[i].objects) for i in range(n)]) if hasattr(dataset, "scenes") else None
@@ -327,16 +334,6 @@ def attribute_probe(teacher: Any, dataset: Any, n_images: int) -> dict[str, Any]
                     entry[f"accuracy_{k}obj"] = float(100 * right[n_obj == k].mean())
         out[kind] = entry
     return out
-
-
-class _Subset:
-    """The first ``n`` images of a dataset (for the probe)."""
-
-    def __init__(self, dataset: Any, n: int):
-        self.dataset, self.n_images = dataset, n
-
-    def load_image(self, i: int):
-        return self.dataset.load_image(i)
 
 
 def evaluate(
@@ -360,7 +357,7 @@ def evaluate(
             remap[rows] = np.arange(len(rows))
             caps = np.flatnonzero(sel[test.caption_image_index])
             out[name] = retrieval_metrics(img[rows], txt[caps], remap[test.caption_image_index[caps]])
-    out["attribute_probe"] = attribute_probe(teacher, test, probe_images)
+    out["attribute_probe"] = attribute_probe(teacher, test, img, probe_images)
     return out
 
 
@@ -458,21 +455,17 @@ def train_embeddings(
     ``encode_image`` / ``encode_text`` give, without running the towers again. With unlocked text
     layers the cached states are fp16, so the text side runs the whole text tower instead."""
     model = teacher.model
-    img = [
-        F.normalize(model.visual.head(feats[s : s + BATCH].to(teacher.device)), dim=-1).float().cpu()
-        for s in range(0, len(feats), BATCH)
-    ]
-    if unlocked_layers:
-        txt = [
-            teacher.encode_text(teacher.tokenize(captions[s : s + BATCH]))
-            for s in range(0, len(captions), BATCH)
+
+    def head(rows: torch.Tensor, proj: torch.nn.Module) -> np.ndarray:
+        out = [
+            F.normalize(proj(rows[s : s + BATCH].to(teacher.device)), dim=-1).float().cpu()
+            for s in range(0, len(rows), BATCH)
         ]
-    else:
-        txt = [
-            F.normalize(model.text.proj(states[s : s + BATCH].to(teacher.device)), dim=-1).float().cpu()
-            for s in range(0, len(states), BATCH)
-        ]
-    return torch.cat(img).numpy(), torch.cat(txt).numpy()
+        return torch.cat(out).numpy()
+
+    img = head(feats, model.visual.head)
+    txt = _encode_texts(teacher, captions) if unlocked_layers else head(states, model.text.proj)
+    return img, txt
 
 
 def write_split_cache(
