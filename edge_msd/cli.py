@@ -137,6 +137,7 @@ def eval_cmd(cfg: EvalConfig) -> None:
     from edge_msd.artifacts import atomic_write_json
     from edge_msd.distill.run import evaluate_model, print_eval
 
+    cfg = cfg.resolved()
     result = evaluate_model(cfg.model, cfg.data, cfg.split)
     print_eval(result)
     if cfg.json:
@@ -150,10 +151,12 @@ from edge_msd.quant.config import CalibrateConfig, QuantConfig  # noqa: E402
 @main.command("calibrate")
 @config_command(CalibrateConfig, section="calibrate")
 def calibrate_cmd(cfg: CalibrateConfig) -> None:
-    """(Re)build a calibration-set manifest: stratified sample ids, seed, sha256 (see calibration/)."""
+    """(Re)build a calibration-set manifest (stratified sample ids, seed, sha256) of the student's data,
+    by default at runs/calibration/<data>.json, where qat, ptq and export look for it."""
     from edge_msd.data import open_dataset
     from edge_msd.quant.calibration import build_calibration_set, save_calibration_set
 
+    cfg = cfg.resolved()
     cs = build_calibration_set(
         open_dataset(cfg.data, cfg.split), cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples
     )
@@ -165,6 +168,7 @@ def calibrate_cmd(cfg: CalibrateConfig) -> None:
 def _quantize(cfg: QuantConfig, report: bool) -> None:
     from edge_msd.quant.pipeline import quantize_student
 
+    cfg = cfg.resolved()
     out = quantize_student(cfg)
     click.echo(f"{out}: {cfg.method} int8 student for target {cfg.target!r}")
     if report:
