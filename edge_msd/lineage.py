@@ -33,6 +33,9 @@ class StudentRecord:
     splits: dict[str, str | None] = field(default_factory=dict)
 
     def need_data(self, option: str = "--data") -> str:
+        if not self.data and not self.folder.is_dir():
+            raise ArtifactError(f"{self.folder}: student folder not found, so there is no recorded data spec "
+                                f"to default to; pass --student DIR or {option} SPEC")
         if not self.data:
             raise ConfigError(
                 f"{self.folder / MANIFEST}: the student records no data spec (no manifest, or one from an "
@@ -45,7 +48,7 @@ class StudentRecord:
 
 
 def read_student_record(folder: str | Path) -> StudentRecord:
-    """The lineage of the student at ``folder``; a folder without a manifest records nothing."""
+    """The lineage of the student at ``folder``; a missing folder or manifest records nothing."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():

@@ -184,8 +184,8 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
     art_manifest = read_quantized(Path(cfg.quantized), profile, exporter) if cfg.quantized else None
     student_dir = (Path(cfg.student) if cfg.student else
                    Path(art_manifest["student"]["source"]) if art_manifest else cfg.student_dir())
-    cfg = cfg.resolved(student_dir, need_data=dataset is None)
     student = load_student(student_dir)
+    cfg = cfg.resolved(student_dir, need_data=dataset is None)
     if profile.resolution != "student" and tuple(student.preprocess.size) != (profile.resolution,) * 2:
         raise ConfigError(f"{profile.source}: resolution {profile.resolution} differs from the student's "
                           f"{student.preprocess.size}; use \"student\" or re-train at that size")
