@@ -72,7 +72,6 @@ def test_tflite_fp32_bundle_parity(tmp_path, student_dir):
     assert m["models"]["text"]["inputs"][0]["dtype"] == "int32"
 
 
-@pytest.mark.slow
 def test_tflite_fp16_parity(tmp_path, student_dir):
     m = _export(tmp_path, student_dir, "tflite", "fp16")
     assert m["parity"]["passed"], m["parity"]
