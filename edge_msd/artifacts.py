@@ -19,10 +19,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edge_msd import __version__
-from edge_msd.errors import ArtifactError
+from edge_msd.errors import ArtifactError, StorageError, storage_message
 
 MANIFEST = "manifest.json"
 
@@ -39,20 +39,62 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def current_umask() -> int:
+    # Python has no getter: set a strict mask for an instant (never a looser one), then restore it.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike, within: Path | None = None) -> Iterator[None]:
+    """Turn an OSError the user can fix into a StorageError naming what failed; other OSErrors pass.
+
+    ``path`` is what is being written, ``within`` the temp folder that becomes ``path`` (atomic_dir).
+    """
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as e:
+        msg = storage_message(e, _failed_path(Path(path), e.filename, within))
+        if msg is None:
+            raise
+        raise StorageError(f"{msg} (nothing already there was changed)") from e
+
+
+def _failed_path(path: Path, filename: str | None, within: Path | None) -> Path:
+    if not filename:
+        return path
+    failed = Path(filename)
+    if within is not None and failed.is_relative_to(within):
+        return path / failed.relative_to(within)  # named as it will be once renamed
+    if within is not None or path.is_relative_to(failed):
+        return failed  # a file read on the way, or a parent folder that cannot be made
+    return path  # the temp file beside ``path``
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``path`` (mode 0666 & ~umask) once the block ends without error."""
+    path = Path(path)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -68,25 +110,40 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename.
 
     An existing ``final`` is refused unless ``force``; with ``force`` it is only removed once the
-    new folder is complete, so a failure never loses what was there.
+    new folder is complete, so a failure never loses what was there. A file at ``final`` is always
+    refused. The folder gets mode 0777 & ~umask, like one made by mkdir.
     """
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ArtifactError(f"{final} is a file, expected a folder for this output; choose another path")
     if final.exists() and not force:
         raise ArtifactError(f"{final} already exists; pass --force to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    with storage_errors(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        with storage_errors(final, tmp):
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+            yield tmp
+            _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is put back if the second rename fails."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def git_revision() -> str | None:
@@ -161,12 +218,21 @@ def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict:
     return manifest
 
 
+def is_inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``root`` or lies under it once ``..`` and symlinks are resolved."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
 def verify_files(folder: str | os.PathLike, manifest: dict | None = None) -> None:
-    """Raise ArtifactError naming the first file that is missing or whose sha256 differs."""
+    """Raise ArtifactError naming the first file that lies outside ``folder``, is missing or whose
+    sha256 differs."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     for rel, expected in manifest.get("files", {}).items():
         p = folder / rel
+        if not is_inside(folder, p):
+            raise ArtifactError(f"{folder / MANIFEST}: file {rel!r} lies outside the artifact")
         if not p.is_file():
             raise ArtifactError(f"{p}: listed in {MANIFEST} but missing")
         actual = sha256_file(p)

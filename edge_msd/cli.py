@@ -11,23 +11,38 @@ from pathlib import Path
 import click
 
 from edge_msd import __version__
-from edge_msd.errors import EdgeMSDError
+from edge_msd.errors import EdgeMSDError, storage_message
+from edge_msd.quiet import known_noise_hidden
 
 
 class _Group(click.Group):
-    """Turns EdgeMSDError into one clear line on stderr and exit status 2 (no traceback)."""
+    """Runs a verb with known-harmless third-party noise hidden (unless -v); problems the user can fix
+    become one line on stderr and exit status 2: an EdgeMSDError, or an OSError such as a read-only
+    or full disk (other exceptions are bugs and keep their traceback)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
-            return super().invoke(ctx)
+            with known_noise_hidden(not ctx.params.get("verbose")):
+                return super().invoke(ctx)
         except EdgeMSDError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except OSError as e:
+            message = storage_message(e)
+            if message is None:
+                raise
+            _fail(message)
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="edge-msd")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="also show the known-harmless warnings and log lines of third-party libraries")
+def main(verbose: bool) -> None:
     """Distil a CLIP-style teacher into a small student, quantize and export it per device, and
     benchmark it on the device.
 
@@ -235,12 +250,50 @@ def bundle_group() -> None:
 
 @bundle_group.command("verify")
 @click.argument("path", type=click.Path(exists=True))
-def bundle_verify_cmd(path: str) -> None:
-    """Check a bundle's manifest and the sha256 of every file (names the first that differs)."""
+@click.option("--expect-digest", metavar="HEX", default=None,
+              help="refuse the bundle unless its digest (sha256 of the canonical manifest) is HEX")
+@click.option("--public-key", type=click.Path(dir_okay=False), default=None,
+              help="Ed25519 public key (PEM): refuse the bundle unless manifest.sig verifies with it")
+def bundle_verify_cmd(path: str, expect_digest: str | None, public_key: str | None) -> None:
+    """Check a bundle by the rules the benchmark applies: kind and schema, every path inside the bundle,
+    every file's sha256, no unlisted file; print its digest (docs/bundle.md)."""
     from edge_msd.export.bundle import verify_bundle
 
-    m = verify_bundle(path)
+    checked = verify_bundle(path, expect_digest, public_key)
+    m = checked.manifest
     click.echo(f"ok: {path} ({len(m['files'])} files, target {m['target']['name']})")
+    click.echo(f"digest: {checked.digest}")
+    if checked.signature:
+        sig = checked.signature
+        click.echo(f"signature: {sig['algorithm']}, key {sig['key_id']}, verified")
+
+
+@bundle_group.command("keygen")
+@click.argument("private_key", type=click.Path(dir_okay=False))
+@click.option("--public", "public_key", type=click.Path(dir_okay=False), default=None,
+              help="public key file [default: PRIVATE_KEY with .pub.pem]")
+def bundle_keygen_cmd(private_key: str, public_key: str | None) -> None:
+    """Make an Ed25519 key pair for signing bundles: PRIVATE_KEY (PEM, mode 0600; keep it secret) and its
+    public key (PEM; give it to the devices)."""
+    from edge_msd.bench.signing import generate_keys
+
+    private = Path(private_key)
+    public = Path(public_key or private.with_name(private.name.removesuffix(".pem") + ".pub.pem"))
+    kid = generate_keys(private, public)
+    click.echo(f"private key: {private}\npublic key: {public}\nkey id: {kid}")
+
+
+@bundle_group.command("sign")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--key", "private_key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Ed25519 private key (PEM, from `edge-msd bundle keygen`)")
+def bundle_sign_cmd(bundle: str, private_key: str) -> None:
+    """Verify a bundle, then sign its digest: writes BUNDLE/manifest.sig (and re-packs BUNDLE.tar.gz if
+    there is one); check with `bundle verify --public-key` or `bench --public-key`."""
+    from edge_msd.export.bundle import sign_bundle
+
+    sig = sign_bundle(bundle, private_key)
+    click.echo(f"signed: {bundle} (digest {sig['digest']}, key {sig['key_id']})")
 
 
 @main.command("build-engine")

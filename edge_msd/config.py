@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 import tomllib
 
-from edge_msd.errors import ConfigError
+from edge_msd.errors import ConfigError, storage_message
 
 C = TypeVar("C")
 
@@ -73,12 +73,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a UTF-8 TOML file; a missing, unreadable, non-UTF-8 or invalid file is a ConfigError."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = path.read_bytes()
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file not found") from e
+    except OSError as e:
+        raise ConfigError(storage_message(e, path) or f"{path}: cannot read the config file ({e})") from e
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); TOML files are UTF-8: save it as UTF-8"
+        ) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -246,6 +247,26 @@ def test_corrupt_and_truncated_images_raise_bad_sample(csv_dir: Path):
         assert e.value.image_index == i
 
 
+def test_csv_image_paths_outside_the_root_are_refused_unless_allowed(tmp_path: Path):
+    write_image(tmp_path / "secret.png", GREEN)
+    ds_dir = tmp_path / "ds"
+    write_image(ds_dir / "img" / "a.png", RED)
+    (ds_dir / "img" / "link.png").symlink_to(tmp_path / "secret.png")
+    escapes = ["../secret.png", str(tmp_path / "secret.png"), "img/link.png", "img/../../secret.png"]
+    for rel in escapes:
+        (ds_dir / "p.csv").write_text(f"filepath,title\nimg/a.png,red\n{rel},hidden\n")
+        spec = f"csv:{ds_dir / 'p.csv'}"
+        refused = f"p.csv:3: image path '{rel}' leads outside the dataset root {ds_dir}; "
+        with pytest.raises(DataError, match=re.escape(refused) + ".*allow_outside_root=1"):
+            open_dataset(spec)
+        skipped = open_dataset(spec, skip_bad=True)
+        assert skipped.image_keys == ["img/a.png"] and "outside" in skipped.skipped[0]["reason"]
+        allowed = open_dataset(spec + "?allow_outside_root=1")
+        assert allowed.image_keys == ["img/a.png", rel] and close(mean_colour(allowed.load_image(1)), GREEN)
+    (ds_dir / "p.csv").write_text("filepath,title\nimg/./a.png,red\n")
+    assert open_dataset(f"csv:{ds_dir / 'p.csv'}").n_images == 1  # inside, however spelled
+
+
 # ---- Karpathy JSON ------------------------------------------------------------------------------
 
 
@@ -286,6 +307,18 @@ def test_flickr30k_karpathy_with_root(tmp_path: Path):
     assert val.image_keys == ["im2.jpg"] and close(mean_colour(val.load_image(0)), BLUE)
     with pytest.raises(DataError, match=r"images\[0\]\.filename: image file not found"):
         open_dataset(f"flickr30k:{moved}", "train")  # default root: the JSON's folder, no images there
+
+
+def test_karpathy_image_paths_outside_the_root_are_refused_unless_allowed(tmp_path: Path):
+    path = _karpathy(tmp_path / "coco", "coco")
+    write_image(tmp_path / "secret.jpg", GREEN, "JPEG")
+    doc = json.loads(path.read_text())
+    doc["images"][3].update(filepath="..", filename="secret.jpg")
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"images\[3\]\.filename: image path '\.\./secret.jpg' leads outside"):
+        open_dataset(f"coco:{path}", "test")
+    ds = open_dataset(f"coco:{path}?allow_outside_root=true", "test")
+    assert ds.image_keys == ["../secret.jpg"] and close(mean_colour(ds.load_image(0)), GREEN)
 
 
 def test_karpathy_wrong_shape_names_field(tmp_path: Path):

@@ -113,6 +113,7 @@ def test_tensorrt_onnx_checks(tmp_path, student):
     entries = TensorRTExporter().export(ExportRequest(student, load_target("jetson"), "fp16"), tmp_path)
     for e in entries.values():
         assert e["tensorrt_check"]["opset"] == 17 and e["tensorrt_check"]["qdq_pairs"] == 0
+        assert e["outputs"][0]["shape"] == [-1, 32]  # dynamic batch, the student's embedding width
         assert all(i["dtype"] != "int64" for i in e["inputs"] + e["outputs"])
     with pytest.raises(ArtifactError, match="no QuantizeLinear"):
         check_tensorrt_onnx(tmp_path / entries["image"]["file"], expect_qdq=True)
@@ -125,6 +126,7 @@ def test_tensorrt_int8_bundle_is_qdq_onnx(tmp_path, student_dir, calibration):
     for tower in ("image", "text"):
         e = m["models"][tower]
         assert e["precision"] == "int8" and e["tensorrt_check"]["qdq_pairs"] > 0
+        assert e["outputs"][0]["shape"] == [-1, 32]
         graph = onnx.load(str(tmp_path / "jetson" / e["file"])).graph
         assert "QuantizeLinear" in {n.op_type for n in graph.node}
     assert m["parity"]["passed"] and m["quantization"]["recipe"]["name"] == "tensorrt-int8-qdq"
@@ -162,13 +164,20 @@ def test_build_engine_without_tensorrt_says_so(tmp_path, student_dir):
 
 
 def test_coreml_spec(tmp_path, student_dir):
+    from edge_msd.export.bundle import verify_bundle
+
     m = _export(tmp_path, student_dir, "coreml")
+    assert verify_bundle(tmp_path / "coreml").manifest == m  # .mlpackage folders: every file listed
     text = m["models"]["text"]
     assert text["precision"] == "fp16" and text["inputs"][0]["dtype"] == "int32"
     ops = text["coreml_check"]["ops"]
     assert set(ops["layer_norm"]) == {"FLOAT32"} and set(ops["softmax"]) == {"FLOAT32"}
     assert "FLOAT16" in ops["linear"]
     assert m["parity"]["passed"] is None and "macOS" in m["parity"]["skipped"]
+    for tower in ("image", "text"):  # the L2 norm: fp32 from reduce_l2_norm through its clamp to the divide
+        assert m["models"][tower]["coreml_check"]["l2_norms_fp32"] == 1
+        ops = m["models"][tower]["coreml_check"]["ops"]
+        assert set(ops["maximum"]) == set(ops["tile"]) == set(ops["reduce_l2_norm"]) == {"FLOAT32"}
 
 
 def test_coreml_int8_w8a8_bundle(tmp_path, student_dir, calibration):
@@ -188,6 +197,7 @@ def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
     """Every export option can come from a file ([export] table); the command line wins."""
     from click.testing import CliRunner
 
+    from edge_msd.bench.integrity import bundle_digest
     from edge_msd.cli import main
 
     conf = tmp_path / "export.toml"
@@ -196,6 +206,7 @@ def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
     res = CliRunner().invoke(main, ["export", "--config", str(conf), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert f"bundle digest: {bundle_digest(m)}" in res.output  # the export summary prints it
     assert m["config"]["target"] == "onnx" and m["config"]["probe_images"] == 4
     assert m["config"]["out"] == str(tmp_path / "b") and not (tmp_path / "ignored").exists()
     assert m["parity"]["probe"]["images"] == 4 and m["quantization"] is None and m["calibration"] is None

@@ -311,7 +311,7 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
             "--out", str(bundle), "--allow-parity-fail"]  # 3 QAT steps from random weights: parity is noise
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    m = verify_bundle(bundle)
+    m = verify_bundle(bundle).manifest
     art_manifest = json.loads((art / "manifest.json").read_text())
     assert m["student"]["sha256"] == art_manifest["student"]["sha256"]  # the float student, found from ART
     for name in ("image", "text"):
@@ -343,7 +343,7 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
         f.write(b"\0")
     res = CliRunner().invoke(main, [*args, "--force"])
     assert res.exit_code == 2 and "text.onnx" in res.output
-    assert verify_bundle(bundle)["files"] == m["files"]  # the failed exports left the bundle alone
+    assert verify_bundle(bundle).manifest["files"] == m["files"]  # the failed exports left the bundle alone
 
 
 def test_tflite_qat_through_trainer_then_report(tmp_path):
@@ -396,3 +396,68 @@ def test_tflite_dynamic_range_fallback_converts_and_runs(towers, batches, tmp_pa
     assert entry["quantization"] == "dynamic-range" and entry["inputs"][0]["dtype"] == "float32"
     out = run_tflite(tmp_path / "image.tflite", batches[0][1].numpy())
     assert cosine_to(towers[0](batches[0][1]).detach(), torch.from_numpy(out)) > 0.98
+
+
+class _Payload:
+    """A pickle that makes a folder when unpickled: what a planted artifact would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_coreml_report_reads_safetensors_state_and_refuses_planted_pickles(tmp_path):
+    """The Core ML rows rebuild fake-quant towers from the artifact's state: it is safetensors, hashed in
+    the manifest, and a pickle put in its place (listed or not) is refused without being unpickled."""
+    import pickle
+
+    from export_helpers import make_tiny_student
+
+    from edge_msd.artifacts import sha256_file
+    from edge_msd.quant.config import QuantConfig
+    from edge_msd.quant.pipeline import STATE_FILE, quantize_student
+    from edge_msd.quant.report import quant_report
+
+    student = make_tiny_student(tmp_path / "student")
+    cal = save_calibration_set(build_calibration_set(open_dataset(DATA, "train"), 32), tmp_path / "cal.json")
+    common = dict(student=str(student), calibration=str(cal), data=DATA)
+    out = str(tmp_path / "qat" / "coreml-ptq")
+    art = quantize_student(QuantConfig(target="coreml", method="ptq", calib_batch=16, out=out, **common))
+
+    def report() -> dict:
+        return quant_report(["coreml"], out=tmp_path / "qat", n_images=8, **common)
+
+    rows = {r["variant"]: r for r in report()["rows"]}
+    assert rows["ptq"]["measured_with"] == "fake-quant torch" and 0 <= rows["ptq"]["mean_R@1"] <= 100
+    assert not list(art.rglob("*.pt"))
+
+    manifest_path = art / "manifest.json"
+    original = manifest_path.read_text()
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(marker))
+
+    def plant(name: str, listed: bool) -> None:
+        (art / name).write_bytes(payload)
+        m = json.loads(original)
+        if listed:
+            del m["files"][STATE_FILE]
+            m["files"][name] = sha256_file(art / name)
+        manifest_path.write_text(json.dumps(m))
+
+    plant(STATE_FILE, listed=False)  # hash no longer matches
+    with pytest.raises(ArtifactError, match=f"{STATE_FILE}: sha256 .* differs from manifest"):
+        report()
+    plant(STATE_FILE, listed=True)  # hash updated to match: still not safetensors
+    with pytest.raises(ArtifactError, match=f"{STATE_FILE}: not a safetensors file"):
+        report()
+    (art / STATE_FILE).unlink()
+    plant("quantized_state.pt", listed=True)  # the old pickle layout
+    with pytest.raises(ArtifactError, match=f"no {STATE_FILE} in its manifest"):
+        report()
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload was live: unpickling it would have run
+    assert marker.is_dir()

@@ -203,7 +203,9 @@ def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
     before = (out / "manifest.json").stat().st_mtime_ns
     assert fit_demo_teacher(cfg) == out and (out / "manifest.json").stat().st_mtime_ns == before
 
-    # Plain open_clip loads it, and the locked parts still hold the pre-trained weights.
+    # Plain open_clip loads it (run from the folder: its HF text config is "." there), and the locked
+    # parts still hold the pre-trained weights.
+    monkeypatch.chdir(out)
     model = open_clip.create_model(f"local-dir:{out}")
     trunk_sd = model.visual.trunk.state_dict()
     src = [v for k, v in efficientnet_lite0_weights().items() if not k.startswith("_fc.")]
@@ -227,6 +229,32 @@ def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
     x = _images(t)  # not a blank image: its ReLU6 features pool to exactly zero
     assert x.shape == (3, 3, 32, 32)
     torch.testing.assert_close(t.encode_image(x).norm(dim=1), torch.ones(3))
+
+
+def test_demo_teacher_folder_is_relocatable(tiny_fit, tmp_path):
+    """A copy of the teacher folder loads and embeds the same with the original gone: nothing in its
+    open_clip config points outside the folder."""
+    import shutil
+
+    from edge_msd.teachers.open_clip_teacher import load_local_dir
+
+    _, out = tiny_fit
+    text_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "."
+    original = load_local_dir("original", out)
+    x = _images(original)
+    want = original.encode_image(x), original.encode_text(original.tokenize(TEXTS))
+    copy = tmp_path / "elsewhere" / "teacher"
+    shutil.copytree(out, copy)
+    hidden = out.with_name("teacher-hidden")
+    out.rename(hidden)
+    try:
+        moved = load_local_dir("copy", copy)
+        got = moved.encode_image(x), moved.encode_text(moved.tokenize(TEXTS))
+    finally:
+        hidden.rename(out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_cached_text_path_equals_full_text_tower(tmp_path):

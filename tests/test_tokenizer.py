@@ -6,6 +6,7 @@ import ftfy
 import pytest
 from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
+import edge_msd.bench.tokenizer as tok_module
 from edge_msd.bench.tokenizer import Tokenizer
 
 CAPTIONS = [
@@ -61,14 +62,96 @@ def test_long_caption_truncated_with_eot(tokenizers):
     assert len(row) == 32 and row[0] == mine.sot_token_id and row[-1] == mine.eot_token_id
 
 
+def _random_unicode(rng: random.Random, n: int) -> list[str]:
+    """Strings over all of Unicode: lone and paired surrogates, unassigned and recent code points, a few
+    spaces and ASCII letters so that words form."""
+    def char() -> str:
+        r = rng.random()
+        if r < 0.1:
+            return chr(rng.randint(0xD800, 0xDFFF))  # a lone surrogate (or half of a pair)
+        if r < 0.15:
+            return " "
+        if r < 0.3:
+            return rng.choice("abcxyz'&;#<>")
+        return chr(rng.choice([rng.randint(0, 0x2FFFF), rng.randint(0, 0x10FFFF)]))
+
+    return ["".join(char() for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def _no_mojibake(text: str) -> bool:
+    return ftfy.fix_text(text) == ftfy.fix_text(text, fix_encoding=False)
+
+
+def test_any_str_gives_open_clips_ids(tokenizers):
+    """Never a crash (lone surrogates included) and open_clip's ids, except ftfy's mojibake repair."""
+    ref, mine = tokenizers
+    assert mine.encode("a\ud83d\ude00b \udc00 \ud800") == ref.encode("a\ud83d\ude00b \udc00 \ud800")
+    checked = 0
+    for text in _random_unicode(random.Random(2), 600):
+        if _no_mojibake(text):
+            assert mine(text)[0] == ref(text)[0].tolist(), repr(text)
+            checked += 1
+    assert checked > 500
+
+
+def _newer_letter() -> str | None:
+    """A letter that `regex` knows and this Python's unicodedata does not (None if there is none)."""
+    import unicodedata
+
+    import regex
+
+    letter = regex.compile(r"\p{L}")
+    return next((chr(c) for c in range(0x250, 0x30000)
+                 if unicodedata.category(chr(c)) == "Cn" and letter.match(chr(c))), None)
+
+
+def test_without_regex_same_ids_up_to_newer_unicode(tokenizers, monkeypatch):
+    """The stdlib pattern matches open_clip on every character this Python's Unicode tables know; a letter
+    newer than those tables is the documented difference (split off its word)."""
+    import unicodedata
+
+    import regex
+
+    ref, mine = tokenizers
+    known = regex.compile(r"[\p{Cn}\p{Cs}]")  # unassigned for regex: the same category in both tables
+    monkeypatch.setattr(tok_module, "_regex_pattern", lambda: None)
+    checked = 0
+    for text in _random_unicode(random.Random(3), 600) + CAPTIONS:
+        newer = any(unicodedata.category(c) == "Cn" and not known.match(c) for c in text)
+        if _no_mojibake(text) and not newer:
+            assert mine(text)[0] == ref(text)[0].tolist(), repr(text)
+            checked += 1
+    assert checked > 300
+    assert mine("a\u0345b")[0] == ref("a\u0345b")[0].tolist()  # U+0345: neither letter nor symbol in regex
+    new = _newer_letter()
+    if new is None:
+        pytest.skip(f"Python's Unicode {unicodedata.unidata_version} knows every letter regex knows")
+    assert tok_module.pre_tokenize(f"ab{new}cd") == ["ab", new, "cd"]
+    monkeypatch.undo()
+    assert tok_module.pre_tokenize(f"ab{new}cd") == [f"ab{new}cd"] == ref.pat.findall(f"ab{new}cd")
+
+
+def test_vocab_name_must_stay_in_the_folder(tmp_path):
+    import json
+
+    meta = {"vocab": "../../etc/vocab.txt.gz", "context_length": 8, "sot_token": 49406, "eot_token": 49407}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="must be a file name"):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_module_imports_stdlib_only():
+    """Module level: the standard library only (the benchmark binary); `regex` only inside a function."""
     import ast
     import sys
     from pathlib import Path
 
-    import edge_msd.bench.tokenizer as mod
+    tree = ast.parse(Path(tok_module.__file__).read_text())
 
-    tree = ast.parse(Path(mod.__file__).read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert names <= set(sys.stdlib_module_names) | {"__future__"}, names
+    def imported(nodes) -> set[str]:
+        names = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        return names | {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
+
+    allowed = set(sys.stdlib_module_names) | {"__future__"}
+    assert imported(tree.body) <= allowed
+    assert imported(ast.walk(tree)) <= allowed | {"regex"}

@@ -1,4 +1,4 @@
-"""Read a deploy bundle on the device (docs/bundle.md): verify it, preprocess its data in numpy.
+"""Read a deploy bundle on the device (docs/bundle.md): check it by the bundle rules, preprocess its data.
 
 Only the standard library and numpy: this module ships inside the benchmark binary.
 """
@@ -11,11 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_msd.artifacts import read_manifest, verify_files
+from edge_msd.bench.integrity import check_bundle
 from edge_msd.errors import ArtifactError
 
-BUNDLE_KIND = "edge-msd-bundle"
-BUNDLE_SCHEMA = 1
 TOWERS = ("image", "text")
 # Model formats by file suffix; a TensorRT engine (.plan) is built on the device, next to the ONNX.
 FORMATS = {
@@ -32,6 +30,8 @@ FORMATS = {
 class Bundle:
     root: Path
     manifest: dict[str, Any]
+    digest: str  # sha256 of the canonical manifest (edge_msd.bench.integrity)
+    signature: dict[str, str] | None = None  # set when a public key verified the bundle's signature
 
     def model(self, tower: str) -> dict[str, Any]:
         try:
@@ -63,23 +63,10 @@ class Bundle:
             return {k: z[k] for k in z.files}
 
 
-def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read the manifest and (by default) check every file's sha256; refuse a tampered bundle."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(f"{root}: bundle folder not found (unpack a .tar.gz bundle first)")
-    manifest = read_manifest(root, kind=BUNDLE_KIND)
-    version = manifest.get("schema_version")
-    if version != BUNDLE_SCHEMA:
-        raise ArtifactError(
-            f"{root}/manifest.json: bundle schema_version {version!r}; this benchmark reads "
-            f"schema {BUNDLE_SCHEMA} (use the edge-msd that wrote the bundle)"
-        )
-    if not manifest.get("models"):
-        raise ArtifactError(f"{root}/manifest.json: 'models' is missing or empty")
-    if verify:
-        verify_files(root, manifest)
-    return Bundle(root, manifest)
+def open_bundle(path: str | Path, expect_digest: str | None = None, public_key: str | None = None) -> Bundle:
+    """Read a bundle after the rule set that ``edge-msd bundle verify`` applies too (``check_bundle``)."""
+    checked = check_bundle(path, expect_digest, public_key)
+    return Bundle(Path(path), checked.manifest, checked.digest, checked.signature)
 
 
 def _input_layout(bundle: Bundle, tower: str) -> str:

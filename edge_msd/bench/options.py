@@ -30,6 +30,13 @@ class BenchOptions:
     )
     compute_units: str = _opt("all", "Core ML compute units: all | cpu_only | cpu_and_gpu | cpu_and_ne")
     xnnpack: bool = _opt(True, "LiteRT: apply the XNNPACK delegate")
+    expect_digest: str | None = _opt(
+        None, "refuse the bundle unless its digest (sha256 of the canonical manifest) is this hex value"
+    )
+    public_key: str | None = _opt(
+        None, "Ed25519 public key (PEM): refuse the bundle unless manifest.sig verifies with it "
+        "(needs the cryptography package)"
+    )
     engine_dir: str | None = _opt(None, "TensorRT: folder with <tower>.plan (default: the bundle's models/)")
     threads: int | None = _opt(
         None, "CPU threads of the runtime (default: the profile's, else the runtime's)"

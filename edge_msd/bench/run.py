@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edge_msd import __version__
-from edge_msd.artifacts import atomic_write_json, sha256_file
+from edge_msd.artifacts import atomic_write_json
 from edge_msd.bench import sysinfo
 from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs
 from edge_msd.bench.options import BenchOptions
@@ -131,7 +131,8 @@ class _Run:
             "device": {"label": opts.label or platform.node(), "host": platform.node()},
             "bundle": {
                 "path": str(bundle.root),
-                "manifest_sha256": sha256_file(bundle.root / "manifest.json"),
+                "digest": bundle.digest,  # sha256 of the canonical manifest (docs/bundle.md)
+                "signature": bundle.signature,  # {algorithm, key_id, digest} when --public-key verified it
                 "target": bundle.target.get("name"),
                 "student": (man.get("student") or {}).get("name"),
                 "models": {
@@ -287,7 +288,8 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
     """
     opts.validate()
     deadline = Deadline.after(opts.time_limit)
-    bundle = open_bundle(opts.bundle)  # checksums first: a tampered bundle is refused, file named
+    # the bundle rules first (digest, signature, checksums): a tampered bundle is refused, file named
+    bundle = open_bundle(opts.bundle, opts.expect_digest, opts.public_key)
     missing = sorted(set(opts.towers) - set(bundle.towers))
     if missing:
         raise ConfigError(

@@ -1,13 +1,17 @@
 """open_clip's CLIP BPE tokenizer with the standard library only (it ships to the device in the bundle).
 
-Gives the same ids as ``open_clip.SimpleTokenizer`` (clean="lower"): the same BPE merges and byte
-mapping, the same pre-tokenising pattern (``regex``'s ``\\p{L}``/``\\p{N}`` classes rebuilt from
-``unicodedata`` categories), and the text fixes ftfy applies by default (HTML entities, C1 controls,
-ligatures, character width, curly quotes, line breaks, terminal escapes, control characters, NFC),
-then open_clip's double ``html.unescape``, whitespace collapsing and lower-casing.
+Gives the same ids as ``open_clip.SimpleTokenizer`` (clean="lower") for any ``str``: the same BPE
+merges and byte mapping; the text fixes ftfy applies by default (HTML entities, C1 controls,
+ligatures, character width, curly quotes, line breaks, surrogates, terminal escapes, control
+characters, NFC), then open_clip's double ``html.unescape``, whitespace collapsing and lower-casing;
+and open_clip's pre-tokenising pattern, run by the ``regex`` package when it is installed (as it is
+wherever open_clip is), else rebuilt from this Python's ``unicodedata``.
 
-Known difference: ftfy's mojibake repair (text decoded in the wrong codec, e.g. "sÃ³" → "só") is
-not reproduced; feed the tokenizer correctly decoded UTF-8 text.
+Known differences: ftfy's mojibake repair (text decoded in the wrong codec, e.g. "sÃ³" → "só") is not
+reproduced; feed the tokenizer correctly decoded UTF-8 text. Without ``regex``, characters that this
+Python's Unicode tables (``unicodedata.unidata_version``) do not know yet but ``regex``'s do (letters
+and digits added in later Unicode versions) count as symbols, not as letters or digits: they are split
+off their word (``pip install regex`` removes the difference).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ _LIGATURES = {ord(k): v for k, v in {
 _WIDTH = {0x3000: " ", **{i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
                           if unicodedata.normalize("NFKC", chr(i)) != chr(i)}}
 _QUOTES = {0x02BC: "'", **{i: "'" for i in range(0x2018, 0x201C)}, **{i: '"' for i in range(0x201C, 0x2020)}}
+_SURROGATE_PAIR_RE = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_MAX_SEGMENT = 1_000_000  # ftfy's max_decode_length: lines longer than this are fixed in pieces
 
 
 @lru_cache(maxsize=1)
@@ -66,6 +73,18 @@ def _c1(ch: str) -> str:
         return ch
 
 
+def _join_surrogates(m: re.Match) -> str:
+    high, low = map(ord, m.group(0))
+    return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+
+
+def _fix_surrogates(text: str) -> str:
+    """Surrogate pairs → the character they encode; lone surrogates → U+FFFD (they cannot be UTF-8)."""
+    if _SURROGATE_RE.search(text):
+        text = _SURROGATE_RE.sub("\ufffd", _SURROGATE_PAIR_RE.sub(_join_surrogates, text))
+    return text
+
+
 def _fix_segment(text: str, unescape: bool) -> str:
     while True:
         orig = text
@@ -75,6 +94,7 @@ def _fix_segment(text: str, unescape: bool) -> str:
         text = text.translate(_LIGATURES).translate(_WIDTH).translate(_QUOTES)
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         text = re.sub("[\u2028\u2029\x85]", "\n", text)
+        text = _fix_surrogates(text)
         text = _ANSI_RE.sub("", text).translate(_CONTROL)
         text = unicodedata.normalize("NFC", text)
         if text == orig:
@@ -86,7 +106,7 @@ def fix_text(text: str) -> str:
     out, unescape = [], True
     pos = 0
     while pos < len(text):
-        end = text.find("\n", pos) + 1 or len(text)
+        end = min(text.find("\n", pos) + 1 or len(text), pos + _MAX_SEGMENT)
         segment = text[pos:end]
         unescape = unescape and "<" not in segment  # ftfy: a literal '<' means real HTML from here on
         out.append(_fix_segment(segment, unescape))
@@ -100,9 +120,28 @@ def clean(text: str) -> str:
     return " ".join(text.split()).strip().lower()
 
 
-# ---- pre-tokenising: 'specials|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+' -------
+# ---- pre-tokenising: open_clip's pattern; `regex` when installed, else the stdlib rebuild below ----------
+PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+@lru_cache(maxsize=1)
+def _regex_pattern():  # noqa: ANN202 - a regex.Pattern, or None without the package
+    """open_clip's compiled pattern with its own engine, whose Unicode tables may be newer than Python's."""
+    try:
+        import regex  # imported here: the benchmark binary ships without it
+    except ImportError:
+        return None
+    return regex.compile(PATTERN, regex.IGNORECASE)
+
+
 def _is_letter(ch: str) -> bool:
     return unicodedata.category(ch).startswith("L")
+
+
+def _is_skipped(ch: str) -> bool:
+    r"""Whitespace, and what regex's IGNORECASE keeps out of both ``[\p{L}]`` and ``[^\s\p{L}\p{N}]``:
+    a non-letter whose case variant is a letter (U+0345, which folds to iota)."""
+    return ch.isspace() or any(_is_letter(c) for c in {ch.casefold(), ch.upper()} if len(c) == 1)
 
 
 def _is_number(ch: str) -> bool:
@@ -110,6 +149,12 @@ def _is_number(ch: str) -> bool:
 
 
 def pre_tokenize(text: str) -> list[str]:
+    """Split ``text`` like open_clip: with ``regex`` exactly; without it by this Python's unicodedata."""
+    pattern = _regex_pattern()
+    return pattern.findall(text) if pattern is not None else _pre_tokenize_stdlib(text)
+
+
+def _pre_tokenize_stdlib(text: str) -> list[str]:
     out, i, n = [], 0, len(text)
     while i < n:
         for word in (SOT, EOT, *CONTRACTIONS):
@@ -126,11 +171,11 @@ def pre_tokenize(text: str) -> list[str]:
                     j += 1
             elif _is_number(ch):
                 pass
-            elif ch.isspace():
+            elif _is_skipped(ch):
                 i = j
                 continue
             else:
-                while j < n and not (text[j].isspace() or _is_letter(text[j]) or _is_number(text[j])):
+                while j < n and not (_is_skipped(text[j]) or _is_letter(text[j]) or _is_number(text[j])):
                     j += 1
             out.append(text[i:j])
             i = j
@@ -170,7 +215,10 @@ class Tokenizer:
         """Load a bundle's tokenizer/ folder (vocab + tokenizer.json)."""
         folder = Path(folder)
         meta = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        tok = cls(folder / meta["vocab"], meta["context_length"])
+        vocab = meta["vocab"]
+        if Path(str(vocab)).name != vocab or vocab in ("", ".", ".."):  # stays inside the bundle's folder
+            raise ValueError(f"{folder}/tokenizer.json: vocab {vocab!r} must be a file name in that folder")
+        tok = cls(folder / vocab, meta["context_length"])
         if (tok.sot_token_id, tok.eot_token_id) != (meta["sot_token"], meta["eot_token"]):
             raise ValueError(f"{folder}: vocabulary does not give the sot/eot ids in tokenizer.json")
         return tok

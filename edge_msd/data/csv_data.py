@@ -2,8 +2,10 @@
 
 Options: ``img_key`` (column of image paths, default ``filepath``), ``caption_key`` (default
 ``title``), ``sep`` (default ``,`` for .csv, tab otherwise), ``root`` (folder that relative image
-paths start from; default the CSV's folder), ``split_key`` (column holding each row's split; when
-the file has it, rows are filtered by it, otherwise the whole file is the split asked for).
+paths start from; default the CSV's folder), ``allow_outside_root`` (read image paths that lead
+outside ``root``: ``..``, absolute paths, symlinks; refused by default), ``split_key`` (column holding
+each row's split; when the file has it, rows are filtered by it, otherwise the whole file is the split
+asked for).
 ``{split}`` in the path is replaced by the split name (``csv:/data/{split}.csv``). Rows with the
 same image path form one image with several captions.
 """
@@ -18,7 +20,14 @@ from edge_msd.data.files import Collector, FileImageDataset, decode_utf8
 from edge_msd.data.spec import Spec, check_split, require_path, resolve_options
 from edge_msd.errors import ConfigError, DataError
 
-DEFAULTS = {"img_key": "filepath", "caption_key": "title", "sep": None, "root": None, "split_key": "split"}
+DEFAULTS = {
+    "img_key": "filepath",
+    "caption_key": "title",
+    "sep": None,
+    "root": None,
+    "split_key": "split",
+    "allow_outside_root": False,
+}
 STANDARD_SPLITS = ["train", "val", "test"]
 
 
@@ -52,7 +61,7 @@ def open_csv(spec: Spec, split: str, skip_bad: bool) -> FileImageDataset:
             )
     has_split = opts["split_key"] in columns
     root = Path(opts["root"]) if opts["root"] else path.parent
-    rows = Collector(skip_bad)
+    rows = Collector(skip_bad, root, opts["allow_outside_root"])
     splits_seen: set[str] = set()
     try:
         for row in reader:
@@ -70,14 +79,8 @@ def open_csv(spec: Spec, split: str, skip_bad: bool) -> FileImageDataset:
                     DataError(f"{where}: column {opts['img_key']!r}: image path is {problem}"), where=where
                 )
                 continue
-            rel = rel.strip()
-            rows.add(
-                rel,
-                str(root / rel),
-                row.get(opts["caption_key"]),
-                where,
-                f"{where}: column {opts['caption_key']!r}",
-            )
+            caption_where = f"{where}: column {opts['caption_key']!r}"
+            rows.add(rel.strip(), row.get(opts["caption_key"]), where, caption_where)
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     if has_split:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from edge_msd.artifacts import is_inside
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.errors import BadSampleError, DataError
 
@@ -76,15 +77,21 @@ class FileImageDataset(ImageTextDataset):
 
 
 class Collector:
-    """Builds the image/caption lists of a split from rows, in first-seen image order."""
+    """Builds the image/caption lists of a split from rows, in first-seen image order.
 
-    def __init__(self, skip_bad: bool, check_files: bool = True):
+    Image paths are relative to ``root``; one that leads outside it (``..``, an absolute path, a
+    symlink) is refused unless ``allow_outside_root``, so a captions file cannot make us read and
+    embed any file on the machine.
+    """
+
+    def __init__(self, skip_bad: bool, root: Path, allow_outside_root: bool = False):
         self.skip_bad = skip_bad
-        self.check_files = check_files
+        self.root = root
+        self.allow_outside_root = allow_outside_root
         self.images: dict[str, tuple[str, str]] = {}  # key -> (path, where first seen)
         self.captions: dict[str, list[str]] = {}
         self.skipped: list[dict] = []
-        self._missing: set[str] = set()
+        self._refused: set[str] = set()
 
     def bad(self, error: DataError, **record: object) -> None:
         """Raise ``error``, or record it and carry on when skipping bad samples."""
@@ -92,21 +99,34 @@ class Collector:
             raise error
         self.skipped.append({**record, "reason": str(error)})
 
-    def add(self, key: str, path: str, text: object, where: str, caption_where: str | None = None) -> None:
-        """One (image, caption) row; ``where`` names the row, ``caption_where`` the caption field."""
-        if key in self._missing:
+    def _image_problem(self, rel: str, path: str) -> str | None:
+        if not self.allow_outside_root and not is_inside(self.root, path):
+            return (
+                f"image path {rel!r} leads outside the dataset root {self.root}; set the option root=FOLDER "
+                "to the folder that holds the images, or allow_outside_root=1 if that is intended"
+            )
+        if not os.path.isfile(path):
+            return f"image file not found: {path}"
+        return None
+
+    def add(self, rel: str, text: object, where: str, caption_where: str | None = None) -> None:
+        """One (image, caption) row; ``rel`` is the image path under the root, ``where`` names the row,
+        ``caption_where`` the caption field."""
+        if rel in self._refused:
             return
-        if key not in self.images:
-            if self.check_files and not os.path.isfile(path):
-                self._missing.add(key)
-                self.bad(DataError(f"{where}: image file not found: {path}"), key=key, where=where)
+        if rel not in self.images:
+            path = str(self.root / rel)
+            problem = self._image_problem(rel, path)
+            if problem is not None:
+                self._refused.add(rel)
+                self.bad(DataError(f"{where}: {problem}"), key=rel, where=where)
                 return
-            self.images[key] = (path, where)
-            self.captions[key] = []
+            self.images[rel] = (path, where)
+            self.captions[rel] = []
         try:
-            self.captions[key].append(check_caption(text, caption_where or where))
+            self.captions[rel].append(check_caption(text, caption_where or where))
         except DataError as e:
-            self.bad(e, key=key, where=caption_where or where)
+            self.bad(e, key=rel, where=caption_where or where)
 
     def build(self, cls: type[FileImageDataset], spec: str, split: str, **extra: object) -> FileImageDataset:
         keys, paths, captions, owner = [], [], [], []

@@ -2,7 +2,8 @@
 
 Shape read: ``{"images": [{"filename": str, "filepath": str (COCO), "split": str,
 "sentences": [{"raw": str}, ...]}, ...]}``. Option ``root``: the image folder (default: the JSON's
-folder); an image's path is ``root/filepath/filename`` (COCO) or ``root/filename`` (Flickr30k).
+folder); an image's path is ``root/filepath/filename`` (COCO) or ``root/filename`` (Flickr30k), and
+one that leads outside ``root`` is refused unless ``allow_outside_root=1``.
 Splits: ``train`` (COCO: train + restval), ``val``, ``test``.
 """
 
@@ -29,7 +30,7 @@ def _expect(cond: bool, where: str, expected: str, got: object) -> None:
 
 
 def open_karpathy(spec: Spec, split: str, skip_bad: bool) -> FileImageDataset:
-    opts = resolve_options(spec, {"root": None})
+    opts = resolve_options(spec, {"root": None, "allow_outside_root": False})
     path = Path(require_path(spec, f"/data/dataset_{spec.kind}.json"))
     check_split(spec, split, SPLITS)
     try:
@@ -49,7 +50,7 @@ def open_karpathy(spec: Spec, split: str, skip_bad: bool) -> FileImageDataset:
     )
     root = Path(opts["root"]) if opts["root"] else path.parent
     members = _MEMBERS[spec.kind][split]
-    rows = Collector(skip_bad)
+    rows = Collector(skip_bad, root, opts["allow_outside_root"])
     for i, img in enumerate(doc["images"]):
         at = f"{name}: images[{i}]"
         _expect(isinstance(img, dict), at, "an object", img)
@@ -77,5 +78,5 @@ def open_karpathy(spec: Spec, split: str, skip_bad: bool) -> FileImageDataset:
             )
             continue
         for j, s in enumerate(sentences):
-            rows.add(rel, str(root / rel), s["raw"], f"{at}.filename", f"{at}.sentences[{j}].raw")
+            rows.add(rel, s["raw"], f"{at}.filename", f"{at}.sentences[{j}].raw")
     return rows.build(FileImageDataset, spec.text, split)

@@ -29,12 +29,15 @@ from rich.console import Console
 from edge_msd.artifacts import (
     MANIFEST,
     atomic_dir,
+    atomic_writer,
     file_hashes,
     producer_info,
     read_manifest,
     sha256_file,
     verify_files,
 )
+from edge_msd.bench.integrity import KIND, SCHEMA, SIGNATURE, Verified, bundle_digest, check_bundle
+from edge_msd.bench.signing import write_signature
 from edge_msd.config import TargetProfile, load_target
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.errors import ArtifactError, ConfigError
@@ -43,8 +46,6 @@ from edge_msd.export.config import ExportConfig
 from edge_msd.export.parity import parity_report
 from edge_msd.export.towers import Student, load_student
 
-KIND = "edge-msd-bundle"
-SCHEMA_VERSION = 1
 console = Console(stderr=True)
 
 
@@ -220,7 +221,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
         for entry in models.values():
             entry["size_bytes"] = _size(tmp / entry["file"])
         manifest = {
-            "kind": KIND, "schema_version": SCHEMA_VERSION, "producer": producer_info(),
+            "kind": KIND, "schema_version": SCHEMA, "producer": producer_info(),
             "config": asdict(cfg),
             "target": {k: v for k, v in asdict(profile).items() if k != "source"},
             "student": {"name": student.name, "source": student.source, "sha256": student.sha256},
@@ -266,15 +267,14 @@ def _size(path: Path) -> int:
 def pack(folder: Path) -> Path:
     """Write ``<folder>.tar.gz`` (atomically) holding the bundle under its folder name."""
     dest = folder.with_name(folder.name + ".tar.gz")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder.parent)
-    with open(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+    with atomic_writer(dest) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
         tar.add(folder, arcname=folder.name)
-    Path(tmp).replace(dest)
     return dest
 
 
-def verify_bundle(path: str | Path) -> dict:
-    """Check a bundle folder (or .tar.gz): kind, schema, every file's sha256, nothing unlisted."""
+def verify_bundle(path: str | Path, expect_digest: str | None = None, public_key: str | None = None
+                  ) -> Verified:
+    """Check a bundle folder (or .tar.gz) by the rule set the benchmark applies (``check_bundle``)."""
     path = Path(path)
     if path.is_file() and path.name.endswith(".tar.gz"):
         with tempfile.TemporaryDirectory() as d:
@@ -286,25 +286,25 @@ def verify_bundle(path: str | Path) -> dict:
             inner = [p for p in Path(d).iterdir() if p.is_dir()]
             if len(inner) != 1:
                 raise ArtifactError(f"{path}: expected one bundle folder inside")
-            return verify_bundle(inner[0])
-    manifest = read_manifest(path, KIND)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{path / MANIFEST}: schema_version {manifest.get('schema_version')!r}, "
-                            f"expected {SCHEMA_VERSION}")
-    verify_files(path, manifest)
-    extra = sorted(set(file_hashes_names(path)) - set(manifest["files"]) - {"engines.json", "timing.cache"})
-    extra = [e for e in extra if not e.endswith(".plan")]  # engines are built into the bundle on the device
-    if extra:
-        raise ArtifactError(f"{path / extra[0]}: not listed in {MANIFEST} (foreign file)")
-    return manifest
+            return verify_bundle(inner[0], expect_digest, public_key)
+    return check_bundle(path, expect_digest, public_key)
 
 
-def file_hashes_names(folder: Path) -> list[str]:
-    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
+def sign_bundle(path: str | Path, private_key: str | Path) -> dict[str, str]:
+    """Verify the bundle folder, then write its signature (``manifest.sig``); re-pack ``<bundle>.tar.gz``
+    when one lies beside it, so that the packed copy carries the signature too."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: sign a bundle folder (unpack a .tar.gz first)")
+    checked = check_bundle(path)
+    sig = write_signature(path / SIGNATURE, checked.digest, Path(private_key))
+    if path.with_name(path.name + ".tar.gz").is_file():
+        pack(path)
+    return sig
 
 
 def summary(manifest: dict, out: str) -> None:
-    """Print the export's sizes and parity as a rich table."""
+    """Print the export's sizes and parity as a rich table, and the bundle digest (from the written file)."""
     from rich.table import Table
 
     parity = manifest["parity"]
@@ -318,3 +318,4 @@ def summary(manifest: dict, out: str) -> None:
                       f"{p['min_cos']:.5f}" if p else "-", f"{p['mean_cos']:.5f}" if p else "-",
                       f"{p['delta_R@1']:+.2f}" if p else "-", status)
     console.print(table)
+    console.print(f"bundle digest: {bundle_digest(read_manifest(Path(out), KIND))}", soft_wrap=True)

@@ -1,7 +1,10 @@
 """Core ML ML Program (.mlpackage, iOS 17+) through coremltools: torch.export → ct.convert.
 
 fp16 is the default, with the ops that overflow in fp16 (LayerNorm, softmax, the reductions of the
-L2 norm: ``options.fp32_ops``) kept in fp32 through coremltools' op selector. int8 (W8A8) programs
+L2 norm: ``options.fp32_ops``) kept in fp32 through coremltools' op selector. The final L2 norm runs
+in fp32 end to end: ``reduce_l2_norm``, the clamp (``maximum``) and broadcast (``tile``) that
+``F.normalize`` puts before the divide, and the divide; ``spec_check`` verifies it in the saved
+program. int8 (W8A8) programs
 come from ``edge_msd.quant``'s LinearQuantizer recipe and are shipped with the same metadata and
 spec checks. Conversion and spec checks run on Linux; predictions need macOS (libcoremlpython), so
 parity runs there only.
@@ -38,6 +41,17 @@ DESCRIPTIONS = {"image": "RGB image, (x/255 - mean)/std, NCHW float32",
                 "text": "int32 CLIP BPE token ids: sot, tokens, eot, zero padding"}
 
 
+# ops that F.normalize puts between reduce_l2_norm and the divide: its clamp_min(eps) and expand_as
+_NORM_STEPS = ("maximum", "tile", "cast")
+
+
+def _after_l2_norm(op) -> bool:  # noqa: ANN001 - a coremltools MIL Operation
+    """True for the clamp and broadcast of an L2 norm, so that the op selector keeps them fp32 with it."""
+    while op is not None and op.op_type in _NORM_STEPS and "x" in op.inputs:
+        op = op.inputs["x"].op
+    return op is not None and op.op_type == "reduce_l2_norm"
+
+
 def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision: str, opts: dict):
     import coremltools as ct
 
@@ -47,7 +61,8 @@ def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision
         dtype = np.int32 if tower == "text" else np.float32
         fp32_ops = set(opts.get("fp32_ops", []))
         precision_arg = (ct.precision.FLOAT32 if precision == "fp32" else
-                         ct.transform.FP16ComputePrecision(op_selector=lambda op: op.op_type not in fp32_ops))
+                         ct.transform.FP16ComputePrecision(
+                             op_selector=lambda op: op.op_type not in fp32_ops and not _after_l2_norm(op)))
         try:
             return ct.convert(
                 ep, inputs=[ct.TensorType(name=INPUT_NAMES[tower], shape=example.shape, dtype=dtype)],
@@ -107,11 +122,40 @@ def spec_check(spec, path: Path, tower: str, precision: str, fp32_ops: list[str]
                     fp16_in_fp32_ops.append(op.type)
     if fp16_in_fp32_ops:
         raise ArtifactError(f"{path}: ops {sorted(set(fp16_in_fp32_ops))} run in fp16 but must stay fp32")
+    norms = l2_norm_dtypes([op for fn in spec.mlProgram.functions.values()
+                            for block in fn.block_specializations.values() for op in block.operations])
+    if any(set(dtypes.values()) != {"FLOAT32"} for dtypes in norms):
+        raise ArtifactError(f"{path}: the L2 norm of the embedding does not run in fp32 from reduce_l2_norm "
+                            f"to the divide: {norms}")
     if precision == "fp16" and not any("FLOAT16" in v for v in ops.values()):
         raise ArtifactError(f"{path}: fp16 requested but no op computes in fp16")
     if precision == "int8" and not set(INT8_OPS) & set(ops):
         raise ArtifactError(f"{path}: int8 requested but the program holds none of the ops {INT8_OPS}")
-    return {"program": "mlProgram", "spec_version": spec.specificationVersion, "ops": ops, "checked": True}
+    return {"program": "mlProgram", "spec_version": spec.specificationVersion, "ops": ops,
+            "l2_norms_fp32": len(norms), "checked": True}
+
+
+def l2_norm_dtypes(operations: list) -> list[dict[str, str]]:
+    """Per L2 norm (a ``real_div`` by a ``reduce_l2_norm``): {op output name: dtype} from the norm to the
+    divide, read from the saved program's proto ops."""
+    import coremltools as ct
+
+    def dtype(op) -> str:  # noqa: ANN001 - a MIL_pb2.Operation
+        return ct.proto.MIL_pb2.DataType.Name(op.outputs[0].type.tensorType.dataType)
+
+    producer = {out.name: op for op in operations for out in op.outputs}
+    norms = []
+    for op in operations:
+        if op.type != "real_div" or "y" not in op.inputs:
+            continue
+        chain = [op]
+        src = producer.get(op.inputs["y"].arguments[0].name)
+        while src is not None and src.type in _NORM_STEPS and "x" in src.inputs:
+            chain.append(src)
+            src = producer.get(src.inputs["x"].arguments[0].name)
+        if src is not None and src.type == "reduce_l2_norm":
+            norms.append({o.outputs[0].name: dtype(o) for o in [src, *reversed(chain)]})
+    return norms
 
 
 class CoreMLExporter(Exporter):

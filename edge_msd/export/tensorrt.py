@@ -9,11 +9,11 @@ here like the float graph.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from edge_msd.bench.integrity import ENGINES_JSON, check_bundle, engine_file, timing_cache_file
 from edge_msd.config import TargetProfile
 from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
 from edge_msd.export.base import ExportRequest
@@ -82,6 +82,24 @@ def check_tensorrt_onnx(path: Path, expect_qdq: bool) -> dict:
     return {"opset": onnx_opset(model), "qdq_pairs": n_q, "ops": ops, "checked": True}
 
 
+def resolved_outputs(path: Path, outputs: list[dict]) -> list[dict]:
+    """``outputs`` with every dimension but the batch resolved by ONNX shape inference: the TorchScript
+    exporter names the embedding width symbolically (``Divembedding_dim_1``) although it is fixed."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    inferred = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+                for v in graph.output}
+    resolved = []
+    for out in outputs:
+        shape = inferred.get(out["name"], out["shape"])
+        if len(shape) != len(out["shape"]) or -1 in shape[1:]:
+            raise ArtifactError(f"{path}: the shape of output {out['name']!r} cannot be resolved beyond the "
+                                f"batch ({shape}); the embedding width must be fixed")
+        resolved.append({**out, "shape": [out["shape"][0], *shape[1:]]})
+    return resolved
+
+
 class TensorRTExporter(OnnxExporter):
     kind = "tensorrt"
     dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the Q/DQ ONNX of edge_msd.quant
@@ -95,9 +113,10 @@ class TensorRTExporter(OnnxExporter):
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
         entry = super().describe(folder, rel, tower, precision, profile)
+        entry["outputs"] = resolved_outputs(folder / rel, entry["outputs"])
         entry["tensorrt_check"] = check_tensorrt_onnx(folder / rel, expect_qdq=precision == "int8")
         entry["parity_runtime"] = "onnxruntime (the engine's source ONNX; fp16 is applied on the device)"
-        entry["engine"] = {"file": f"models/{tower}.plan", "built_on_device": True}
+        entry["engine"] = {"file": engine_file(tower), "built_on_device": True}
         return entry
 
 
@@ -105,9 +124,9 @@ class TensorRTExporter(OnnxExporter):
 def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int | None = None,
                   dla_core: int | None = None, timing_cache: Path | None = None) -> dict[str, Path]:
     """Build models/<tower>.plan for a jetson bundle with the TensorRT Python API (TensorRT 8.6/10)."""
-    from edge_msd.artifacts import atomic_write_bytes, read_manifest
+    from edge_msd.artifacts import atomic_write_bytes, atomic_write_json
 
-    manifest = read_manifest(bundle, "edge-msd-bundle")
+    manifest = check_bundle(bundle).manifest  # the bundle rules: only verified ONNX inside it is parsed
     target = manifest["target"]
     if target.get("exporter") != "tensorrt":
         raise ConfigError(f"{bundle}: built for exporter {target.get('exporter')!r}, not tensorrt")
@@ -120,7 +139,7 @@ def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int
     precision = precision or manifest["models"]["image"]["precision"]
     workspace_mib = workspace_mib or int(opts.get("workspace_mib", 2048))
     dla_core = int(opts.get("dla_core", -1)) if dla_core is None else dla_core
-    timing_cache = timing_cache or bundle / opts.get("timing_cache", "timing.cache")
+    timing_cache = timing_cache or bundle / timing_cache_file(manifest)  # confined by check_bundle
     bmin, bopt, bmax = (lambda b: (min(b), sorted(b)[len(b) // 2], max(b)))(target["batch_sizes"])
     logger = trt.Logger(trt.Logger.WARNING)
     built = {}
@@ -163,12 +182,12 @@ def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise ArtifactError(f"TensorRT failed to build the {tower} engine (see the log above)")
-        out = bundle / "models" / f"{tower}.plan"
+        out = bundle / engine_file(tower)
         atomic_write_bytes(out, bytes(plan))
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
         built[tower] = out
-    (bundle / "engines.json").write_text(json.dumps(
-        {"precision": precision, "dla_core": dla_core, "workspace_mib": workspace_mib,
-         "batch_profile": [bmin, bopt, bmax], "tensorrt": trt.__version__,
-         "plans": {t: p.name for t, p in built.items()}}, indent=2))
+    atomic_write_json(bundle / ENGINES_JSON,
+                      {"precision": precision, "dla_core": dla_core, "workspace_mib": workspace_mib,
+                       "batch_profile": [bmin, bopt, bmax], "tensorrt": trt.__version__,
+                       "plans": {t: p.name for t, p in built.items()}})
     return built

@@ -7,8 +7,10 @@ Artifact (``runs/qat/<target>/``, kind ``edge-msd-quantized``)::
                             quantized and float-kept layers, sensitivity scan; QAT: steps, skipped steps
     models/image.<ext>      the deployable image tower (.tflite | .onnx with Q/DQ | .mlpackage)
     models/text.<ext>       the deployable text tower
-    quantized_state.pt      fake-quant towers' state_dicts (re-quantize the student with the same
-                            recipe, then load_state_dict, to continue training or re-export)
+    quantized_state.safetensors
+                            fake-quant towers' state_dicts, keys ``image.*`` / ``text.*`` (re-quantize
+                            the student with the same recipe, then load_state_dict, to continue
+                            training or re-export)
 
 QAT reuses the distillation trainer (``edge_msd.distill.trainer.train``): ``prepare_model`` swaps the
 student for fake-quant towers calibrated on the calibration set, ``on_step`` freezes observers and
@@ -39,6 +41,7 @@ from edge_msd.quant.recipes import Backend, QuantError, Recipe, backend_for, cos
 
 KIND = "edge-msd-quantized"
 TOWERS = ("image", "text")
+STATE_FILE = "quantized_state.safetensors"  # safetensors: reading it back cannot run code
 
 
 class QuantStudent(nn.Module):
@@ -247,6 +250,8 @@ def _student_preset(folder: Path) -> str:
 
 def quantize_student(cfg: QuantConfig) -> Path:
     """PTQ or QAT of ``cfg.student`` for ``cfg.target``; writes and returns the quantized artifact."""
+    from safetensors.torch import save_file
+
     from edge_msd.config import config_to_dict, load_target
     from edge_msd.export.towers import load_student
 
@@ -291,7 +296,9 @@ def quantize_student(cfg: QuantConfig) -> Path:
             }
             if "sensitivity_scan" in infos[name]:
                 towers[name]["sensitivity_scan"] = infos[name]["sensitivity_scan"]
-        torch.save({n: getattr(model, n).state_dict() for n in TOWERS}, tmp / "quantized_state.pt")
+        # clones: safetensors refuses tensors that share memory (PT2E graphs do)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.split(".")[0] in TOWERS}
+        save_file(state, str(tmp / STATE_FILE))
         write_manifest(
             tmp,
             KIND,

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest
+from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest, verify_files
+from edge_msd.errors import ArtifactError
 from edge_msd.eval.retrieval import retrieval_metrics
 from edge_msd.export.tflite import interpreter, run_tflite
 from edge_msd.quant.config import QuantConfig
-from edge_msd.quant.pipeline import KIND, TOWERS, load_calibration
+from edge_msd.quant.pipeline import KIND, STATE_FILE, TOWERS, load_calibration
 from edge_msd.quant.recipes import backend_for, file_size, recipe_for_target
 
 
@@ -93,10 +94,21 @@ def _tflite_latency(
 def _fake_quant_towers(
     art: Path, manifest: dict, student: Any, cfg: QuantConfig
 ) -> dict[str, torch.nn.Module]:
-    """Rebuild the fake-quant towers of an artifact (same recipe, calibration, kept layers) + saved state."""
+    """Rebuild the fake-quant towers of an artifact (same recipe, calibration, kept layers) + saved state.
+
+    The caller has verified the artifact's hashes; the state is safetensors, so loading it runs no code.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if STATE_FILE not in manifest.get("files", {}):
+        raise ArtifactError(f"{art}: no {STATE_FILE} in its manifest; re-run `edge-msd qat` (or ptq) --force")
+    try:
+        state = load_file(art / STATE_FILE)
+    except SafetensorError as e:
+        raise ArtifactError(f"{art / STATE_FILE}: not a safetensors file ({e})") from e
     backend = backend_for(recipe_for_target(manifest["target"]))
     calib = load_calibration(cfg, student)
-    state = torch.load(art / "quantized_state.pt", map_location="cpu", weights_only=False)
     towers = {}
     for name, tower, batches in (
         ("image", student.image, calib.images),
@@ -105,7 +117,9 @@ def _fake_quant_towers(
         prepared = backend.quantize(
             tower, batches, qat=manifest["method"] == "qat", keep_float=manifest["towers"][name]["kept_float"]
         )
-        prepared.load_state_dict(state[name])
+        prefix = f"{name}."
+        own = {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
+        prepared.load_state_dict(own)
         towers[name] = backend.simulate(prepared.eval())
     return towers
 
@@ -146,6 +160,7 @@ def quant_report(
             if not (art / "manifest.json").is_file():
                 continue
             manifest = read_manifest(art, kind=KIND)
+            verify_files(art, manifest)  # before any of its files is loaded
             backend = backend_for(recipe_for_target(manifest["target"]))
             files = {t: art / manifest["towers"][t]["file"] for t in TOWERS}
             if backend.runtime:

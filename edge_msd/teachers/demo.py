@@ -131,12 +131,15 @@ def build_model(cfg: DemoTeacherConfig, work: Path) -> torch.nn.Module:
     config_path.write_text(json.dumps(model_config(cfg, str(minilm_dir()))["model_cfg"]))
     open_clip.add_model_config(config_path)
     torch.manual_seed(cfg.seed)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report lists MiniLM's unused pooler, which is expected
+    hf_logging.disable_progress_bar()  # and a "Loading weights" bar for a load that takes no time
     try:
         model = open_clip.create_model("edge-msd-demo-teacher", pretrained_text=True, device="cpu")
     finally:
         hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
     map_efficientnet_lite0(model.visual.trunk)
     model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)  # trunk stays in eval mode throughout
     model.lock_text_tower(unlocked_layers=cfg.text_unlocked_layers, freeze_layer_norm=True)
@@ -394,10 +397,11 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
         history = train_heads(model.to(cfg.device), feats, states, masks, train.caption_image_index, cfg)
         t4 = time.perf_counter()
         del states
-        # The folder carries its own HF config and tokenizer; hf_model_name points at it.
+        # The folder carries its own HF config and tokenizer; hf_model_name "." names the folder itself,
+        # so a copied or moved teacher still loads (edge-msd resolves it against the folder).
         for name in HF_FILES:
             shutil.copy2(minilm_dir() / name, tmp / name)
-        atomic_write_json(tmp / "open_clip_config.json", model_config(cfg, str(out)))
+        atomic_write_json(tmp / "open_clip_config.json", model_config(cfg, "."))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "open_clip_model.safetensors"))
         save_config(cfg, tmp / "config.toml")
