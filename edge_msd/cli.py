@@ -187,10 +187,12 @@ def _quantize(cfg: QuantConfig, report: bool) -> None:
     out = quantize_student(cfg)
     click.echo(f"{out}: {cfg.method} int8 student for target {cfg.target!r}")
     if report:
+        from edge_msd.lineage import read_student_record
         from edge_msd.quant.report import quant_report
 
+        test_split = read_student_record(cfg.student).split("test", "test")
         click.echo(quant_report([cfg.target], student=cfg.student, calibration=cfg.calibration, data=cfg.data,
-                                out=out.parent)["markdown"])
+                                split=test_split, out=out.parent)["markdown"])
 
 
 @main.command("qat")
