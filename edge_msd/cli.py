@@ -169,11 +169,14 @@ def calibrate_cmd(cfg: CalibrateConfig) -> None:
     """(Re)build a calibration-set manifest (stratified sample ids, seed, sha256) of the student's data,
     by default at runs/calibration/<data>.json, where qat, ptq and export look for it."""
     from edge_msd.data import open_dataset
-    from edge_msd.quant.calibration import build_calibration_set, save_calibration_set
+    from edge_msd.quant.calibration import build_calibration_set, cache_bad_images, save_calibration_set
+    from edge_msd.teachers.features_config import feature_split_dir
 
     cfg = cfg.resolved()
+    dataset = open_dataset(cfg.data, cfg.split, skip_bad=True)  # bad samples are left out and counted
+    bad = cache_bad_images(feature_split_dir(cfg.features, cfg.split, "--features"), dataset)
     cs = build_calibration_set(
-        open_dataset(cfg.data, cfg.split), cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples
+        dataset, cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples, bad_images=bad
     )
     save_calibration_set(cs, cfg.out)
     click.echo(f"{cfg.out}: {cs.n} samples of {cfg.data!r} {cfg.split} ({cs.strategy}, seed {cfg.seed}), "

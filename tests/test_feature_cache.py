@@ -17,9 +17,9 @@ from PIL import Image
 from edge_msd.artifacts import sha256_file
 from edge_msd.cli import main
 from edge_msd.data.base import ImageTextDataset
-from edge_msd.errors import ArtifactError, BadSampleError
+from edge_msd.errors import ArtifactError, BadSampleError, ConfigError
 from edge_msd.teachers.base import Teacher
-from edge_msd.teachers.cache import FeatureCache, build_feature_cache
+from edge_msd.teachers.cache import FeatureCache, build_feature_cache, rank_device
 
 
 class TinyTeacher(torch.nn.Module):
@@ -265,7 +265,6 @@ build_feature_cache(teacher, TinyData(), {out!r}, batch_size=4, shard_size=8, pr
 """
 
 
-@pytest.mark.slow
 def test_torchrun_two_ranks_equals_one_process(tmp_path):
     data = TinyData()
     ref = _build(TinyTeacher(), data, tmp_path / "ref")
@@ -287,3 +286,14 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
     assert _shard_hashes(tmp_path / "dist") == _shard_hashes(ref)
     m = FeatureCache.open(tmp_path / "dist").manifest
     assert m["build"]["world_size"] == 2
+
+
+def test_rank_device_under_torchrun(monkeypatch):
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="cuda:0 under torchrun, where rank 1 uses cuda:1"):
+        rank_device("cuda:0")  # every rank on one GPU: refused
+    if torch.cuda.device_count() >= 2:
+        assert rank_device("cuda") == "cuda:1" and torch.cuda.current_device() == 1

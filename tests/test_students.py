@@ -94,3 +94,13 @@ def test_eval_cli_reads_a_config_and_writes_json(tmp_path):
     assert metrics["n_images"] == 12 and 0 <= metrics["mean_R@1"] <= 100
     result = CliRunner().invoke(main, ["eval"])
     assert result.exit_code != 0 and "field 'model': required" in result.output
+
+
+def test_identical_weights_save_to_identical_bytes(tmp_path):
+    model = create_student("edge-xs", embed_dim=32)
+    # Several saves: the safetensors header once listed its metadata in hash order, different per save.
+    weights = {
+        (save_student(model, tmp_path / f"s{i}", "edge-xs") / "open_clip_model.safetensors").read_bytes()
+        for i in range(4)
+    }
+    assert len(weights) == 1

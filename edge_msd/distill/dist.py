@@ -1,19 +1,54 @@
-"""The few collectives the distillation losses need; each is a no-op outside ``torch.distributed``.
+"""Data-parallel training under ``torchrun``; every helper is a no-op in a single process.
 
-Only detached tensors go through them (teacher embeddings, image ids, loss values): no gradient
-crosses ranks here (the trainer all-reduces the student's gradients itself).
+The student's gradients are averaged by ``torch.nn.parallel.DistributedDataParallel``. The losses
+need the global batch, so each rank gathers the others' embeddings (:func:`gather_with_local_grad`:
+its own rows keep their gradient) and computes the whole loss, then backprops ``loss * world``:
+DDP's mean over ranks of those gradients equals the gradient one process computes on the global
+batch. Only detached tensors cross ranks outside DDP (teacher rows, image ids, loss values).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
     """True when a process group with more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside ``torch.distributed``."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the torchrun process group if launched by torchrun; True if this call created it.
+
+    The rank's GPU is made current first, so NCCL's collectives never all land on ``cuda:0``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable Python value), so that all ranks decide alike."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @torch.no_grad()
@@ -38,6 +73,23 @@ def gather_across_ranks(t: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
 
 
+def gather_with_local_grad(local: Tensor) -> Tensor:
+    """All ranks' rows in rank order; this rank's rows are ``local`` itself, so they keep their gradient."""
+    if not is_distributed():
+        return local
+    rank, _ = rank_world()
+    full = gather_across_ranks(local)
+    n = local.shape[0]
+    return torch.cat([full[: rank * n], local, full[(rank + 1) * n :]])
+
+
+def local_slice(global_n: int) -> slice:
+    """This rank's rows of a global batch of ``global_n`` rows."""
+    rank, world = rank_world()
+    per = global_n // world
+    return slice(rank * per, (rank + 1) * per)
+
+
 @torch.no_grad()
 def all_reduce_mean(t: Tensor) -> Tensor:
     """Mean of ``t`` over ranks (a new tensor; ``t`` is left as it is)."""
@@ -48,23 +100,49 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     return out
 
 
-def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """BatchNorm for data-parallel training: on CUDA, SyncBatchNorm (statistics of the global batch);
     elsewhere SyncBatchNorm cannot run, so BatchNorm normalises with each rank's rows and
     :func:`average_batchnorm_stats` keeps the running statistics equal on all ranks."""
     if is_distributed() and device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
 @torch.no_grad()
-def average_batchnorm_stats(model: torch.nn.Module) -> None:
+def average_batchnorm_stats(model: nn.Module) -> None:
     """Average BatchNorm running means and variances over ranks (no-op on one rank or under SyncBN,
     whose statistics are already global)."""
     if not is_distributed():
         return
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
             for t in (m.running_mean, m.running_var):
                 if t is not None:
                     t.copy_(all_reduce_mean(t))
+
+
+class StudentStep(nn.Module):
+    """Both student towers and the adaptor in one forward, so that DDP's gradient hooks see them all."""
+
+    def __init__(self, model: nn.Module, adaptor: nn.Module) -> None:
+        super().__init__()
+        self.model, self.adaptor = model, adaptor
+
+    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.adaptor(self.model.encode_image(images)), self.adaptor(self.model.encode_text(tokens))
+
+
+def data_parallel(step: StudentStep, device: torch.device) -> nn.Module:
+    """``step`` wrapped in DistributedDataParallel under torchrun (``step`` itself in one process).
+
+    DDP copies rank 0's weights and buffers to every rank here. Buffers are not synced again at every
+    forward: SyncBatchNorm keeps them equal on CUDA, :func:`average_batchnorm_stats` on the CPU. The
+    towers never read ``logit_scale``, hence ``find_unused_parameters``.
+    """
+    if not is_distributed():
+        return step
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        step, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=True
+    )

@@ -11,7 +11,10 @@ from torch import nn
 
 from edge_msd.artifacts import atomic_write_json
 from edge_msd.distill.config import DistillConfig
-from edge_msd.distill.trainer import TrainResult, encode_split, open_split, split_preprocess, train
+from edge_msd.distill.images import decode_images, split_preprocess
+from edge_msd.distill.splits import open_split
+from edge_msd.distill.trainer import TrainResult, train
+from edge_msd.distill.validation import encode_split
 from edge_msd.eval.retrieval import retrieval_metrics, zero_shot_accuracy
 from edge_msd.students import preset_config
 
@@ -55,14 +58,13 @@ def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
     )
     cache = test.cache
     device = next(result.model.parameters()).device
+    images, captions, targets = test.usable()  # images the cache marked bad are left out, and counted
     s_img, s_txt = encode_split(
-        result.model, test.images.get(np.arange(cache.n_images)), test.tokens, mean, std, device
+        result.model, test.images.get(images), test.tokens[torch.from_numpy(captions)], mean, std, device
     )
-    cap_img = cache.caption_image_index
-    teacher = retrieval_metrics(
-        cache.image(np.arange(cache.n_images)), cache.text(np.arange(cache.n_captions)), cap_img
-    )
-    student = retrieval_metrics(s_img, s_txt, cap_img)
+    t_img, t_txt = cache.image(images), cache.text(captions)
+    teacher = retrieval_metrics(t_img, t_txt, targets)
+    student = retrieval_metrics(s_img, s_txt, targets)
     report = {
         "split": cfg.test_split,
         "data": cfg.data,
@@ -74,15 +76,13 @@ def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
         "skipped_steps": result.skipped_steps,
         "best_val_rsum": result.best_val_rsum,
         "kept_mean_R@1": student["mean_R@1"] / teacher["mean_R@1"] if teacher["mean_R@1"] else None,
+        "skipped_data": {**result.skipped_data, cfg.test_split: test.skipped()},
     }
     held = getattr(test.dataset, "held_out", None)
     if held is not None:  # demo-scenes: recall on colour-shape pairs never seen in training
-        mask = np.asarray(held, dtype=bool)
-        for name, (img, txt) in (
-            ("teacher", (cache.image(np.arange(cache.n_images)), cache.text(np.arange(cache.n_captions)))),
-            ("student", (s_img, s_txt)),
-        ):
-            report[name]["unseen_pairs_mean_R@1"] = _subset_mean_r1(img, txt, cap_img, mask)
+        mask = np.asarray(held, dtype=bool)[images]
+        for name, (img, txt) in (("teacher", (t_img, t_txt)), ("student", (s_img, s_txt))):
+            report[name]["unseen_pairs_mean_R@1"] = _subset_mean_r1(img, txt, targets, mask)
     atomic_write_json(Path(result.out_dir) / "eval.json", report)
     return report
 
@@ -109,8 +109,6 @@ def evaluate_model(model_spec: str, data: str, split: str, batch_size: int = 256
     ):
         st = load_student(path)
         to_uint8, mean, std = split_preprocess(st.preprocess)
-        from edge_msd.distill.trainer import decode_images
-
         images = decode_images(dataset, np.arange(dataset.n_images), to_uint8)
         tokens = st.tokenizer(list(dataset.captions)).long()
         img, txt = encode_split(st.model, images, tokens, mean, std, torch.device("cpu"), batch_size)

@@ -9,14 +9,19 @@ Stratification: with class labels, each class gets its share of the ``n`` sample
 remainder); without labels the split's index range is cut into ``n`` equal bins and one image is
 drawn from each, so a calibration set covers the whole split (all shards, all generation seeds)
 instead of its first rows.
+
+Bad images are never drawn: a drawn image that the split's feature cache marked bad (``features
+--skip-bad``) or, without such a cache, that does not decode, is replaced by another of its class or
+bin and listed in ``skipped_images``. Datasets are opened with ``skip_bad`` here (a split with no bad
+rows opens the same either way), and the rows its reader dropped are counted in ``dropped_when_read``.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,8 @@ class CalibrationSet:
     image_keys: list[str]
     caption_ids: list[int]
     sha256: str  # of the sample list (ids, keys, caption ids), see ``sample_list_sha256``
+    skipped_images: list[dict] = field(default_factory=list)  # drawn, found bad, replaced
+    dropped_when_read: int = 0  # samples the dataset reader dropped as bad (skip_bad)
 
     def to_manifest(self) -> dict[str, Any]:
         return {"kind": KIND, "schema_version": SCHEMA_VERSION, **asdict(self)}
@@ -60,7 +67,10 @@ def sample_list_sha256(image_ids: list[int], image_keys: list[str], caption_ids:
     return sha256_bytes(payload.encode("utf-8"))
 
 
-def _stratified_ids(dataset: ImageTextDataset, n: int, rng: random.Random) -> tuple[list[int], str]:
+def _stratified_ids(
+    dataset: ImageTextDataset, n: int, rng: random.Random
+) -> tuple[list[tuple[int, Collection[int]]], str]:
+    """(drawn image id, the stratum it was drawn from) pairs and the strategy's name."""
     labels = dataset.labels
     if labels is not None and len(labels) == dataset.n_images:
         classes, counts = np.unique(np.asarray(labels), return_counts=True)
@@ -68,19 +78,73 @@ def _stratified_ids(dataset: ImageTextDataset, n: int, rng: random.Random) -> tu
         take = np.floor(share).astype(int)
         for i in np.argsort(-(share - take), kind="stable")[: n - int(take.sum())]:
             take[i] += 1
-        ids: list[int] = []
+        drawn: list[tuple[int, Collection[int]]] = []
         for c, k in zip(classes, take, strict=True):
             members = np.flatnonzero(np.asarray(labels) == c).tolist()
-            ids += rng.sample(members, min(int(k), len(members)))
-        return sorted(ids), "per-class"
+            drawn += [(i, members) for i in rng.sample(members, min(int(k), len(members)))]
+        return drawn, "per-class"
     edges = np.linspace(0, dataset.n_images, n + 1).astype(int)
-    return [rng.randrange(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)], "index-bins"
+    bins = [range(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    return [(rng.randrange(b.start, b.stop), b) for b in bins], "index-bins"
+
+
+def _usable_check(
+    dataset: ImageTextDataset, bad_images: Collection[int] | None, skipped: list[dict]
+) -> Callable[[int], bool]:
+    """A test ``usable(i)`` that records each bad image it meets in ``skipped`` (once)."""
+    known_bad: set[int] = set()
+
+    def usable(i: int) -> bool:
+        if i in known_bad:
+            return False
+        reason = None
+        if bad_images is not None:  # the feature cache already decoded every image
+            reason = "marked bad by the feature cache" if i in bad_images else None
+        else:
+            try:
+                dataset.load_image(i)
+            except DataError as e:
+                reason = str(e)
+        if reason is None:
+            return True
+        known_bad.add(i)
+        skipped.append({"image_index": i, "key": dataset.image_keys[i], "reason": reason})
+        return False
+
+    return usable
+
+
+def _replace_bad(
+    drawn: list[tuple[int, Collection[int]]], usable: Callable[[int], bool], rng: random.Random
+) -> list[int]:
+    """The drawn ids, each bad one replaced by a random usable image of its stratum (dropped if none)."""
+    taken = {i for i, _ in drawn}
+    ids = []
+    for i, stratum in drawn:
+        ok = usable(i)
+        candidates = [] if ok else [m for m in stratum if m not in taken]
+        while not ok and candidates:
+            i = candidates.pop(rng.randrange(len(candidates)))
+            taken.add(i)
+            ok = usable(i)
+        if ok:
+            ids.append(i)
+    return ids
 
 
 def build_calibration_set(
-    dataset: ImageTextDataset, n: int, seed: int = 0, name: str | None = None, min_samples: int = MIN_SAMPLES
+    dataset: ImageTextDataset,
+    n: int,
+    seed: int = 0,
+    name: str | None = None,
+    min_samples: int = MIN_SAMPLES,
+    bad_images: Collection[int] | None = None,
 ) -> CalibrationSet:
-    """Draw ``n`` images (and one caption of each) from ``dataset``, stratified, reproducible by seed."""
+    """Draw ``n`` images (and one caption of each) from ``dataset``, stratified, reproducible by seed.
+
+    ``bad_images``: the ids the split's feature cache marked bad (:func:`cache_bad_images`); without
+    it every drawn image is decoded once to find the bad ones. Bad draws are replaced (module docstring).
+    """
     if n < min_samples:
         raise ConfigError(f"calibration: n={n} is too small; at least {min_samples} samples are needed")
     if dataset.n_images < n:
@@ -89,7 +153,16 @@ def build_calibration_set(
             f"images, fewer than the {n} asked for"
         )
     rng = random.Random(seed)
-    image_ids, strategy = _stratified_ids(dataset, n, rng)
+    drawn, strategy = _stratified_ids(dataset, n, rng)
+    skipped: list[dict] = []
+    image_ids = _replace_bad(drawn, _usable_check(dataset, bad_images, skipped), rng)
+    if strategy == "per-class":
+        image_ids.sort()
+    if len(image_ids) < min_samples:
+        raise DataError(
+            f"calibration: only {len(image_ids)} usable images in {dataset.spec!r} split {dataset.split!r} "
+            f"({len(skipped)} bad); at least {min_samples} are needed"
+        )
     caption_ids = []
     for i in image_ids:
         caps = dataset.captions_of(i)
@@ -111,7 +184,23 @@ def build_calibration_set(
         image_keys=keys,
         caption_ids=caption_ids,
         sha256=sample_list_sha256([int(i) for i in image_ids], keys, caption_ids),
+        skipped_images=sorted(skipped, key=lambda s: s["image_index"]),
+        dropped_when_read=len(dataset.skipped),
     )
+
+
+def cache_bad_images(cache_dir: str | Path, dataset: ImageTextDataset) -> set[int] | None:
+    """The image ids the feature cache at ``cache_dir`` marked bad, if it is a complete cache of
+    ``dataset`` (same fingerprint); None otherwise (then the draw decodes its images to find bad ones)."""
+    from edge_msd.teachers.cache import FeatureCache
+
+    if not (Path(cache_dir) / "manifest.json").is_file():
+        return None
+    try:
+        cache = FeatureCache.open(cache_dir, dataset_fingerprint=dataset.fingerprint(), verify=False)
+    except ArtifactError:  # a cache of other data: it says nothing about these images
+        return None
+    return set(np.flatnonzero(~cache.valid_images).tolist())
 
 
 def save_calibration_set(cs: CalibrationSet, path: str | Path) -> Path:
@@ -135,10 +224,11 @@ def load_calibration_set(path: str | Path) -> CalibrationSet:
             f"{path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}"
         )
     fields = CalibrationSet.__dataclass_fields__
-    missing = [f for f in fields if f not in data]
+    optional = {"skipped_images", "dropped_when_read"}  # absent from manifests written before them
+    missing = [f for f in fields if f not in data and f not in optional]
     if missing:
         raise ArtifactError(f"{path}: missing field(s) {', '.join(missing)}")
-    cs = CalibrationSet(**{f: data[f] for f in fields})
+    cs = CalibrationSet(**{f: data[f] for f in fields if f in data})
     if not len(cs.image_ids) == len(cs.image_keys) == len(cs.caption_ids) == cs.n:
         raise ArtifactError(
             f"{path}: field 'n' is {cs.n} but the sample lists have "
@@ -185,13 +275,25 @@ def calibration_batches(
     tokenizer: Any,
     batch_size: int,
     limit: int | None = None,
+    skipped: list[dict] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
-    """(images float (B,3,H,W), tokens int32 (B,L)) batches over the set, in its stored order."""
+    """(images float (B,3,H,W), tokens int32 (B,L)) batches over the set, in its stored order.
+
+    An image that no longer decodes is left out with its caption and recorded in ``skipped``.
+    """
     import torch
 
     ids = cs.image_ids[:limit] if limit else cs.image_ids
-    caps = cs.caption_ids[: len(ids)]
-    for s in range(0, len(ids), batch_size):
-        images = torch.stack([image_transform(dataset.load_image(i)) for i in ids[s : s + batch_size]])
-        tokens = tokenizer([dataset.captions[j] for j in caps[s : s + batch_size]]).to(torch.int32)
-        yield images, tokens
+    pairs = list(zip(ids, cs.caption_ids[: len(ids)], strict=True))
+    for s in range(0, len(pairs), batch_size):
+        images, captions = [], []
+        for i, j in pairs[s : s + batch_size]:
+            try:
+                images.append(image_transform(dataset.load_image(i)))
+            except DataError as e:
+                if skipped is not None:
+                    skipped.append({"image_index": i, "key": dataset.image_keys[i], "reason": str(e)})
+                continue
+            captions.append(dataset.captions[j])
+        if images:
+            yield torch.stack(images), tokenizer(captions).to(torch.int32)

@@ -82,6 +82,9 @@ class CalibrateConfig:
     )
     data: str | None = field(None, help="dataset spec [default: the student's]")
     split: str | None = field(None, help="split to draw from [default: the student's train split]")
+    features: str | None = field(
+        None, help="feature-cache root whose marks of bad images are left out [default: the student's]"
+    )
     n: int = field(512, help="number of images")
     seed: int = field(0, help="seed of the stratified draw")
     name: str | None = field(None, help="name in the manifest [default: from data, split, n, seed]")
@@ -91,12 +94,14 @@ class CalibrateConfig:
     )
 
     def resolved(self) -> CalibrateConfig:
-        """Unset data and split from the student's record; ``out`` where the quantizing verbs look."""
+        """Unset data, split and features from the student's record; ``out`` where the quantizing verbs
+        look."""
         record = read_student_record(self.student)
         data = self.data or record.need_data()
         return dataclasses.replace(
             self,
             data=data,
             split=self.split or record.split("train", "train"),
+            features=self.features or record.features or str(paths.FEATURES),
             out=self.out or str(paths.CALIBRATION / f"{data_slug(data)}.json"),
         )

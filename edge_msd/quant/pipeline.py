@@ -74,7 +74,7 @@ def load_calibration(cfg: QuantConfig, student: Any) -> Calibration:
     from edge_msd.data import open_dataset
 
     cs = load_calibration_set(cfg.calibration)
-    dataset = open_dataset(cfg.data, cs.split)
+    dataset = open_dataset(cfg.data, cs.split, skip_bad=True)  # as `calibrate` opened it
     if cs.dataset_fingerprint != dataset.fingerprint():
         raise DataError(
             f"{cfg.calibration}: calibration set drawn from {cs.dataset!r}, expected one of {cfg.data!r} "
@@ -82,11 +82,13 @@ def load_calibration(cfg: QuantConfig, student: Any) -> Calibration:
             f"--data {cs.dataset} to calibrate on that data deliberately"
         )
     check_calibration_set(cs, dataset, cfg.min_calibration)
-    images, tokens = [], []
-    for x, t in calibration_batches(cs, dataset, student.val_transform, student.tokenizer, cfg.calib_batch):
+    images, tokens, skipped = [], [], []
+    for x, t in calibration_batches(
+        cs, dataset, student.val_transform, student.tokenizer, cfg.calib_batch, skipped=skipped
+    ):
         images.append(x)
         tokens.append(t)
-    return Calibration(cs.to_manifest(), images, tokens)
+    return Calibration({**cs.to_manifest(), "skipped_when_loaded": len(skipped)}, images, tokens)
 
 
 def first_last_layers(tower: nn.Module, example: torch.Tensor) -> list[str]:
@@ -234,6 +236,7 @@ def run_qat(
         "skipped_steps": result.skipped_steps,
         "out": str(result.out_dir),
         "best_val_rsum": result.best_val_rsum,
+        "skipped_data": result.skipped_data,
         "preset": preset,
     }
     return model, infos

@@ -136,7 +136,9 @@ def save_student(
             "edge_msd": {"preset": preset, "tokenizer": TOKENIZER_INFO},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "preset": preset})
+        # One metadata key: safetensors writes its metadata map in hash order, so with several keys the
+        # bytes of identical weights would differ from save to save (the preset is in CONFIG_FILE).
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_manifest(
             tmp,
             STUDENT_KIND,

@@ -78,7 +78,7 @@ def features_from_config(cfg: FeaturesConfig) -> Path:
     from edge_msd.data import open_dataset
     from edge_msd.teachers import load_teacher
 
-    teacher = load_teacher(cfg.teacher, device=cfg.resolved_device())
+    teacher = load_teacher(cfg.teacher, device=rank_device(cfg.resolved_device()))
     dataset = open_dataset(cfg.data, cfg.split, skip_bad=cfg.skip_bad)
     return build_feature_cache(
         teacher, dataset, cfg.out_dir(), batch_size=cfg.batch_size, shard_size=cfg.shard_size,
@@ -87,6 +87,24 @@ def features_from_config(cfg: FeaturesConfig) -> Path:
 
 
 # ---- distributed -----------------------------------------------------------------------------
+
+
+def rank_device(device: str) -> str:
+    """The device of this process; ``auto`` is CUDA when present, else the CPU.
+
+    Under torchrun a CUDA device means this rank's ``cuda:LOCAL_RANK``, made current, so that no rank
+    (and no NCCL collective) lands on another rank's GPU.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda") or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("cuda", f"cuda:{local}"):
+        raise ConfigError(f"field 'device': {device} under torchrun, where rank {local} uses cuda:{local}; "
+                          "pass --device cuda or auto")
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
 
 
 class _Dist:
@@ -443,6 +461,12 @@ def _finish(out: Path, ident: dict, n_shards: dict[str, int], dataset: ImageText
 
 
 # ---- reading ---------------------------------------------------------------------------------
+
+
+def built_skipping_bad(path: str | os.PathLike) -> bool:
+    """Whether the complete cache at ``path`` was built with ``skip_bad``: its dataset must then be
+    opened with ``skip_bad`` too, to get the rows the cache holds."""
+    return bool((read_manifest(path, KIND).get("build") or {}).get("skip_bad"))
 
 
 class FeatureCache:
