@@ -218,3 +218,27 @@ def test_bad_input_on_the_user_path_is_one_clear_line(walk, monkeypatch, tmp_pat
     line = fails("features", "--teacher", f"local-dir:{teacher}", "--data", data, "--out", f"{tmp_path}/f")
     assert str(teacher) in line and "keys do not fit this architecture" in line and "Missing key(s)" in line
     assert not (tmp_path / "f").exists()
+
+
+def test_defaults_come_from_the_student_record(tmp_path, monkeypatch):
+    """Without a student to read, nothing falls back to the demo: the error names the folder and option."""
+    from edge_msd.errors import ArtifactError, ConfigError
+    from edge_msd.lineage import calibration_path, data_slug
+    from edge_msd.paths import demo_calibration
+    from edge_msd.quant.config import CalibrateConfig, QuantConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert data_slug("csv:/data/pairs.csv?root=/x") == "csv-pairs"
+    assert data_slug("fashion-mnist") == "fashion-mnist"
+    assert calibration_path("csv:/data/pairs.csv") == Path("runs/calibration/csv-pairs.json")
+    assert calibration_path("demo-scenes") == demo_calibration()  # until one is built under runs/
+    (tmp_path / "runs/calibration").mkdir(parents=True)
+    (tmp_path / "runs/calibration/demo-scenes.json").write_text("{}")
+    assert calibration_path("demo-scenes") == Path("runs/calibration/demo-scenes.json")
+    with pytest.raises(ArtifactError, match="runs/distill/student: student folder not found.*--data SPEC"):
+        QuantConfig(target="tflite").resolved()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(ConfigError, match="old/manifest.json: the student records no data spec"):
+        CalibrateConfig(student="old").resolved()
+    cfg = CalibrateConfig(student="old", data="csv:/data/pairs.csv").resolved()
+    assert (cfg.split, cfg.out) == ("train", "runs/calibration/csv-pairs.json")

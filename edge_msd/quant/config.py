@@ -26,8 +26,8 @@ class QuantConfig:
         help="calibration-set manifest [default: runs/calibration/<data>.json, from `edge-msd calibrate`]",
     )
     data: str | None = field(
-        None, help="dataset spec of the calibration set and QAT data [default: the student's]; another than "
-        "the student's is used as given"
+        None, help="dataset spec of the calibration set and QAT data [default: the student's; give another "
+        "to quantize on it deliberately]"
     )
     calib_batch: int = field(32, help="calibration batch size")
     min_calibration: int = field(MIN_SAMPLES, help="refuse calibration sets smaller than this")
