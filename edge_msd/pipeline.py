@@ -78,7 +78,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
             report_path = paths.BENCH / f"{target}.json"
             report = run_bench(BenchOptions(bundle=str(out), iters=cfg.iters, out=str(report_path)),
                                echo=console.print)
-            print_report(report, echo=console.print)
+            print_report(report, echo=print)  # plain: rich would re-wrap the table at 80 columns in a log
             reports.append(str(report_path))
             seconds[f"bench {target}"] = time.perf_counter() - t
     if reports:

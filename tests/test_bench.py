@@ -299,6 +299,15 @@ def test_litert_session_fp32_and_int8_io(tmp_path):
     y = s.run(s.prepare(x.numpy()))
     np.testing.assert_allclose(y, model(x).detach().numpy(), atol=1e-5)
     assert s.describe()["xnnpack"] is True
+    p = s.placement(None, 0)  # Flatten + Linear: XNNPACK takes every op
+    assert p["available"] and p["accelerator"] == "XNNPACK" and p["on_accelerator"] == p["ops"] > 0
+    from edge_msd.bench import vendor  # ai-edge-litert ships Google's Python benchmark tool
+
+    if vendor.find_tool("litert") == "ai_edge_litert.tools.benchmark_litert_model":
+        v = vendor.compare("litert", tmp_path / "m.tflite", 2, 1, 20, {"p50": 0.05}, [], {})
+        assert v["tool"] == "benchmark_litert_model" and v["n"] == 20, v
+        # this model is faster than the tool's 0.01 ms resolution: no ratio then, and it says why
+        assert v.get("ratio", 0) > 0 or v["error"].endswith("printed p50 0 ms: below its resolution")
 
 
 def test_litert_int8_quantize_and_dequantize():
@@ -356,6 +365,22 @@ def test_bench_run_measures_recall_and_parity(bundle, tmp_path, capsys):
     assert env["cpu"] and env["cpu_count"] >= 1 and env["runtimes"]["onnxruntime"]
     table = format_table(report)
     assert "p50 ms" in table and "parity image" in table and "recall eval" in table
+    for tower, first_op in (("image", "MatMul"), ("text", "Gather")):
+        t = report["towers"][tower]
+        p = t["placement"]  # ONNX Runtime's profiling: every node on the CPU EP, per-node times
+        assert (
+            p["available"] and p["accelerator"] == "CPUExecutionProvider" and p["on_accelerator"] == p["ops"]
+        )
+        assert (
+            first_op in {o["op"] for o in p["slowest"]}
+            and abs(sum(o["share"] for o in p["slowest"]) - 1) < 0.01
+        )
+        cold = t["cold"]  # a fresh process that never imported torch
+        assert cold["available"] and cold["torch_imported"] is False, cold
+        assert cold["load_ms"] > 0 and cold["first_inference_ms"] > 0 and cold["footprint_mb"] > 0
+        assert cold["peak_inference_mb"] >= cold["footprint_mb"] - 1
+    assert report["settings"]["threads_choice"]["source"] == "--threads"
+    assert "op placement" in table and "cold start" in table and "CPUExecutionProvider" in table
 
 
 def test_profile_defaults_from_target():
@@ -439,6 +464,422 @@ def test_report_merges_and_refuses_other_schema(bundle, tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ArtifactError, match="not an edge-msd bench report"):
         merge_reports([tmp_path / "x.json"], tmp_path / "out2")
+
+
+def _png_sources(page: str) -> dict[str, bytes]:
+    """alt → decoded bytes of every embedded image, read with the standard HTML parser."""
+    import base64
+    from html.parser import HTMLParser
+
+    found: dict[str, bytes] = {}
+
+    class Images(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                found[a["alt"]] = base64.b64decode(a["src"].split(",", 1)[1])
+
+    Images().feed(page)
+    return found
+
+
+def _html_tables(page: str) -> dict[str, list[list[str]]]:
+    """h2 title → rows of cell texts."""
+    from html.parser import HTMLParser
+
+    tables: dict[str, list[list[str]]] = {}
+
+    class Tables(HTMLParser):
+        title, cell, in_h2 = "", None, False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "h2":
+                self.in_h2, self.title = True, ""
+            elif tag == "tr":
+                tables.setdefault(self.title, []).append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag == "h2":
+                self.in_h2 = False
+            elif tag in ("td", "th"):
+                tables[self.title][-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.in_h2:
+                self.title += data
+            elif self.cell is not None:
+                self.cell += data
+
+    Tables().feed(page)
+    return tables
+
+
+@pytest.fixture(scope="module")
+def merged(bundle, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("merged")
+    run_bench(_opts(bundle, tmp / "a.json", label="board-a", batch=[1], sustained=0.3))
+    return merge_reports([tmp / "a.json"], tmp / "out")
+
+
+def test_html_report_has_placement_and_sustained_plot(merged):
+    page = merged["html"].read_text()
+    tables = _html_tables(page)
+    placement = tables["Op placement"]
+    assert placement[0][:4] == ["run", "tower", "accelerator", "ops on it"]
+    assert {r[1] for r in placement[1:]} == {"image", "text"} and all(
+        r[2] == "CPUExecutionProvider" for r in placement[1:]
+    )
+    cold = tables["Cold start and the runtime's own memory"]
+    assert len(cold) == 3 and all(float(r[3]) > 0 for r in cold[1:])  # load ms
+    images = _png_sources(page)
+    assert {"sustained", "latency_image", "recall_vs_latency"} <= set(images)
+    assert all(data.startswith(b"\x89PNG") for data in images.values())
+
+
+def test_html_report_renders_in_headless_chromium(merged, tmp_path):
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium here (apt-get install -y chromium) to render the HTML report")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1280,2200",
+            f"--screenshot={shot}",
+            merged["html"].resolve().as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (2200, 1280)
+    # rendered content: dark text/lines on the page and more than one shade (a blank page is uniform)
+    assert (img < 100).mean() > 0.002 and len(np.unique(img)) > 50
+
+
+# ---- threads, stability, sustained runs, tables ---------------------------------------------
+
+
+def test_threads_default_to_the_usable_cores(monkeypatch):
+    monkeypatch.setattr(sysinfo, "usable_cores", lambda: 2)
+    c = sysinfo.choose_threads(None, 4)
+    assert c["threads"] == 2 and c["profile"] == 4 and c["usable_cores"] == 2 and c["warning"] is None
+    assert sysinfo.choose_threads(None, 1)["threads"] == 1
+    c = sysinfo.choose_threads(8, 4)
+    assert c["threads"] == 8 and "--threads 8 exceeds the 2 usable CPU cores" in c["warning"]
+    c = sysinfo.choose_threads(None, None)
+    assert c["threads"] is None and c["source"] == "runtime default"
+
+
+def test_profile_threads_are_capped_in_a_run(bundle, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sysinfo, "usable_cores", lambda: 1)
+    target = {"name": "onnx", "batch_sizes": [1], "bench": {"threads": 4, "warmup": 1, "iterations": 3}}
+    b = make_bundle(tmp_path / "b", target=target)
+    report = run_bench(BenchOptions(bundle=str(b), out=str(tmp_path / "r.json"), cold=False), echo=print)
+    assert report["settings"]["threads"] == 1
+    assert report["towers"]["image"]["measurements"][0]["session"]["intra_op_threads"] == 1
+    report = run_bench(BenchOptions(bundle=str(b), out=str(tmp_path / "r.json"), cold=False, threads=3))
+    assert "exceeds the 1 usable CPU cores" in capsys.readouterr().out
+    assert "exceeds the 1 usable CPU cores" in format_table(report)
+
+
+def test_stability_warnings():
+    from edge_msd.bench.timing import stability_warnings
+
+    steady = latency_stats([1_000_000] * 100)
+    assert steady["cv"] == 0 and stability_warnings(steady, 2.0) == []
+    noisy = latency_stats([1_000_000, 3_000_000] * 50)  # mean 2 ms, std 1 ms
+    assert noisy["cv"] == pytest.approx(0.5)
+    (w,) = stability_warnings(noisy, 2.0)
+    assert w.startswith("unstable: coefficient of variation 50%")
+    (w,) = stability_warnings(latency_stats([1_000_000] * 10), 2.0)
+    assert w.startswith("short: 10 timed calls")
+
+
+def test_sustained_windows():
+    from edge_msd.bench.sustained import sustained, windows_p50
+
+    samples = [100_000_000] * 10 + [200_000_000] * 5  # 1 s at 100 ms, then 1 s at 200 ms
+    wins = windows_p50(samples, 0.5)
+    assert [w["p50_ms"] for w in wins] == [100, 100, 200, 200] and [w["n"] for w in wins] == [5, 5, 2, 3]
+    out = sustained(lambda x: time.sleep(0.002), [0], 0.2, Deadline(), "MAXN")
+    assert out["power_mode"] == "MAXN" and out["complete"] and sum(w["n"] for w in out["windows"]) > 10
+
+
+def test_tables_markdown_when_piped_compact_when_narrow(monkeypatch):
+    import io
+
+    from edge_msd.bench import tables
+
+    head, body = ["tower", "p50 ms", "p99 ms"], [["image", "0.123", "0.456"], ["text", "1.000", "2.000"]]
+    assert tables.choose_style(40, io.StringIO()) == "markdown"
+    md = tables.render(head, body, "markdown").splitlines()
+    assert (
+        md[0] == "| tower | p50 ms | p99 ms |"
+        and md[1] == "|---|---|---|"
+        and md[3] == "| text | 1.000 | 2.000 |"
+    )
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(tables.shutil, "get_terminal_size", lambda: os.terminal_size((30, 24)))
+    assert tables.choose_style(24, Tty()) == "aligned" and tables.choose_style(80, Tty()) == "compact"
+    compact = tables.render(head, body, "compact").splitlines()
+    assert compact[0] == "image  p50 ms: 0.123  p99 ms:" and all(len(line) <= 30 for line in compact)
+
+
+# ---- op placement ---------------------------------------------------------------------------
+
+
+def test_ort_profile_events_to_ops():
+    from edge_msd.bench.runtimes.onnxruntime import profile_ops
+
+    ev = [
+        {"cat": "Session", "name": "model_run", "dur": 500},
+        {"cat": "Node", "name": "/fc/MatMul_fence_before", "dur": 0, "args": {"op_name": "MatMul"}},
+        {
+            "cat": "Node",
+            "name": "/fc/MatMul_kernel_time",
+            "dur": 30,
+            "args": {"op_name": "MatMul", "provider": "CUDAExecutionProvider"},
+        },
+        {
+            "cat": "Node",
+            "name": "/fc/MatMul_kernel_time",
+            "dur": 10,
+            "args": {"op_name": "MatMul", "provider": "CUDAExecutionProvider"},
+        },
+        {
+            "cat": "Node",
+            "name": "/norm/ReduceL2_kernel_time",
+            "dur": 60,
+            "args": {"op_name": "ReduceL2", "provider": "CPUExecutionProvider"},
+        },
+    ]
+    from edge_msd.bench.placement import summarise
+
+    p = summarise(profile_ops(ev), "CUDAExecutionProvider", "test")
+    assert p["ops"] == 2 and p["on_accelerator"] == 1 and p["fallback_ops"] == {"ReduceL2": 1}
+    assert [(o["op"], o["cost"], o["share"]) for o in p["slowest"]] == [
+        ("ReduceL2", 0.06, 0.75),
+        ("MatMul", 0.02, 0.25),
+    ]
+
+
+# A LiteRT node list as ai-edge-litert 2.3 gives it with XNNPACK applied (a LayerNorm + GELU + linear
+# + L2-norm model): originals 0..5 stay listed, DELEGATE nodes 6 and 7 follow; POW (4) ran outside.
+LITERT_NODES = [
+    {"index": 0, "op_name": "CONV_2D", "inputs": [0, 1, 2], "outputs": [10]},
+    {"index": 1, "op_name": "GELU", "inputs": [10], "outputs": [11]},
+    {"index": 2, "op_name": "MUL", "inputs": [11, 11], "outputs": [12]},
+    {"index": 3, "op_name": "SUM", "inputs": [12, 3], "outputs": [13]},
+    {"index": 4, "op_name": "POW", "inputs": [13, 4], "outputs": [14]},
+    {"index": 5, "op_name": "DIV", "inputs": [11, 14], "outputs": [15]},
+    {"index": 6, "op_name": "DELEGATE", "inputs": [0, 1, 2, 3], "outputs": [11, 13]},
+    {"index": 7, "op_name": "DELEGATE", "inputs": [11, 14], "outputs": [15]},
+]
+
+
+def test_litert_ops_outside_the_delegate():
+    from edge_msd.delegation import executed_ops
+
+    assert executed_ops(LITERT_NODES, [15]) == {4}
+    assert executed_ops([n for n in LITERT_NODES if n["op_name"] != "DELEGATE"], [15]) == {0, 1, 2, 3, 4, 5}
+
+
+def test_tflite_runtime_with_numpy2_says_what_to_install(monkeypatch):
+    from edge_msd.bench.runtimes import litert
+
+    monkeypatch.setattr(litert.LiteRtBackend, "module_name", classmethod(lambda cls: "tflite_runtime"))
+    monkeypatch.setattr(litert, "_dist_version", lambda dist: "2.14.0")
+    monkeypatch.setattr(np, "__version__", "2.2.6")
+    reason = litert.LiteRtBackend.unavailable_reason()
+    assert reason.startswith("tflite-runtime 2.14.0 needs numpy 1.x but numpy 2.2.6 is installed")
+    assert 'pip install "numpy<2"' in reason and "ai-edge-litert" in reason
+    with pytest.raises(runtimes.RuntimeMissing, match=r"numpy<2"):
+        litert.LiteRtBackend().load({}, Path("m.tflite"), 1, 1, {})
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+    assert litert.numpy_abi_problem("tflite_runtime") is None
+    monkeypatch.setattr(np, "__version__", "2.2.6")
+    assert litert.numpy_abi_problem("ai_edge_litert") is None
+
+
+# The engine inspector's JSON for an engine built with ProfilingVerbosity.DETAILED (layout as in
+# TensorRT's developer guide, "Engine Inspector"), one layer left in FP32 inside an INT8 engine.
+TRT_ENGINE_INFO = {
+    "Layers": [
+        {
+            "Name": "conv1 + relu1",
+            "LayerType": "CaskConvolution",
+            "Outputs": [
+                {
+                    "Name": "a",
+                    "Location": "Device",
+                    "Dimensions": [1, 32, 28, 28],
+                    "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format",
+                }
+            ],
+        },
+        {
+            "Name": "norm",
+            "LayerType": "Normalization",
+            "Outputs": [
+                {
+                    "Name": "b",
+                    "Location": "Device",
+                    "Dimensions": [1, 256],
+                    "Format/Datatype": "Row major linear FP32",
+                }
+            ],
+        },
+    ],
+    "Bindings": ["image", "embedding"],
+}
+
+
+def test_tensorrt_inspector_layers_to_precisions():
+    from edge_msd.bench.placement import summarise
+    from edge_msd.bench.runtimes.tensorrt import inspector_ops
+
+    p = summarise(inspector_ops(TRT_ENGINE_INFO), "INT8", "test")
+    assert p["by_device"] == {"INT8": 1, "FP32": 1} and p["fallback_ops"] == {"Normalization": 1}
+    names_only = inspector_ops({"Layers": ["conv1 + relu1"]})
+    assert names_only[0].device.startswith("unknown")
+
+
+@pytest.mark.device
+@pytest.mark.skipif(
+    runtimes.CoreMlBackend.unavailable_reason() is not None,
+    reason=f"Core ML: {runtimes.CoreMlBackend.unavailable_reason()}",
+)
+def test_coreml_placement_from_compute_plan(tmp_path):  # pragma: no cover - on macOS
+    bundle_dir = Path(os.environ.get("EDGE_MSD_COREML_BUNDLE", "runs/export/coreml"))
+    b = open_bundle(bundle_dir)
+    s = runtimes.CoreMlBackend().load(
+        b.model("image"), b.model_path("image"), None, 1, {"compute_units": "all"}
+    )
+    p = s.placement(None, 0)
+    assert p["available"] and p["ops"] > 0 and set(p["by_device"]) <= {"CPU", "GPU", "ANE"}
+
+
+# ---- vendor tools ---------------------------------------------------------------------------
+
+# benchmark_model's output (LiteRT tools/benchmark), the timed run's count= line last.
+BENCHMARK_MODEL_OUT = (
+    "INFO: Running benchmark for at least 1 iterations and at least 0.5 seconds but terminate if "
+    "exceeding 150 seconds.\n"
+    "INFO: count=16 first=87112 curr=55116 min=51226 max=87112 avg=58147.4 std=11478 p5=51629 "
+    "median=51962 p95=87112\n"
+    "INFO: Running benchmark for at least 50 iterations and at least 1 seconds but terminate if "
+    "exceeding 150 seconds.\n"
+    "INFO: count=50 first=52162 curr=49785 min=49088 max=686105 avg=63743.2 std=60716 p5=49620 "
+    "median=51891 p95=68628\n"
+    "INFO: Inference timings in us: Init: 119515, First inference: 87112, Warmup (avg): 58147.4, "
+    "Inference (avg): 63743.2\n"
+)
+TRTEXEC_OUT = (
+    "[I] === Performance summary ===\n[I] Throughput: 1162.74 qps\n"
+    "[I] Latency: min = 0.836 ms, max = 1.405 ms, mean = 0.861 ms, median = 0.858 ms, "
+    "percentile(90%) = 0.871 ms, percentile(95%) = 0.878 ms, percentile(99%) = 0.921 ms\n"
+)
+PERF_TEST_OUT = """Session creation time cost: 0.0213 s
+Total inference time cost: 0.0612 s
+Total inference requests: 200
+Average inference time cost: 0.306 ms
+P50 Latency: 0.000298 s
+P90 Latency: 0.000331 s
+"""
+
+
+# ai-edge-litert 2.3's tools/benchmark_litert_model.py on a tflite bundle's image tower, here.
+BENCHMARK_LITERT_MODEL_OUT = """
+========================================
+ BENCHMARK RESULTS
+========================================
+Model initialization:  3.87 ms
+Warmup (first):        0.18 ms
+Warmup (avg):          0.06 ms (5 runs)
+Inference (avg):       0.02 ms (200 runs)
+Inference (min):       0.01 ms
+Inference (max):       0.07 ms
+Inference (median):    0.02 ms
+Inference (std):       0.00 ms
+Fully accelerated:     False
+========================================
+"""
+
+
+def test_vendor_parsers_on_recorded_output():
+    from edge_msd.bench import vendor
+
+    assert vendor.parse_benchmark_litert_model(BENCHMARK_LITERT_MODEL_OUT) == {
+        "mean_ms": 0.02,
+        "n": 200,
+        "p50_ms": 0.02,
+    }
+
+    assert vendor.parse_benchmark_model(BENCHMARK_MODEL_OUT) == pytest.approx(
+        {"mean_ms": 63.7432, "n": 50, "p50_ms": 51.891}
+    )
+    assert vendor.parse_trtexec(TRTEXEC_OUT) == {"mean_ms": 0.861, "p50_ms": 0.858}
+    assert vendor.parse_perf_test(PERF_TEST_OUT) == pytest.approx({"mean_ms": 0.306, "p50_ms": 0.298})
+    assert vendor.parse_trtexec("garbage") == {}
+
+
+def _fake_tool(folder: Path, name: str, output: str, log: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "out.txt").write_text(output)
+    tool = folder / name
+    tool.write_text(f'#!/bin/sh\necho "$@" > {log}\ncat {folder / "out.txt"}\n')
+    tool.chmod(0o755)
+
+
+def test_vendor_tool_beside_the_harness(bundle, tmp_path, monkeypatch):
+    from edge_msd.bench import vendor
+
+    log = tmp_path / "args.txt"
+    _fake_tool(tmp_path / "bin", "onnxruntime_perf_test", PERF_TEST_OUT, log)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    report = run_bench(_opts(bundle, tmp_path / "r.json", batch=[1], cold=False))
+    v = report["towers"]["image"]["vendor"]
+    ours = report["towers"]["image"]["measurements"][-1]["latency_ms"]["p50"]
+    assert (
+        v["tool"] == "onnxruntime_perf_test"
+        and v["compared"] == "p50"
+        and v["p50_ms"] == pytest.approx(0.298)
+    )
+    assert v["ratio"] == pytest.approx(ours / 0.298) and v["agrees"] is (abs(v["ratio"] - 1) <= 0.05)
+    assert log.read_text().split() == [
+        "-e",
+        "cpu",
+        "-m",
+        "times",
+        "-r",
+        "5",
+        "-x",
+        "1",
+        str(bundle / "models/image.onnx"),
+    ]
+    assert "vendor" not in report["towers"]["text"]  # the tools' random integers are not token ids
+    assert "vendor tool beside the harness" in format_table(report)
+    _fake_tool(tmp_path / "bin2", "benchmark_model", BENCHMARK_MODEL_OUT, log)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin2'}{os.pathsep}{os.environ['PATH']}")
+    v = vendor.compare("litert", Path("m.tflite"), 1, 2, 50, {"p50": 51.891 * 1.02}, [], {"xnnpack": True})
+    assert v["ratio"] == pytest.approx(1.02) and v["agrees"] and "--num_threads=2" in log.read_text()
+    assert vendor.compare("coreml", Path("m.mlpackage"), 1, None, 50, {"p50": 1.0}, [], {}) is None
 
 
 # ---- tegrastats -----------------------------------------------------------------------------
@@ -558,6 +999,8 @@ def test_pyz_runs_a_bundle_in_a_clean_env(pyz, bundle, tmp_path):
     assert "onnxruntime" in imported and "numpy" in imported
     assert not {"torch", "open_clip", "click", "matplotlib"} & imported
     assert "recall eval" in r.stdout and "edge_msd" in imported
+    cold = report["towers"]["image"]["cold"]  # the fresh child process ran from the .pyz too
+    assert cold["available"] and cold["torch_imported"] is False and cold["footprint_mb"] > 0, cold
 
 
 def test_pyz_tampered_bundle_exit_status(pyz, tmp_path):

@@ -64,11 +64,16 @@ def test_onnx_bundle_parity(tmp_path, student_dir):
     assert m["parity"]["passed"] and m["parity"]["image"]["min_cos"] > 0.9999
     assert m["models"]["text"]["inputs"][0] == {"name": "tokens", "shape": [-1, 16], "dtype": "int32"}
     assert m["models"]["image"]["outputs"][0]["name"] == "embedding"
+    assert m["delegate_check"] == {}  # ONNX Runtime places nodes on the device; nothing to check here
 
 
 def test_tflite_fp32_bundle_parity(tmp_path, student_dir):
     m = _export(tmp_path, student_dir, "tflite")
     assert m["parity"]["passed"] and m["parity"]["text"]["min_cos"] > 0.999
+    # the L2 norm's POW is an op XNNPACK leaves to the interpreter: the export says so
+    check = m["delegate_check"]
+    assert check["delegate"] == "XNNPACK" and check["image"]["not_delegated"].get("POW") == 1
+    assert 0 < sum(check["image"]["not_delegated"].values()) < check["image"]["ops"]
     assert m["models"]["text"]["inputs"][0]["dtype"] == "int32"
 
 

@@ -53,7 +53,7 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 
 def collect() -> list[Path]:
     """bench/*.py plus the closure of the edge_msd modules they import (and their packages' __init__)."""
-    todo = [p for p in sorted((PACKAGE / "bench").glob("*.py"))]
+    todo = sorted((PACKAGE / "bench").rglob("*.py"))
     seen: set[Path] = set()
     while todo:
         path = todo.pop()

@@ -51,6 +51,11 @@ class BenchOptions:
     pool: int = _opt(8, "distinct input batches rotated during timing")
     recall: bool = _opt(True, "compute Recall@1/5/10 on the bundle's evalset and parity on its probe set")
     time_limit: float | None = _opt(None, "stop after this many seconds and write a partial report")
+    sustained: float | None = _opt(
+        None, "then run this many seconds more per tower and report p50 per time window (throttling)"
+    )
+    cold: bool = _opt(True, "measure cold start and the runtime's own memory in a fresh torch-free process")
+    vendor: bool = _opt(True, "run the runtime's own benchmark tool (benchmark_model, trtexec, …) if found")
     label: str | None = _opt(None, "device label in merged reports (default: host name)")
     out: str | None = _opt(
         None, "report JSON path (default: runs/bench/<bundle>.json from edge-msd bench, "
@@ -64,6 +69,8 @@ class BenchOptions:
             raise ConfigError(f"--iters must be ≥ 1, got {self.iters}")
         if self.duration is not None and self.duration <= 0:
             raise ConfigError(f"--duration must be > 0, got {self.duration}")
+        if self.sustained is not None and self.sustained <= 0:
+            raise ConfigError(f"--sustained must be > 0 seconds, got {self.sustained}")
         if (self.warmup is not None and self.warmup < 0) or self.pool < 1:
             raise ConfigError("--warmup must be ≥ 0 and --pool ≥ 1")
         unknown = sorted(set(self.towers) - {"image", "text"})

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_msd.artifacts import read_json
+from edge_msd.bench.placement import PLACEMENT_HEAD, placement_rows
+from edge_msd.bench.tables import markdown, render
 from edge_msd.errors import ArtifactError
 
 SCHEMA = "edge-msd-bench/1"
@@ -36,6 +38,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "min": lat.get("min"),
                     "mean": lat.get("mean"),
                     "std": lat.get("std"),
+                    "cv": lat.get("cv"),
                     "p50": lat.get("p50"),
                     "p90": lat.get("p90"),
                     "p95": lat.get("p95"),
@@ -49,53 +52,143 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The human summary printed at the end of a run."""
+LATENCY_HEAD = [
+    "tower",
+    "batch",
+    "load ms",
+    "first ms",
+    "n",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "mean±std ms",
+    "cv",
+    "items/s",
+    "peak RSS MB",
+    "mJ/item",
+]
+COLD_HEAD = [
+    "tower",
+    "import ms",
+    "load ms",
+    "first ms",
+    "runtime import MB",
+    "model load MB",
+    "peak in inference MB",
+]
+VENDOR_HEAD = ["tower", "tool", "tool ms", "ours ms", "ours / tool", "agrees (±5%)"]
+
+
+def latency_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            r["tower"],
+            str(r["batch"]),
+            _f(r["load_ms"], ".1f"),
+            _f(r["first_ms"]),
+            str(r["iters"]),
+            _f(r["p50"]),
+            _f(r["p90"]),
+            _f(r["p99"]),
+            "–" if r["mean"] is None else f"{r['mean']:.3f}±{r['std']:.3f}",
+            _f(r["cv"], ".1%"),
+            _f(r["ips"], ".1f"),
+            _f(r["rss"], ".0f"),
+            _f(r["mj"], ".2f"),
+        ]
+        for r in rows(report)
+    ]
+
+
+def cold_rows(report: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for tower, t in report.get("towers", {}).items():
+        c = t.get("cold")
+        if c and c.get("available"):
+            out.append(
+                [
+                    tower,
+                    _f(c["import_ms"], ".1f"),
+                    _f(c["load_ms"], ".1f"),
+                    _f(c["first_inference_ms"]),
+                    _f(c["runtime_import_mb"], ".1f"),
+                    _f(c["model_load_mb"], ".1f"),
+                    _f(c["peak_inference_mb"], ".1f"),
+                ]
+            )
+        elif c:
+            out.append([tower, "–", "–", "–", "–", "–", f"not measured: {c.get('reason')}"])
+    return out
+
+
+def vendor_rows(report: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for tower, t in report.get("towers", {}).items():
+        v = t.get("vendor")
+        if v and "error" in v:
+            out.append([tower, v["tool"], "–", "–", "–", f"failed: {v['error']}"])
+        elif v:
+            out.append(
+                [
+                    tower,
+                    v["tool"],
+                    f"{v[v['compared'] + '_ms']:.4f} ({v['compared']})",
+                    f"{v['ours_ms']:.4f}",
+                    f"{v['ratio']:.3f}",
+                    "yes" if v["agrees"] else "NO",
+                ]
+            )
+    return out
+
+
+def warnings(report: dict[str, Any]) -> list[str]:
+    """Everything that makes a number doubtful: oversubscribed threads, unstable or short runs, throttling."""
+    out = []
+    choice = report.get("settings", {}).get("threads_choice") or {}
+    if choice.get("warning"):
+        out.append(choice["warning"])
+    for tower, t in report.get("towers", {}).items():
+        for m in t.get("measurements", []):
+            out += [f"{tower} batch {m.get('batch')}: {w}" for w in m.get("warnings", [])]
+        if (t.get("sustained") or {}).get("warning"):
+            out.append(f"{tower} sustained: {t['sustained']['warning']}")
+    return out
+
+
+def format_table(report: dict[str, Any], style: str | None = None) -> str:
+    """The human summary printed at the end of a run (``style``: see ``edge_msd.bench.tables``)."""
     rt = report.get("runtime", {})
     env = report.get("environment", {})
+    choice = report.get("settings", {}).get("threads_choice") or {}
+    threads = report.get("settings", {}).get("threads") or "default"
     lines = [
         f"{report.get('device', {}).get('label')} · {env.get('cpu')} · {rt.get('name')} {rt.get('version')}"
-        f" · threads {report.get('settings', {}).get('threads') or 'default'}"
+        f" · threads {threads}"
+        + (f" ({choice['source']}; {choice['usable_cores']} usable cores)" if choice else "")
     ]
     if report.get("partial"):
         lines.append(f"PARTIAL REPORT ({report.get('interrupted')}): only what was measured is shown")
-    head = (
-        "tower",
-        "batch",
-        "load ms",
-        "first ms",
-        "iters",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "mean±std ms",
-        "items/s",
-        "peak RSS MB",
-        "mJ/item",
-    )
-    table = [head]
-    for r in rows(report):
-        table.append(
-            (
-                r["tower"],
-                str(r["batch"]),
-                _f(r["load_ms"], ".1f"),
-                _f(r["first_ms"]),
-                str(r["iters"]),
-                _f(r["p50"]),
-                _f(r["p90"]),
-                _f(r["p99"]),
-                "–" if r["mean"] is None else f"{r['mean']:.3f}±{r['std']:.3f}",
-                _f(r["ips"], ".1f"),
-                _f(r["rss"], ".0f"),
-                _f(r["mj"], ".2f"),
+    sections = [
+        ("latency (n timed calls per row)", LATENCY_HEAD, latency_rows(report)),
+        ("op placement", PLACEMENT_HEAD, placement_rows(report)),
+        (
+            "cold start and the runtime's own memory (fresh process without torch)",
+            COLD_HEAD,
+            cold_rows(report),
+        ),
+        ("vendor tool beside the harness", VENDOR_HEAD, vendor_rows(report)),
+    ]
+    for title, head, body in sections:
+        if body:
+            lines += ["", title, render(head, body, style)]
+    for tower, t in report.get("towers", {}).items():
+        sus = t.get("sustained")
+        if sus and sus.get("windows"):
+            p50s = " ".join(f"{w['p50_ms']:.3f}" for w in sus["windows"])
+            lines.append(
+                f"sustained {tower} ({sus['seconds']:g} s, p50 ms per {sus['window_s']:.2g} s window): {p50s}"
             )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for k, row in enumerate(table):
-        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
     for tower, p in (report.get("parity") or {}).items():
         lines.append(f"parity {tower}: cosine min {p['min_cos']:.5f} mean {p['mean_cos']:.5f} (n={p['n']})")
     for name, r in (report.get("recall") or {}).items():
@@ -107,7 +200,8 @@ def format_table(report: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"recall {name}: {r:+.2f}")
-    return "\n".join(lines)
+    lines += [f"warning: {w}" for w in warnings(report)]
+    return "\n".join(lines).rstrip()
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -173,6 +267,9 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    path = _sustained_plot(plt, names, reports, out)
+    if path is not None:
+        paths.append(path)
     points = []
     for name, r in zip(names, reports, strict=True):
         rec = (r.get("recall") or {}).get("eval") or (r.get("recall") or {}).get("probe")
@@ -200,11 +297,68 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def _md_table(head: list[str], body: list[list[str]]) -> str:
-    return "\n".join(
-        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        + ["| " + " | ".join(r) + " |" for r in body]
-    )
+def _sustained_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], out: Path) -> Path | None:
+    """p50 per window of every ``--sustained`` run: throttling shows as a rising line."""
+    series = [
+        (f"{name} · {tower}" + (f" · {s['power_mode']}" if s.get("power_mode") else ""), s["windows"])
+        for name, r in zip(names, reports, strict=True)
+        for tower, t in r.get("towers", {}).items()
+        if (s := t.get("sustained")) and s.get("windows")
+    ]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, wins in series:
+        ax.plot([w["t_s"] for w in wins], [w["p50_ms"] for w in wins], marker="o", label=label)
+    ax.set_xlabel("time into the sustained run (s)")
+    ax.set_ylabel("p50 latency per window (ms)")
+    ax.set_title("sustained run: p50 per time window")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "sustained.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _per_run(reports: list[dict[str, Any]], make_rows: Any) -> list[list[str]]:
+    return [[_run_name(r), *row] for r in reports for row in make_rows(r)]
+
+
+def recall_rows(report: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for name, rec in (report.get("recall") or {}).items():
+        if isinstance(rec, dict):
+            out.append(
+                [name, *(_f(rec[d][k], ".2f") for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10"))]
+            )
+    for tower, p in (report.get("parity") or {}).items():
+        out.append(
+            [f"parity {tower}", f"min cos {p['min_cos']:.5f}", f"mean cos {p['mean_cos']:.5f}", *[""] * 4]
+        )
+    return out
+
+
+def _html(tables: list[tuple[str, list[str], list[list[str]]]], plots: list[Path]) -> str:
+    h = [
+        "<!doctype html><meta charset='utf-8'><title>edge-msd benchmark report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child{text-align:left}</style>",
+        "<h1>edge-msd benchmark report</h1>",
+    ]
+    for title, head, body in tables:
+        h.append(
+            f"<h2>{html.escape(title)}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+            + "</table>"
+        )
+    for p in plots:  # embedded, so the HTML is one file to share
+        data = base64.b64encode(p.read_bytes()).decode()
+        h.append(f"<h3>{html.escape(p.stem)}</h3><img alt='{p.stem}' src='data:image/png;base64,{data}'>")
+    return "\n".join(h) + "\n"
 
 
 def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -229,106 +383,26 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
         ]
         for r, p in zip(reports, paths, strict=True)
     ]
-    lat = [
-        [
-            _run_name(r),
-            x["tower"],
-            str(x["batch"]),
-            _f(x["load_ms"], ".1f"),
-            _f(x["first_ms"]),
-            _f(x["p50"]),
-            _f(x["p90"]),
-            _f(x["p99"]),
-            _f(x["mean"]),
-            _f(x["std"]),
-            _f(x["ips"], ".1f"),
-            _f(x["rss"], ".0f"),
-            _f(x["mj"], ".2f"),
-        ]
-        for r in reports
-        for x in rows(r)
-    ]
-    acc = []
-    for r in reports:
-        for name, rec in (r.get("recall") or {}).items():
-            if isinstance(rec, dict):
-                acc.append(
-                    [
-                        _run_name(r),
-                        name,
-                        _f(rec["i2t"]["R@1"], ".2f"),
-                        _f(rec["i2t"]["R@5"], ".2f"),
-                        _f(rec["i2t"]["R@10"], ".2f"),
-                        _f(rec["t2i"]["R@1"], ".2f"),
-                        _f(rec["t2i"]["R@5"], ".2f"),
-                        _f(rec["t2i"]["R@10"], ".2f"),
-                    ]
-                )
-        for tower, p in (r.get("parity") or {}).items():
-            acc.append(
-                [
-                    _run_name(r),
-                    f"parity {tower}",
-                    f"min cos {p['min_cos']:.5f}",
-                    f"mean cos {p['mean_cos']:.5f}",
-                    "",
-                    "",
-                    "",
-                    "",
-                ]
-            )
     tables = [
         ("Runs", ["run", "CPU", "OS", "threads", "status", "file"], runs),
-        (
-            "Latency (ms) and throughput",
-            [
-                "run",
-                "tower",
-                "batch",
-                "load",
-                "first",
-                "p50",
-                "p90",
-                "p99",
-                "mean",
-                "std",
-                "items/s",
-                "peak RSS MB",
-                "mJ/item",
-            ],
-            lat,
-        ),
+        ("Latency (ms) and throughput", ["run", *LATENCY_HEAD], _per_run(reports, latency_rows)),
+        ("Op placement", ["run", *PLACEMENT_HEAD], _per_run(reports, placement_rows)),
+        ("Cold start and the runtime's own memory", ["run", *COLD_HEAD], _per_run(reports, cold_rows)),
+        ("Vendor tool beside the harness", ["run", *VENDOR_HEAD], _per_run(reports, vendor_rows)),
         (
             "Recall (%) and parity",
             ["run", "set", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10"],
-            acc,
+            _per_run(reports, recall_rows),
         ),
     ]
+    tables = [t for t in tables if t[2]]  # sections no run measured (no vendor tool, say) are left out
     md = ["# edge-msd benchmark report", ""]
     for title, head, body in tables:
-        md += [f"## {title}", "", _md_table(head, body), ""]
+        md += [f"## {title}", "", markdown(head, body), ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     md_path = out / "report.md"
     atomic_write_text(md_path, "\n".join(md) + "\n")
 
-    h = [
-        "<!doctype html><meta charset='utf-8'><title>edge-msd benchmark report</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child{text-align:left}</style>",
-        "<h1>edge-msd benchmark report</h1>",
-    ]
-    for title, head, body in tables:
-        h.append(
-            f"<h2>{html.escape(title)}</h2><table><tr>"
-            + "".join(f"<th>{html.escape(c)}</th>" for c in head)
-            + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-            + "</table>"
-        )
-    for p in plots:  # embedded, so the HTML is one file to share
-        data = base64.b64encode(p.read_bytes()).decode()
-        h.append(f"<h3>{html.escape(p.stem)}</h3><img alt='{p.stem}' src='data:image/png;base64,{data}'>")
     html_path = out / "report.html"
-    atomic_write_text(html_path, "\n".join(h) + "\n")
+    atomic_write_text(html_path, _html(tables, plots))
     return {"markdown": md_path, "html": html_path, **{p.stem: p for p in plots}}

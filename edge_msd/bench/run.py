@@ -16,16 +16,20 @@ import numpy as np
 
 from edge_msd import __version__
 from edge_msd.artifacts import atomic_write_json
-from edge_msd.bench import sysinfo
+from edge_msd.bench import sysinfo, vendor
 from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs
+from edge_msd.bench.coldstart import cold_start
 from edge_msd.bench.options import BenchOptions
+from edge_msd.bench.placement import unavailable
 from edge_msd.bench.report import SCHEMA, format_table
 from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
+from edge_msd.bench.sustained import sustained
 from edge_msd.bench.timing import Deadline, Stop, Timing, time_loop
 from edge_msd.errors import ConfigError, EdgeMSDError
 from edge_msd.eval.retrieval import retrieval_metrics
 
 MAX_SAMPLES_KEPT = 20000  # raw latencies kept in the report for distribution plots
+PLACEMENT_CALLS = 10  # profiled calls for per-op times
 
 
 def profile_defaults(target: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +110,8 @@ class _Run:
             echo,
         )
         defaults = profile_defaults(bundle.target)
-        self.threads = opts.threads if opts.threads is not None else defaults.get("threads")
+        self.thread_choice = sysinfo.choose_threads(opts.threads, defaults.get("threads"))
+        self.threads = self.thread_choice["threads"]
         self.batches = opts.batch or defaults.get("batch") or [1]
         self.iters = opts.iters
         self.duration = opts.duration
@@ -151,6 +156,7 @@ class _Run:
             "runtime": {"name": backend.name, "version": versions[backend.name], **self.options},
             "settings": {
                 "threads": self.threads,
+                "threads_choice": self.thread_choice,
                 "batches": self.batches,
                 "iters": self.iters,
                 "duration_s": self.duration,
@@ -239,6 +245,9 @@ class _Run:
             self.echo(f"  {tower} tower, batch {batch} …")
             session = self.measure(tower, x, batch, deadline)
             self.save()
+        if session is not None:
+            self.report["towers"][tower].update(self.device_report(tower, session, x, deadline))
+            self.save()
         if self.opts.recall and session is not None:
             batch = self.batches[-1]
             t0 = time.perf_counter()
@@ -251,6 +260,34 @@ class _Run:
         if session is not None:
             session.close()
         return emb
+
+    def device_report(self, tower: str, session: Session, x: np.ndarray, deadline: Deadline) -> dict:
+        """Op placement, cold start in a fresh process, the vendor tool beside us, the sustained run."""
+        batch = self.batches[-1]
+        pool = _pool(x, batch, self.opts.pool, session)
+        out: dict[str, Any] = {}
+        try:
+            out["placement"] = session.placement(pool[0], PLACEMENT_CALLS)
+        except Exception as e:  # a runtime's introspection API failing must not cost the benchmark
+            out["placement"] = unavailable(f"{type(e).__name__}: {e}")
+        if self.opts.cold:
+            out["cold"] = cold_start({
+                "bundle": str(self.bundle.root), "tower": tower, "batch": self.batches[0],
+                "runtime": self.backend.name, "format": self._format(tower), "threads": self.threads,
+                "options": self.options, "engine_dir": self.opts.engine_dir,
+            })
+        timed = self.report["towers"][tower]["measurements"][-1].get("latency_ms") or {}
+        if self.opts.vendor and tower == "image" and timed.get("n"):  # the tools' random ints are no tokens
+            path = self.files[tower][self._format(tower)]
+            out["vendor"] = vendor.compare(
+                self.backend.name, path, batch, self.threads, timed["n"], timed,
+                self.bundle.model(tower).get("inputs") or [], self.options,
+            )
+        if self.opts.sustained:
+            self.echo(f"  {tower} tower, sustained {self.opts.sustained:g} s …")
+            power_mode = (self.report["environment"].get("jetson") or {}).get("power_mode")
+            out["sustained"] = sustained(session.run, pool, self.opts.sustained, deadline, power_mode)
+        return out
 
     def execute(self, deadline: Deadline) -> None:
         evalset = self.bundle.load_npz("evalset.npz") if self.opts.recall else None
@@ -304,6 +341,8 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
     out = Path(opts.out) if opts.out else default_out(opts, bundle, backend)
     run = _Run(opts, bundle, backend, files, out, echo)
     echo(f"edge-msd bench: {bundle.root} with {backend.name} {run.report['runtime']['version']} → {out}")
+    if run.thread_choice["warning"]:
+        echo(f"warning: {run.thread_choice['warning']}")
     run.save()  # from now on the report file exists, marked partial until the run ends
     try:
         run.execute(deadline)

@@ -66,11 +66,41 @@ def jetson_info() -> dict[str, Any] | None:
     }
 
 
-def environment(runtime_versions: dict[str, str], threads: int | None) -> dict[str, Any]:
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
     try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        usable = os.cpu_count()
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def choose_threads(requested: int | None, profile: int | None) -> dict[str, Any]:
+    """The runtime's thread count and why: ``--threads`` as given (a warning when it exceeds the usable
+    cores: oversubscribed runtimes can be orders of magnitude slower), else the profile's capped at the
+    usable cores, else the runtime's default (``threads`` None)."""
+    cores = usable_cores()
+    choice: dict[str, Any] = {
+        "threads": requested,
+        "source": "--threads",
+        "profile": profile,
+        "usable_cores": cores,
+        "warning": None,
+    }
+    if requested is not None:
+        if requested > cores:
+            choice["warning"] = (
+                f"--threads {requested} exceeds the {cores} usable CPU cores: "
+                "latency may be far worse than with fewer threads"
+            )
+    elif profile:
+        choice.update(threads=min(profile, cores), source="profile, capped at the usable cores")
+    else:
+        choice["source"] = "runtime default"
+    return choice
+
+
+def environment(runtime_versions: dict[str, str], threads: int | None) -> dict[str, Any]:
+    usable = usable_cores()
     return {
         "host": platform.node(),
         "os": platform.platform(),

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
+UNSTABLE_CV = 0.10  # std/mean above this: the percentiles move between runs; say so
+MIN_STABLE_ITERS = 50  # fewer timed calls, or under MIN_STABLE_WALL_S seconds: too short to trust p99
+MIN_STABLE_WALL_S = 1.0
 
 
 class Stop(Exception):
@@ -46,6 +49,7 @@ def latency_stats(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float]:
         "mean": float(x.mean()),
         "std": float(x.std()),
         "max": float(x.max()),
+        "cv": float(x.std() / x.mean()) if x.mean() > 0 else 0.0,  # coefficient of variation
     }
     for p, v in zip(PERCENTILES, np.percentile(x, PERCENTILES), strict=True):
         out[f"p{p}"] = float(v)
@@ -70,7 +74,25 @@ class Timing:
             "latency_ms": stats,
             "throughput_items_per_s": (n * batch / (self.wall_ns / 1e9)) if n and self.wall_ns else None,
             "complete": self.stopped is None,
+            "warnings": stability_warnings(stats, self.wall_ns / 1e9),
         }
+
+
+def stability_warnings(stats: dict[str, float], wall_s: float) -> list[str]:
+    """What makes a measurement untrustworthy, as trtexec warns: high variation, or a run too short."""
+    out = []
+    n = int(stats.get("n", 0))
+    if n and stats["cv"] > UNSTABLE_CV:
+        out.append(
+            f"unstable: coefficient of variation {stats['cv']:.0%} (> {UNSTABLE_CV:.0%}); "
+            "close other programs, fix the CPU governor/clocks, or run longer"
+        )
+    if n < MIN_STABLE_ITERS or wall_s < MIN_STABLE_WALL_S:
+        out.append(
+            f"short: {n} timed calls in {wall_s:.2f} s (want ≥ {MIN_STABLE_ITERS} calls and ≥ "
+            f"{MIN_STABLE_WALL_S:.0f} s); raise --iters or use --duration"
+        )
+    return out
 
 
 def time_loop(

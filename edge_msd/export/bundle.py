@@ -43,6 +43,7 @@ from edge_msd.data.base import ImageTextDataset
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.export.base import TOWERS, Exporter, ExportRequest
 from edge_msd.export.config import ExportConfig
+from edge_msd.export.delegate_check import check_delegates
 from edge_msd.export.parity import parity_report
 from edge_msd.export.towers import Student, load_student
 
@@ -229,6 +230,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
             "parity": parity, "calibration": calibration, "quantization": quantization,
             "data": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint(),
                      "probe_images": len(probe["images"]), "eval_images": len(evalset["images"])},
+            "delegate_check": check_delegates(profile, models, tmp, console.print),
             "export_seconds": round(export_s, 2), "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         if parity.get("passed") is False and not cfg.allow_parity_fail:

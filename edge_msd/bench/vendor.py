@@ -1,0 +1,168 @@
+"""The vendor's own benchmark tool beside ours: LiteRT's ``benchmark_model`` (or the Python
+``benchmark_litert_model`` that ai-edge-litert ships), TensorRT's ``trtexec``, ONNX Runtime's
+``onnxruntime_perf_test``, when one is installed.
+
+The tool runs the same model file at the same batch and threads; its p50 (its mean where it prints no
+median) is parsed from its standard output and set next to ours, so that a user sees whether the
+harness agrees with the tool they trust. The tools feed random values, so only the image tower is
+compared (random integers are not token ids). Standard library only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# runtime → its tools, preferred first; a dotted name is a Python module run with this interpreter
+TOOLS = {
+    "litert": ("benchmark_model", "ai_edge_litert.tools.benchmark_litert_model"),
+    "tensorrt": ("trtexec",),
+    "onnxruntime": ("onnxruntime_perf_test",),
+}
+AGREE_WITHIN = 0.05  # |ours / tool − 1|: the goal for the harness
+
+
+def parse_benchmark_model(text: str) -> dict[str, float]:
+    """benchmark_model prints (µs) ``count=50 first=… min=… max=… avg=… std=… p5=… median=… p95=…``
+    per phase, the timed run last, then ``Inference timings in us: Init: …, First inference: …,
+    Warmup (avg): …, Inference (avg): …``."""
+    out: dict[str, float] = {}
+    m = re.search(r"Inference \(avg\):\s*([\d.]+)", text)
+    if m:
+        out["mean_ms"] = float(m.group(1)) / 1000
+    counts = re.findall(r"count=(\d+)[^\n]*", text)
+    lines = re.findall(r"count=\d+[^\n]*", text)
+    if lines:
+        out["n"] = int(counts[-1])
+        med = re.search(r"median=([\d.]+)", lines[-1])
+        if med:
+            out["p50_ms"] = float(med.group(1)) / 1000
+    return out
+
+
+def parse_benchmark_litert_model(text: str) -> dict[str, float]:
+    """ai-edge-litert's benchmark_litert_model.py prints ``Inference (avg):       0.02 ms (200 runs)``
+    and ``Inference (median):    0.02 ms`` (two decimals: compare models slower than a few ms)."""
+    out: dict[str, float] = {}
+    m = re.search(r"Inference \(avg\):\s*([\d.]+) ms \((\d+) runs\)", text)
+    if m:
+        out["mean_ms"], out["n"] = float(m.group(1)), int(m.group(2))
+    m = re.search(r"Inference \(median\):\s*([\d.]+) ms", text)
+    if m:
+        out["p50_ms"] = float(m.group(1))
+    return out
+
+
+def parse_trtexec(text: str) -> dict[str, float]:
+    """trtexec's performance summary: ``Latency: min = … ms, max = … ms, mean = … ms, median = … ms,
+    percentile(90%) = … ms, …`` (host latency: H2D + compute + D2H, as the harness times it)."""
+    m = re.search(
+        r"\bLatency: min = [\d.]+ ms, max = [\d.]+ ms, mean = ([\d.]+) ms, median = ([\d.]+) ms", text
+    )
+    return {"mean_ms": float(m.group(1)), "p50_ms": float(m.group(2))} if m else {}
+
+
+def parse_perf_test(text: str) -> dict[str, float]:
+    """onnxruntime_perf_test: ``Average inference time cost: … ms`` and ``P50 Latency: … s``."""
+    out: dict[str, float] = {}
+    m = re.search(r"Average inference time cost:\s*([\d.]+) ms", text)
+    if m:
+        out["mean_ms"] = float(m.group(1))
+    m = re.search(r"P50 Latency:\s*([\d.eE+-]+) s", text)
+    if m:
+        out["p50_ms"] = float(m.group(1)) * 1000
+    return out
+
+
+PARSERS = {
+    "benchmark_model": parse_benchmark_model,
+    "ai_edge_litert.tools.benchmark_litert_model": parse_benchmark_litert_model,
+    "trtexec": parse_trtexec,
+    "onnxruntime_perf_test": parse_perf_test,
+}
+
+
+def find_tool(runtime: str) -> str | None:
+    """The first of the runtime's tools that is installed: on the PATH, or an importable module."""
+    for tool in TOOLS.get(runtime, ()):
+        if "." in tool:
+            try:
+                if importlib.util.find_spec(tool) is not None:
+                    return tool
+            except ImportError:  # its package is missing
+                continue
+        elif shutil.which(tool):
+            return tool
+    return None
+
+
+def command(
+    tool: str,
+    model: Path,
+    batch: int,
+    threads: int | None,
+    iters: int,
+    inputs: list[dict[str, Any]],
+    options: dict[str, Any],
+) -> list[str]:
+    """The tool's command line for the same model, batch, threads and number of timed runs."""
+    if tool == "benchmark_model":
+        xnnpack = str(options.get("xnnpack", True)).lower()
+        cmd = [tool, f"--graph={model}", f"--num_runs={iters}", f"--use_xnnpack={xnnpack}"]
+        return cmd + ([f"--num_threads={threads}"] if threads else [])
+    if "." in tool:  # benchmark_litert_model.py: CompiledModel API, CPU accelerator, 1 thread by default
+        cmd = [sys.executable, "-m", tool, f"--model={model}", f"--num_runs={iters}"]
+        return cmd + ([f"--num_threads={threads}"] if threads else [])
+    if tool == "trtexec":
+        cmd = [tool, f"--loadEngine={model}", f"--iterations={iters}"]
+        if inputs and inputs[0].get("name") and inputs[0].get("shape"):
+            dims = "x".join(str(d) for d in [batch, *inputs[0]["shape"][1:]])
+            cmd.append(f"--shapes={inputs[0]['name']}:{dims}")
+        return cmd
+    cmd = [tool, "-e", "cpu", "-m", "times", "-r", str(iters)]
+    return cmd + (["-x", str(threads)] if threads else []) + [str(model)]
+
+
+def compare(
+    runtime: str,
+    model: Path,
+    batch: int,
+    threads: int | None,
+    iters: int,
+    ours: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    options: dict[str, Any],
+    timeout_s: float = 300,
+) -> dict | None:
+    """Run the runtime's vendor tool if one is installed (else None). ``ours`` is the harness's
+    ``latency_ms`` for the same batch."""
+    tool = find_tool(runtime)
+    if tool is None:
+        return None
+    cmd = command(tool, model, batch, threads, iters, inputs, options)
+    entry: dict[str, Any] = {"tool": tool.rsplit(".", 1)[-1], "command": " ".join(cmd)}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {**entry, "error": str(e)}
+    parsed = PARSERS[tool](done.stdout + done.stderr)
+    if done.returncode != 0 or not parsed:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {**entry, "error": f"exit {done.returncode}: {tail[0]}"}
+    stat = "p50" if "p50_ms" in parsed else "mean"
+    if parsed[f"{stat}_ms"] <= 0:
+        return {**entry, **parsed, "error": f"{entry['tool']} printed {stat} 0 ms: below its resolution"}
+    ratio = ours[stat] / parsed[f"{stat}_ms"]
+    return {
+        **entry,
+        **parsed,
+        "compared": stat,
+        "ours_ms": ours[stat],
+        "ratio": ratio,
+        "agrees": abs(ratio - 1) <= AGREE_WITHIN,
+    }
