@@ -152,6 +152,7 @@ def eval_cmd(cfg: EvalConfig) -> None:
     from edge_msd.artifacts import atomic_write_json
     from edge_msd.distill.run import evaluate_model, print_eval
 
+    cfg = cfg.resolved()
     result = evaluate_model(cfg.model, cfg.data, cfg.split)
     print_eval(result)
     if cfg.json:
@@ -165,13 +166,15 @@ from edge_msd.quant.config import CalibrateConfig, QuantConfig  # noqa: E402
 @main.command("calibrate")
 @config_command(CalibrateConfig, section="calibrate")
 def calibrate_cmd(cfg: CalibrateConfig) -> None:
-    """(Re)build a calibration-set manifest: stratified sample ids, seed, sha256 (see calibration/)."""
+    """(Re)build a calibration-set manifest (stratified sample ids, seed, sha256) of the student's data,
+    by default at runs/calibration/<data>.json, where qat, ptq and export look for it."""
     from edge_msd.data import open_dataset
-    from edge_msd.paths import FEATURES
     from edge_msd.quant.calibration import build_calibration_set, cache_bad_images, save_calibration_set
+    from edge_msd.teachers.features_config import feature_split_dir
 
+    cfg = cfg.resolved()
     dataset = open_dataset(cfg.data, cfg.split, skip_bad=True)  # bad samples are left out and counted
-    bad = cache_bad_images(FEATURES / cfg.split, dataset)  # the default feature cache of that split
+    bad = cache_bad_images(feature_split_dir(cfg.features, cfg.split, "--features"), dataset)
     cs = build_calibration_set(
         dataset, cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples, bad_images=bad
     )
@@ -183,13 +186,16 @@ def calibrate_cmd(cfg: CalibrateConfig) -> None:
 def _quantize(cfg: QuantConfig, report: bool) -> None:
     from edge_msd.quant.pipeline import quantize_student
 
+    cfg = cfg.resolved()
     out = quantize_student(cfg)
     click.echo(f"{out}: {cfg.method} int8 student for target {cfg.target!r}")
     if report:
+        from edge_msd.lineage import read_student_record
         from edge_msd.quant.report import quant_report
 
+        test_split = read_student_record(cfg.student).split("test", "test")
         click.echo(quant_report([cfg.target], student=cfg.student, calibration=cfg.calibration, data=cfg.data,
-                                out=out.parent)["markdown"])
+                                split=test_split, out=out.parent)["markdown"])
 
 
 @main.command("qat")

@@ -242,7 +242,9 @@ class TargetProfile:
 
 def targets_dirs() -> list[Path]:
     """Where target names are looked up: ./targets first (a user's own devices), then the shipped ones."""
-    return [Path.cwd() / "targets", Path(__file__).resolve().parent.parent / "targets"]
+    from edge_msd.paths import shipped
+
+    return [Path.cwd() / "targets", shipped("targets")]
 
 
 def known_targets() -> dict[str, Path]:

@@ -346,7 +346,6 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
     assert verify_bundle(bundle).manifest["files"] == m["files"]  # the failed exports left the bundle alone
 
 
-@pytest.mark.slow
 def test_tflite_qat_through_trainer_then_report(tmp_path):
     """PT2E QAT (exported graph, observer/BN freezing on schedule) → .tflite artifact → report rows."""
     from test_trainer import TinyTeacher

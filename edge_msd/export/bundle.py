@@ -125,7 +125,8 @@ def quantized_artifact(cfg: ExportConfig, student_dir: Path) -> Iterator[Path]:
     from edge_msd.quant.pipeline import quantize_student
 
     with tempfile.TemporaryDirectory(prefix="edge-msd-ptq-") as d:
-        console.print(f"int8 without --quantized: post-training quantization on {cfg.calibration}")
+        console.print(f"int8 without --quantized: running post-training quantization (PTQ) for {cfg.target}, "
+                      f"calibrated on {cfg.calibration} of data {cfg.data!r}")
         yield quantize_student(QuantConfig(target=cfg.target, method="ptq", student=str(student_dir),
                                            calibration=cfg.calibration, data=cfg.data, out=f"{d}/ptq"))
 
@@ -170,7 +171,8 @@ def ship_quantized(exporter: Exporter, art: Path, manifest: dict, folder: Path, 
 def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) -> dict:
     """Export for ``cfg.target`` into the bundle ``cfg.out_dir()``; returns the manifest.
 
-    ``dataset`` (the probe and eval set) defaults to ``cfg.data`` [``cfg.split``].
+    ``dataset`` (the probe and eval set) defaults to ``cfg.data`` [``cfg.split``], which default to the
+    student's recorded data and test split; the manifest's ``data`` names the set actually used.
     """
     cfg.validate()
     profile = load_target(cfg.target)
@@ -185,6 +187,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
     student_dir = (Path(cfg.student) if cfg.student else
                    Path(art_manifest["student"]["source"]) if art_manifest else cfg.student_dir())
     student = load_student(student_dir)
+    cfg = cfg.resolved(student_dir, need_data=dataset is None)
     if profile.resolution != "student" and tuple(student.preprocess.size) != (profile.resolution,) * 2:
         raise ConfigError(f"{profile.source}: resolution {profile.resolution} differs from the student's "
                           f"{student.preprocess.size}; use \"student\" or re-train at that size")
@@ -225,6 +228,8 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
             "student": {"name": student.name, "source": student.source, "sha256": student.sha256},
             "models": models, "preprocessing": student.preprocess.to_manifest(), "tokenizer": tokenizer,
             "parity": parity, "calibration": calibration, "quantization": quantization,
+            "data": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint(),
+                     "probe_images": len(probe["images"]), "eval_images": len(evalset["images"])},
             "delegate_check": check_delegates(profile, models, tmp, console.print),
             "export_seconds": round(export_s, 2), "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")

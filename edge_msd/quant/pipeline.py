@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from edge_msd.artifacts import atomic_dir, write_manifest
-from edge_msd.errors import ConfigError
+from edge_msd.errors import ConfigError, DataError
 from edge_msd.quant.calibration import (
     calibration_batches,
     check_calibration_set,
@@ -75,6 +75,12 @@ def load_calibration(cfg: QuantConfig, student: Any) -> Calibration:
 
     cs = load_calibration_set(cfg.calibration)
     dataset = open_dataset(cfg.data, cs.split, skip_bad=True)  # as `calibrate` opened it
+    if cs.dataset_fingerprint != dataset.fingerprint():
+        raise DataError(
+            f"{cfg.calibration}: calibration set drawn from {cs.dataset!r}, expected one of {cfg.data!r} "
+            f"(the data being quantized for); build it with `edge-msd calibrate --data {cfg.data}`, or pass "
+            f"--data {cs.dataset} to calibrate on that data deliberately"
+        )
     check_calibration_set(cs, dataset, cfg.min_calibration)
     images, tokens, skipped = [], [], []
     for x, t in calibration_batches(
@@ -253,6 +259,7 @@ def quantize_student(cfg: QuantConfig) -> Path:
     from edge_msd.export.towers import load_student
 
     cfg.validate()
+    cfg = cfg.resolved()
     profile = load_target(cfg.target)
     recipe = recipe_for_target(profile)
     backend = backend_for(recipe)
