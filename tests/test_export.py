@@ -263,6 +263,18 @@ def test_not_a_student_folder(tmp_path):
         load_student(tmp_path)
 
 
+def test_export_loads_a_student_only_with_verified_hashes(tmp_path, student_dir):
+    """The towers come from the one student loader: a changed weight file is refused before loading."""
+    import shutil
+
+    copy = tmp_path / "student"
+    shutil.copytree(student_dir, copy)
+    weights = copy / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="open_clip_model.safetensors"):
+        load_student(copy)
+
+
 def test_existing_output_refused(tmp_path, student_dir):
     (tmp_path / "onnx").mkdir()
     with pytest.raises(ArtifactError, match="already exists"):

@@ -38,7 +38,9 @@ from edge_msd.bench.integrity import KIND, SCHEMA, SIGNATURE, Verified, bundle_d
 from edge_msd.bench.signing import write_signature
 from edge_msd.config import TargetProfile, load_target
 from edge_msd.data.base import ImageTextDataset
+from edge_msd.distill.images import split_preprocess
 from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.eval.retrieval import first_images
 from edge_msd.export.config import ExportConfig
 from edge_msd.export.parity import parity_report
 from edge_msd.families import family_for
@@ -51,25 +53,14 @@ console = Console(stderr=True)
 
 def model_images(student: Student, ds: ImageTextDataset, indices: list[int]) -> np.ndarray:
     """uint8 (N, H, W, 3): open_clip's own eval resize + crop, stopping before ToTensor/Normalize."""
-    steps = []
-    for t in student.val_transform.transforms:
-        if type(t).__name__ in ("ToTensor", "MaybeToTensor", "Normalize"):
-            break
-        steps.append(t)
-    out = []
-    for i in indices:
-        img = ds.load_image(i)
-        for t in steps:
-            img = t(img)
-        out.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-    return np.stack(out)
+    to_uint8 = split_preprocess(student.val_transform)[0]
+    return np.stack([to_uint8(ds.load_image(i)) for i in indices])
 
 
 def image_text_set(student: Student, ds: ImageTextDataset, n_images: int) -> dict[str, np.ndarray]:
     """The first ``n_images`` images (0: all) with all their captions, as bundle arrays."""
-    n = ds.n_images if n_images <= 0 else min(n_images, ds.n_images)
     cap_idx = np.asarray(ds.caption_image_index, dtype=np.int64)
-    caps = np.flatnonzero(cap_idx < n)
+    n, caps = first_images(cap_idx, ds.n_images, n_images)
     if len(caps) == 0:
         raise ConfigError(f"{ds.spec} [{ds.split}]: the first {n} images have no captions")
     texts = [ds.captions[j] for j in caps]

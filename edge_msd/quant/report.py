@@ -17,7 +17,7 @@ import torch
 
 from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest, verify_files
 from edge_msd.errors import ArtifactError
-from edge_msd.eval.retrieval import retrieval_metrics
+from edge_msd.eval.retrieval import first_images, retrieval_metrics
 from edge_msd.families.common.quantizer import file_size, quiet
 from edge_msd.families.tflite import interpreter, run_tflite
 from edge_msd.quant.config import QuantConfig
@@ -32,8 +32,7 @@ def eval_inputs(
     from edge_msd.data import open_dataset
 
     ds = open_dataset(data, split)
-    n = min(n_images, ds.n_images)
-    caps = np.flatnonzero(ds.caption_image_index < n)
+    n, caps = first_images(ds.caption_image_index, ds.n_images, n_images)
     images = torch.stack([student.val_transform(ds.load_image(i)) for i in range(n)])
     tokens = student.tokenizer([ds.captions[j] for j in caps]).to(torch.int32)
     return images, tokens, ds.caption_image_index[caps]
