@@ -120,8 +120,10 @@ def ship_quantized(exporter: Family, art: Path, manifest: dict, folder: Path, st
         rel = f"models/{tower}.{exporter.ext}"
         exporter.ship(art / entry["file"], folder / rel, tower, student, profile)
         models[tower] = exporter.describe(folder, rel, tower, "int8", profile)
+        if "delegation" in entry:  # what the delegate took, known only when the quantizer lowered it
+            models[tower]["delegation"] = entry["delegation"]
         towers[tower] = {k: entry[k] for k in ("quantization", "kept_float", "calibration_cosine",
-                                               "fallback_reason", "delegation") if k in entry}
+                                               "fallback_reason") if k in entry}
         towers[tower]["quantized_layers"] = len(entry.get("quantized_layers", []))
     info = {"method": manifest["method"], "recipe": manifest["recipe"], "towers": towers, "artifact": source,
             "artifact_manifest_sha256": sha256_file(art / MANIFEST), "train": manifest.get("train")}

@@ -118,11 +118,13 @@ def keep_float_filter(keep_float: tuple[str, ...], filter_fn: Any = None) -> Any
     return accept
 
 
-def converted(prepared: nn.Module) -> nn.Module:
-    """The int8 graph (quantize/dequantize ops) of a prepared graph; ``prepared`` is left as it is."""
+def converted(prepared: nn.Module, fold_quantize: bool = False) -> nn.Module:
+    """The int8 graph (quantize/dequantize ops) of a prepared graph; ``prepared`` is left as it is.
+    ``fold_quantize``: store int8 weights (what XNNPACK's lowering expects) instead of quantizing the
+    float weights in the graph (what litert-torch's converter expects)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    return convert_pt2e(eval_copy(prepared), fold_quantize=False)
+    return convert_pt2e(eval_copy(prepared), fold_quantize=fold_quantize)
 
 
 def allow_train_eval(gm: nn.Module) -> None:
