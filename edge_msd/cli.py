@@ -221,11 +221,13 @@ def ptq_cmd(cfg: QuantConfig, report: bool) -> None:
 def targets_cmd() -> None:
     """List the device profiles (targets/*.toml): exporter, precisions, batch, resolution."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from edge_msd.config import known_targets, load_target
 
-    table = Table("target", "exporter", "precision", "batch", "resolution", "description")
+    # target names are what users type: never broken over lines
+    table = Table(Column("target", no_wrap=True), "exporter", "precision", "batch", "resolution",
+                  "description")
     for name in known_targets():
         p = load_target(name)
         alias = f" → {p.name}" if p.name != name else ""
