@@ -196,15 +196,8 @@ class CoreMLQuantizer(Quantizer):
             {"global_config": glob, "module_name_configs": {name: None for name in keep_float}}
         )
 
-    def quantize(
-        self,
-        tower: nn.Module,
-        batches: list[torch.Tensor],
-        *,
-        qat: bool = False,
-        keep_float: Iterable[str] = (),
-        n_steps: int | None = None,
-    ) -> nn.Module:
+    def quantize(self, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool = False,
+                 keep_float: Iterable[str] = (), n_steps: int | None = None) -> nn.Module:
         """Each Linear/Conv2d gets its own LinearQuantizer (W8A8 on its input, weight and output):
         whole-tower FX tracing fails on open_clip's shape arithmetic, a single layer always traces."""
         from coremltools.optimize.torch.quantization import LinearQuantizer

@@ -135,15 +135,8 @@ class ModeloptQuantizer(Quantizer):
             cfg.append({"quantizer_name": f"{name}.*", "enable": False})
         return {"quant_cfg": cfg, "algorithm": "max"}
 
-    def quantize(
-        self,
-        tower: nn.Module,
-        batches: list[torch.Tensor],
-        *,
-        qat: bool = False,
-        keep_float: Iterable[str] = (),
-        n_steps: int | None = None,
-    ) -> nn.Module:
+    def quantize(self, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool = False,
+                 keep_float: Iterable[str] = (), n_steps: int | None = None) -> nn.Module:
         import modelopt.torch.quantization as mtq
 
         model = explicit_attention(copy.deepcopy(tower)).eval()

@@ -25,15 +25,8 @@ class PT2EQuantizer(Quantizer):
         """The torchao ``Quantizer`` that annotates the graph (nodes inside ``keep_float`` stay float)."""
         raise NotImplementedError
 
-    def quantize(
-        self,
-        tower: nn.Module,
-        batches: list[torch.Tensor],
-        *,
-        qat: bool = False,
-        keep_float: Iterable[str] = (),
-        n_steps: int | None = None,
-    ) -> nn.Module:
+    def quantize(self, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool = False,
+                 keep_float: Iterable[str] = (), n_steps: int | None = None) -> nn.Module:
         return self._prepare(tower, batches, qat=qat, keep_float=keep_float, dynamic=False)
 
     def quantize_dynamic(self, tower: nn.Module, batches: list[torch.Tensor]) -> nn.Module | None:

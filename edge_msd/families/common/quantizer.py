@@ -64,15 +64,8 @@ class Quantizer:
     def check_recipe(cls, recipe: Recipe, where: str) -> None:
         """Refuse recipe options this toolchain cannot apply (``where`` names the profile)."""
 
-    def quantize(
-        self,
-        tower: nn.Module,
-        batches: list[torch.Tensor],
-        *,
-        qat: bool = False,
-        keep_float: Iterable[str] = (),
-        n_steps: int | None = None,
-    ) -> nn.Module:
+    def quantize(self, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool = False,
+                 keep_float: Iterable[str] = (), n_steps: int | None = None) -> nn.Module:
         """A fake-quant copy of ``tower`` calibrated on ``batches``; trainable when ``qat`` (for
         ``n_steps`` steps)."""
         raise NotImplementedError
