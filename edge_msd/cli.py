@@ -221,11 +221,13 @@ def ptq_cmd(cfg: QuantConfig, report: bool) -> None:
 def targets_cmd() -> None:
     """List the device profiles (targets/*.toml): exporter, precisions, batch, resolution."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from edge_msd.config import known_targets, load_target
 
-    table = Table("target", "exporter", "precision", "batch", "resolution", "description")
+    # target names are what users type: never broken over lines
+    table = Table(Column("target", no_wrap=True), "exporter", "precision", "batch", "resolution",
+                  "description")
     for name in known_targets():
         p = load_target(name)
         alias = f" → {p.name}" if p.name != name else ""
@@ -243,9 +245,10 @@ from edge_msd.export.config import ExportConfig  # noqa: E402  (torch-free)
 def export_cmd(cfg: ExportConfig) -> None:
     """Export the student for a target into a verified deploy bundle (docs/bundle.md); with
     --quantized, ship the int8 student that `edge-msd qat` / `ptq` made for that target."""
-    from edge_msd.export.bundle import export_bundle, summary
+    from edge_msd.export.bundle import summary
+    from edge_msd.pipeline import export_target
 
-    summary(export_bundle(cfg), str(cfg.out_dir()))
+    summary(export_target(cfg), str(cfg.out_dir()))
 
 
 @main.group("bundle")
@@ -310,7 +313,7 @@ def bundle_sign_cmd(bundle: str, private_key: str) -> None:
 def build_engine_cmd(bundle: str, precision: str | None, workspace_mib: int | None, dla_core: int | None,
                      timing_cache: str | None) -> None:
     """Build TensorRT engines (models/*.plan) for a jetson bundle; run this on the Jetson."""
-    from edge_msd.export.tensorrt import build_engines
+    from edge_msd.families.tensorrt import build_engines
 
     built = build_engines(Path(bundle), precision, workspace_mib, dla_core,
                           Path(timing_cache) if timing_cache else None)

@@ -11,9 +11,10 @@ from export_helpers import make_tiny_student, tiny_dataset
 
 from edge_msd.config import load_target
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.export.base import ExportRequest
 from edge_msd.export.bundle import ExportConfig, export_bundle
-from edge_msd.export.towers import load_student
+from edge_msd.families.common.base import ExportRequest
+from edge_msd.pipeline import export_target
+from edge_msd.students.towers import load_student
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,18 @@ def _export(tmp_path, student_dir, target, precision=None, **kw):
 
 
 def _export_int8(tmp_path, student_dir, target, calibration, **kw):
-    """int8 without --quantized: the bundle runs the quant package's PTQ recipe on a calibration set."""
+    """int8 without --quantized: the pipeline runs the quant stage's PTQ on a calibration set, then exports"""
     cfg = ExportConfig(target=target, student=str(student_dir), precision="int8", out=str(tmp_path / target),
                        data=DATA, probe_images=8, calibration=str(calibration), **kw)
-    return export_bundle(cfg)
+    return export_target(cfg)
+
+
+def test_export_stage_alone_refuses_int8_without_an_artifact(tmp_path, student_dir):
+    """export never quantizes: without --quantized it names the command that makes the artifact."""
+    cfg = ExportConfig(target="tflite", student=str(student_dir), precision="int8", out=str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="edge-msd ptq --target tflite"):
+        export_bundle(cfg, dataset=tiny_dataset())
+    assert not (tmp_path / "b").exists()
 
 
 def test_text_tower_int32_matches_open_clip(student):
@@ -113,9 +122,9 @@ def test_tflite_int8_bundle_from_quant_recipe(tmp_path, student_dir, calibration
 
 
 def test_tensorrt_onnx_checks(tmp_path, student):
-    from edge_msd.export.tensorrt import TensorRTExporter, check_tensorrt_onnx
+    from edge_msd.families.tensorrt import FAMILY, check_tensorrt_onnx
 
-    entries = TensorRTExporter().export(ExportRequest(student, load_target("jetson"), "fp16"), tmp_path)
+    entries = FAMILY.export(ExportRequest(student, load_target("jetson"), "fp16"), tmp_path)
     for e in entries.values():
         assert e["tensorrt_check"]["opset"] == 17 and e["tensorrt_check"]["qdq_pairs"] == 0
         assert e["outputs"][0]["shape"] == [-1, 32]  # dynamic batch, the student's embedding width
@@ -142,7 +151,7 @@ def test_tensorrt_rejects_unsupported_op(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from edge_msd.export.tensorrt import check_tensorrt_onnx
+    from edge_msd.families.tensorrt import check_tensorrt_onnx
 
     node = helper.make_node("StringNormalizer", ["x"], ["y"], name="layer7/norm")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.STRING, [1])],
@@ -160,7 +169,7 @@ def test_build_engine_without_tensorrt_says_so(tmp_path, student_dir):
     except ImportError:
         pass
     from edge_msd.errors import EdgeMSDError
-    from edge_msd.export.tensorrt import build_engines
+    from edge_msd.families.tensorrt import build_engines
 
     m = _export(tmp_path, student_dir, "jetson")
     assert m["parity"]["passed"] and m["target"]["exporter"] == "tensorrt"
@@ -252,6 +261,18 @@ def test_not_a_student_folder(tmp_path):
     (tmp_path / "open_clip_config.json").write_text("{}")
     with pytest.raises(ArtifactError, match="open_clip_model.safetensors is missing"):
         load_student(tmp_path)
+
+
+def test_export_loads_a_student_only_with_verified_hashes(tmp_path, student_dir):
+    """The towers come from the one student loader: a changed weight file is refused before loading."""
+    import shutil
+
+    copy = tmp_path / "student"
+    shutil.copytree(student_dir, copy)
+    weights = copy / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="open_clip_model.safetensors"):
+        load_student(copy)
 
 
 def test_existing_output_refused(tmp_path, student_dir):
