@@ -152,6 +152,7 @@ def eval_cmd(cfg: EvalConfig) -> None:
     from edge_msd.artifacts import atomic_write_json
     from edge_msd.distill.run import evaluate_model, print_eval
 
+    cfg = cfg.resolved()
     result = evaluate_model(cfg.model, cfg.data, cfg.split)
     print_eval(result)
     if cfg.json:
@@ -165,13 +166,15 @@ from edge_msd.quant.config import CalibrateConfig, QuantConfig  # noqa: E402
 @main.command("calibrate")
 @config_command(CalibrateConfig, section="calibrate")
 def calibrate_cmd(cfg: CalibrateConfig) -> None:
-    """(Re)build a calibration-set manifest: stratified sample ids, seed, sha256 (see calibration/)."""
+    """(Re)build a calibration-set manifest (stratified sample ids, seed, sha256) of the student's data,
+    by default at runs/calibration/<data>.json, where qat, ptq and export look for it."""
     from edge_msd.data import open_dataset
-    from edge_msd.paths import FEATURES
     from edge_msd.quant.calibration import build_calibration_set, cache_bad_images, save_calibration_set
+    from edge_msd.teachers.features_config import feature_split_dir
 
+    cfg = cfg.resolved()
     dataset = open_dataset(cfg.data, cfg.split, skip_bad=True)  # bad samples are left out and counted
-    bad = cache_bad_images(FEATURES / cfg.split, dataset)  # the default feature cache of that split
+    bad = cache_bad_images(feature_split_dir(cfg.features, cfg.split, "--features"), dataset)
     cs = build_calibration_set(
         dataset, cfg.n, cfg.seed, cfg.name, min_samples=cfg.min_samples, bad_images=bad
     )
@@ -183,13 +186,16 @@ def calibrate_cmd(cfg: CalibrateConfig) -> None:
 def _quantize(cfg: QuantConfig, report: bool) -> None:
     from edge_msd.quant.pipeline import quantize_student
 
+    cfg = cfg.resolved()
     out = quantize_student(cfg)
     click.echo(f"{out}: {cfg.method} int8 student for target {cfg.target!r}")
     if report:
+        from edge_msd.lineage import read_student_record
         from edge_msd.quant.report import quant_report
 
+        test_split = read_student_record(cfg.student).split("test", "test")
         click.echo(quant_report([cfg.target], student=cfg.student, calibration=cfg.calibration, data=cfg.data,
-                                out=out.parent)["markdown"])
+                                split=test_split, out=out.parent)["markdown"])
 
 
 @main.command("qat")
@@ -215,11 +221,13 @@ def ptq_cmd(cfg: QuantConfig, report: bool) -> None:
 def targets_cmd() -> None:
     """List the device profiles (targets/*.toml): exporter, precisions, batch, resolution."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from edge_msd.config import known_targets, load_target
 
-    table = Table("target", "exporter", "precision", "batch", "resolution", "description")
+    # target names are what users type: never broken over lines
+    table = Table(Column("target", no_wrap=True), "exporter", "precision", "batch", "resolution",
+                  "description")
     for name in known_targets():
         p = load_target(name)
         alias = f" → {p.name}" if p.name != name else ""
@@ -237,9 +245,10 @@ from edge_msd.export.config import ExportConfig  # noqa: E402  (torch-free)
 def export_cmd(cfg: ExportConfig) -> None:
     """Export the student for a target into a verified deploy bundle (docs/bundle.md); with
     --quantized, ship the int8 student that `edge-msd qat` / `ptq` made for that target."""
-    from edge_msd.export.bundle import export_bundle, summary
+    from edge_msd.export.bundle import summary
+    from edge_msd.pipeline import export_target
 
-    summary(export_bundle(cfg), str(cfg.out_dir()))
+    summary(export_target(cfg), str(cfg.out_dir()))
 
 
 @main.group("bundle")
@@ -304,7 +313,7 @@ def bundle_sign_cmd(bundle: str, private_key: str) -> None:
 def build_engine_cmd(bundle: str, precision: str | None, workspace_mib: int | None, dla_core: int | None,
                      timing_cache: str | None) -> None:
     """Build TensorRT engines (models/*.plan) for a jetson bundle; run this on the Jetson."""
-    from edge_msd.export.tensorrt import build_engines
+    from edge_msd.families.tensorrt import build_engines
 
     built = build_engines(Path(bundle), precision, workspace_mib, dla_core,
                           Path(timing_cache) if timing_cache else None)

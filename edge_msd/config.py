@@ -198,7 +198,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 # ---- target profiles ----------------------------------------------------------------------
 PRECISIONS = ("fp32", "fp16", "int8")
-EXPORTERS = ("onnx", "tensorrt", "coreml", "tflite")
 
 
 @dataclasses.dataclass
@@ -206,7 +205,7 @@ class TargetProfile:
     """A device profile (targets/<name>.toml): which exporter, precision, shapes and checks to use."""
 
     name: str = field(help="profile name (the file stem)")
-    exporter: str = field(help=f"exporter kind: {', '.join(EXPORTERS)}")
+    exporter: str = field(help="target family (edge_msd/families/<name>.py): onnx, tensorrt, coreml, ...")
     precision: str = field(help="default precision")
     precisions: list[str] = field(help="precisions this target accepts")
     resolution: int | str = field(help='image size in pixels, or "student" for the student\'s own')
@@ -223,8 +222,10 @@ class TargetProfile:
         for name in ("parity", "options", "bench"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{where}: field '{name}' must be a table")
-        if self.exporter not in EXPORTERS:
-            raise ConfigError(f"{where}: field 'exporter' is {self.exporter!r}; expected one of {EXPORTERS}")
+        from edge_msd.families import names
+
+        if self.exporter not in names():
+            raise ConfigError(f"{where}: field 'exporter' is {self.exporter!r}; expected one of {names()}")
         for p in [*self.precisions, self.precision]:
             if p not in PRECISIONS:
                 raise ConfigError(f"{where}: field 'precisions' has {p!r}; expected one of {PRECISIONS}")
@@ -242,7 +243,9 @@ class TargetProfile:
 
 def targets_dirs() -> list[Path]:
     """Where target names are looked up: ./targets first (a user's own devices), then the shipped ones."""
-    return [Path.cwd() / "targets", Path(__file__).resolve().parent.parent / "targets"]
+    from edge_msd.paths import shipped
+
+    return [Path.cwd() / "targets", shipped("targets")]
 
 
 def known_targets() -> dict[str, Path]:

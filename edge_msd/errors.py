@@ -22,6 +22,10 @@ class ArtifactError(EdgeMSDError):
     """An artifact (feature cache, checkpoint, export, bundle, report) is missing, foreign or tampered."""
 
 
+class QuantError(EdgeMSDError):
+    """A tower cannot be quantized or converted by the target's toolchain (names the op or layer)."""
+
+
 class StorageError(EdgeMSDError):
     """A file or folder cannot be written or read: permissions, a read-only or full disk, a file where a
     folder is expected (or the reverse)."""

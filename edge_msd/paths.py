@@ -14,6 +14,19 @@ def home() -> Path:
     return Path(os.environ.get("EDGE_MSD_HOME", Path.home() / ".cache" / "edge-msd")).expanduser()
 
 
+def shipped(folder: str) -> Path:
+    """A folder the package ships (``targets``, ``calibration``): inside an installed wheel, else the
+    source tree's top-level folder (an editable install or a checkout); see setup.py."""
+    package = Path(__file__).resolve().parent
+    inside = package / "shipped" / folder
+    return inside if inside.is_dir() else package.parent / folder
+
+
+def demo_calibration() -> Path:
+    """The demo's calibration-set manifest (calibration/demo-scenes.json, shipped with the package)."""
+    return shipped("calibration") / "demo-scenes.json"
+
+
 def demo_teacher_dir() -> Path:
     return home() / "teachers" / "demo"
 
@@ -22,5 +35,6 @@ RUNS = Path("runs")
 FEATURES = RUNS / "features"  # FEATURES / <split>
 DISTILL = RUNS / "distill"  # student/, eval.json, metrics.jsonl, losses.png, checkpoints/
 QAT = RUNS / "qat"  # QAT / <target>
+CALIBRATION = RUNS / "calibration"  # CALIBRATION / <data>.json  (edge_msd.lineage.calibration_path)
 EXPORT = RUNS / "export"  # EXPORT / <target>  (a deploy bundle)
 BENCH = RUNS / "bench"  # BENCH / <target>.json

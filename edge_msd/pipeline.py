@@ -1,20 +1,25 @@
-"""``edge-msd demo``: the whole pipeline on the embedded demo, each stage skipped when already done.
+"""Stages chained: ``export_target`` (quantize, then export) and ``edge-msd demo``.
 
+The demo runs the whole pipeline on the embedded demo, each stage skipped when already done:
 teacher fit (writing the train and test feature caches) → distill (val cache built on the way) →
 export per target → bench on this host → report.
-Every stage is the same function its own verb calls; this module only chains them.
+Every stage is the same function its own verb calls; this module only chains them, so that each stage
+imports only the stages before it.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from edge_msd import paths
-from edge_msd.config import field
+from edge_msd.config import field, load_target
+from edge_msd.export.config import ExportConfig
 
 console = Console()
 
@@ -31,6 +36,27 @@ class DemoConfig:
     force: bool = field(False, help="redo every stage, even those already done")
 
 
+def export_target(cfg: ExportConfig, dataset: Any = None) -> dict:
+    """``edge-msd export``: int8 without ``--quantized`` runs post-training quantization (the quant
+    stage, on the calibration set) into a temp folder first, and ships that; returns the manifest."""
+    from edge_msd.export.bundle import export_bundle, export_precision
+
+    if cfg.quantized or export_precision(cfg, load_target(cfg.target)) != "int8":
+        return export_bundle(cfg, dataset)
+    from edge_msd.quant.config import QuantConfig
+    from edge_msd.quant.pipeline import quantize_student
+
+    student_dir = Path(cfg.student) if cfg.student else cfg.student_dir()
+    resolved = cfg.resolved(student_dir, need_data=dataset is None)
+    with tempfile.TemporaryDirectory(prefix="edge-msd-ptq-") as d:
+        console.print(f"int8 without --quantized: running post-training quantization (PTQ) for {cfg.target}, "
+                      f"calibrated on {resolved.calibration} of data {resolved.data!r}")
+        qcfg = QuantConfig(target=cfg.target, method="ptq", student=str(student_dir),
+                           calibration=resolved.calibration, data=resolved.data, out=f"{d}/ptq")
+        art = quantize_student(qcfg)
+        return export_bundle(cfg, dataset, made_for_export=art)
+
+
 def _stage(name: str) -> float:
     console.rule(f"[bold]{name}")
     return time.perf_counter()
@@ -43,7 +69,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
     from edge_msd.bench.run import print_report, run_bench
     from edge_msd.distill.config import DistillConfig
     from edge_msd.distill.run import distill_summary, run_distill
-    from edge_msd.export.bundle import ExportConfig, export_bundle, summary, verify_bundle
+    from edge_msd.export.bundle import summary, verify_bundle
     from edge_msd.teachers.demo import fit_demo_teacher, print_fit_summary
     from edge_msd.teachers.demo_config import DemoTeacherConfig
 
@@ -71,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
         if cfg.force or not _valid_bundle(out, verify_bundle):
             ecfg = ExportConfig(target=target, student=str(distill_dir / "student"), precision="",
                                 out=str(out), force=True)
-            summary(export_bundle(ecfg), str(out))
+            summary(export_target(ecfg), str(out))
         else:
             console.print(f"{out} is a verified bundle: export done (--force to redo)")
         seconds[f"export {target}"] = time.perf_counter() - t

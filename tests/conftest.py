@@ -11,3 +11,9 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the bench tests run without torch
     pass
+
+
+def pytest_report_header(config):
+    import edge_msd
+
+    return f"edge_msd imported from {edge_msd.__file__}"  # CI: the installed package, not the checkout

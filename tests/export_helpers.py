@@ -26,6 +26,8 @@ def make_tiny_student(folder: Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from edge_msd.artifacts import write_manifest
+
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**TINY_CFG)
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,6 +36,7 @@ def make_tiny_student(folder: Path, seed: int = 0) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps(cfg))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, folder / "open_clip_model.safetensors")
+    write_manifest(folder, "student", preset="tiny")  # students are loaded only with verified hashes
     return folder
 
 

@@ -287,7 +287,6 @@ def test_coreml_backend_is_selected_for_mlpackages():  # pragma: no cover - on m
     assert runtimes.select_backend("auto", files) is runtimes.CoreMlBackend
 
 
-@pytest.mark.slow
 def test_litert_session_fp32_and_int8_io(tmp_path):
     torch = pytest.importorskip("torch")
     litert_torch = pytest.importorskip("litert_torch")

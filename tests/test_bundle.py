@@ -89,7 +89,7 @@ def test_cli_targets_and_errors(tmp_path, monkeypatch):
     out = runner.invoke(main, ["targets"])
     assert out.exit_code == 0 and "jetson-orin" in out.output and "tflite" in out.output
     out = runner.invoke(main, ["export", "--target", "pixel", "--student", str(tmp_path)])
-    assert out.exit_code == 2 and "known: coreml, jetson" in out.output
+    assert out.exit_code == 2 and "known: coreml, executorch, executorch-coreml, jetson" in out.output
     out = runner.invoke(main, ["export", "--target", "onnx", "--student", str(tmp_path / "none")])
     assert out.exit_code == 2 and "student folder not found" in out.output
 

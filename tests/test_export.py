@@ -11,9 +11,10 @@ from export_helpers import make_tiny_student, tiny_dataset
 
 from edge_msd.config import load_target
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.export.base import ExportRequest
 from edge_msd.export.bundle import ExportConfig, export_bundle
-from edge_msd.export.towers import load_student
+from edge_msd.families.common.base import ExportRequest
+from edge_msd.pipeline import export_target
+from edge_msd.students.towers import load_student
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,18 @@ def _export(tmp_path, student_dir, target, precision=None, **kw):
 
 
 def _export_int8(tmp_path, student_dir, target, calibration, **kw):
-    """int8 without --quantized: the bundle runs the quant package's PTQ recipe on a calibration set."""
+    """int8 without --quantized: the pipeline runs the quant stage's PTQ on a calibration set, then exports"""
     cfg = ExportConfig(target=target, student=str(student_dir), precision="int8", out=str(tmp_path / target),
                        data=DATA, probe_images=8, calibration=str(calibration), **kw)
-    return export_bundle(cfg)
+    return export_target(cfg)
+
+
+def test_export_stage_alone_refuses_int8_without_an_artifact(tmp_path, student_dir):
+    """export never quantizes: without --quantized it names the command that makes the artifact."""
+    cfg = ExportConfig(target="tflite", student=str(student_dir), precision="int8", out=str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="edge-msd ptq --target tflite"):
+        export_bundle(cfg, dataset=tiny_dataset())
+    assert not (tmp_path / "b").exists()
 
 
 def test_text_tower_int32_matches_open_clip(student):
@@ -77,7 +86,6 @@ def test_tflite_fp32_bundle_parity(tmp_path, student_dir):
     assert m["models"]["text"]["inputs"][0]["dtype"] == "int32"
 
 
-@pytest.mark.slow
 def test_tflite_fp16_parity(tmp_path, student_dir):
     m = _export(tmp_path, student_dir, "tflite", "fp16")
     assert m["parity"]["passed"], m["parity"]
@@ -114,9 +122,9 @@ def test_tflite_int8_bundle_from_quant_recipe(tmp_path, student_dir, calibration
 
 
 def test_tensorrt_onnx_checks(tmp_path, student):
-    from edge_msd.export.tensorrt import TensorRTExporter, check_tensorrt_onnx
+    from edge_msd.families.tensorrt import FAMILY, check_tensorrt_onnx
 
-    entries = TensorRTExporter().export(ExportRequest(student, load_target("jetson"), "fp16"), tmp_path)
+    entries = FAMILY.export(ExportRequest(student, load_target("jetson"), "fp16"), tmp_path)
     for e in entries.values():
         assert e["tensorrt_check"]["opset"] == 17 and e["tensorrt_check"]["qdq_pairs"] == 0
         assert e["outputs"][0]["shape"] == [-1, 32]  # dynamic batch, the student's embedding width
@@ -143,7 +151,7 @@ def test_tensorrt_rejects_unsupported_op(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from edge_msd.export.tensorrt import check_tensorrt_onnx
+    from edge_msd.families.tensorrt import check_tensorrt_onnx
 
     node = helper.make_node("StringNormalizer", ["x"], ["y"], name="layer7/norm")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.STRING, [1])],
@@ -161,7 +169,7 @@ def test_build_engine_without_tensorrt_says_so(tmp_path, student_dir):
     except ImportError:
         pass
     from edge_msd.errors import EdgeMSDError
-    from edge_msd.export.tensorrt import build_engines
+    from edge_msd.families.tensorrt import build_engines
 
     m = _export(tmp_path, student_dir, "jetson")
     assert m["parity"]["passed"] and m["target"]["exporter"] == "tensorrt"
@@ -240,10 +248,11 @@ def test_profile_missing_and_wrong_field(tmp_path):
     p.write_text('exporter = "onnx"\nprecision = "fp32"\n')
     with pytest.raises(ConfigError, match="dev.toml: missing field.*precisions"):
         load_target(p)
-    p.write_text(Path("targets/onnx.toml").read_text().replace('exporter = "onnx"', 'exporter = "openvino"'))
+    onnx = Path(load_target("onnx").source).read_text()  # the shipped profile, from any working folder
+    p.write_text(onnx.replace('exporter = "onnx"', 'exporter = "openvino"'))
     with pytest.raises(ConfigError, match="field 'exporter'"):
         load_target(p)
-    p.write_text("batchsize = 3\n" + Path("targets/onnx.toml").read_text())
+    p.write_text("batchsize = 3\n" + onnx)
     with pytest.raises(ConfigError, match="unknown field.*batchsize"):
         load_target(p)
 
@@ -254,6 +263,18 @@ def test_not_a_student_folder(tmp_path):
         load_student(tmp_path)
 
 
+def test_export_loads_a_student_only_with_verified_hashes(tmp_path, student_dir):
+    """The towers come from the one student loader: a changed weight file is refused before loading."""
+    import shutil
+
+    copy = tmp_path / "student"
+    shutil.copytree(student_dir, copy)
+    weights = copy / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="open_clip_model.safetensors"):
+        load_student(copy)
+
+
 def test_existing_output_refused(tmp_path, student_dir):
     (tmp_path / "onnx").mkdir()
     with pytest.raises(ArtifactError, match="already exists"):
@@ -262,7 +283,7 @@ def test_existing_output_refused(tmp_path, student_dir):
 
 def test_failing_parity_fails_export(tmp_path, student_dir):
     p = tmp_path / "strict.toml"
-    p.write_text(Path("targets/onnx.toml").read_text().replace("min_cos = 0.999", "min_cos = 1.01"))
+    p.write_text(Path(load_target("onnx").source).read_text().replace("min_cos = 0.999", "min_cos = 1.01"))
     cfg = dict(target=str(p), student=str(student_dir), out=str(tmp_path / "b"), probe_images=8)
     data = dict(dataset=tiny_dataset())
     with pytest.raises(ArtifactError, match="parity failed"):

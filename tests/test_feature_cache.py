@@ -240,12 +240,16 @@ def test_cli_features_saves_config(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["features", "--config", str(cfg), "--out", str(out), "--skip-bad"])
     assert r.exit_code == 0, r.output
     assert seen["data"] == ("demo-scenes", "val", True)
-    assert "batch_size = 3" in (out / "config.toml").read_text()
-    m = json.loads((out / "manifest.json").read_text())
+    assert "batch_size = 3" in (out / "val" / "config.toml").read_text()  # --out is the root of <split>/
+    m = json.loads((out / "val" / "manifest.json").read_text())
     assert m["config"]["shard_size"] == 4 and m["build"]["batch_size"] == 3
     assert len(m["shards"]["image"]) == 3
     r = CliRunner().invoke(main, ["features", "--out", str(out), "--shard-size", "0"])
     assert r.exit_code == 2 and "field 'shard_size'" in r.output
+    # The split folder given where the root is expected: the layout is named, nothing is written.
+    r = CliRunner().invoke(main, ["features", "--out", str(out / "val"), "--split", "train"])
+    assert r.exit_code == 2 and f"--out {out}" in r.output and "<root>/train/manifest.json" in r.output
+    assert not (out / "val" / "train").exists()
 
 
 _DIST_SCRIPT = """

@@ -14,22 +14,18 @@ from export_helpers import TINY_CFG, tiny_dataset
 from torch import nn
 
 from edge_msd.data import open_dataset
-from edge_msd.errors import ArtifactError, ConfigError, DataError
-from edge_msd.export.tflite import run_tflite
-from edge_msd.export.towers import ImageTower, TextTower, explicit_attention
+from edge_msd.errors import ArtifactError, ConfigError, DataError, QuantError
+from edge_msd.families import family
+from edge_msd.families.common.quantizer import cosine_to
+from edge_msd.families.tflite import run_tflite
 from edge_msd.quant.calibration import (
     build_calibration_set,
     check_calibration_set,
     load_calibration_set,
     save_calibration_set,
 )
-from edge_msd.quant.recipes import (
-    DEFAULT_RECIPES,
-    QuantError,
-    backend_for,
-    cosine_to,
-    recipe_for_target,
-)
+from edge_msd.quant.recipes import quantizer_for, recipe_for_target
+from edge_msd.students.towers import ImageTower, TextTower, explicit_attention
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
 
@@ -155,19 +151,19 @@ def test_explicit_attention_matches_multihead_attention():
 
 
 def test_tflite_pt2e_int8_runs_in_litert_close_to_float(towers, batches, tmp_path):
-    backend = backend_for(DEFAULT_RECIPES["tflite"])
+    quantizer = quantizer_for(family("tflite").recipe)
     for tower, data, name in ((towers[0], batches[0], "image"), (towers[1], batches[1], "text")):
-        prepared = backend.quantize(tower, data)
-        assert backend.layers(prepared)
+        prepared = quantizer.quantize(tower, data)
+        assert quantizer.layers(prepared)
         path = tmp_path / f"{name}.tflite"
-        entry = backend.write(prepared, data[0][:1], path)
+        entry = quantizer.write(prepared, data[0][:1], path)
         assert entry["quantization"] == "full-integer"
         if name == "image":  # full integer: the image enters as int8 with its scale / zero point
             assert entry["inputs"][0]["dtype"] == "int8" and entry["inputs"][0]["quantization"]["scale"] > 0
         out = run_tflite(path, data[1].numpy())
         ref = tower(data[1]).detach()
         assert cosine_to(ref, torch.from_numpy(out)) > 0.98
-        sim = backend.simulate(prepared)(data[1]).detach()  # the converted torch graph predicts LiteRT
+        sim = quantizer.simulate(prepared)(data[1]).detach()  # the converted torch graph predicts LiteRT
         assert cosine_to(sim, torch.from_numpy(out)) > 0.995
 
 
@@ -185,26 +181,26 @@ def test_tflite_qat_folds_batchnorm_into_int8_convs(batches, tmp_path):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     tower.eval()
-    backend = backend_for(DEFAULT_RECIPES["tflite"])
-    prepared = backend.quantize(tower, batches[0], qat=True)
+    quantizer = quantizer_for(family("tflite").recipe)
+    prepared = quantizer.quantize(tower, batches[0], qat=True)
     assert not any("batch_norm" in str(n.target) for n in prepared.graph.nodes)
     ref = tower(batches[0][1]).detach()
     assert cosine_to(ref, prepared(batches[0][1]).detach()) > 0.99  # fake-quant with folded BN ≈ float
     path = tmp_path / "cnn.tflite"
-    backend.write(prepared, batches[0][0][:1], path)
+    quantizer.write(prepared, batches[0][0][:1], path)
     ops = [d["op_name"] for d in Interpreter(model_path=str(path))._get_ops_details()]
     assert ops.count("CONV_2D") == 2 and "MUL" not in ops and "SUB" not in ops, ops
     assert cosine_to(ref, torch.from_numpy(run_tflite(path, batches[0][1].numpy()))) > 0.98
 
 
 def test_tensorrt_qdq_onnx_per_channel_runs_in_onnxruntime(towers, batches, tmp_path):
-    backend = backend_for(DEFAULT_RECIPES["tensorrt"])
+    quantizer = quantizer_for(family("tensorrt").recipe)
     image = towers[0]
-    prepared = backend.quantize(image, batches[0], keep_float=["visual.conv1"])
-    assert "visual.conv1" not in backend.layers(prepared)
-    assert any(n.endswith("attn.in_proj") for n in backend.layers(prepared))  # attention is quantized too
+    prepared = quantizer.quantize(image, batches[0], keep_float=["visual.conv1"])
+    assert "visual.conv1" not in quantizer.layers(prepared)
+    assert any(n.endswith("attn.in_proj") for n in quantizer.layers(prepared))  # attention is quantized too
     path = tmp_path / "image.onnx"
-    entry = backend.write(prepared, batches[0][0], path)
+    entry = quantizer.write(prepared, batches[0][0], path)
     assert entry["inputs"][0]["shape"][0] == -1
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
@@ -218,7 +214,7 @@ def test_tensorrt_qdq_onnx_per_channel_runs_in_onnxruntime(towers, batches, tmp_
 
     per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and scale_len(n.input[1]) > 1]
     assert per_channel and all(a.i == 0 for n in per_channel for a in n.attribute if a.name == "axis")
-    out = backend.run(path, batches[0][1].numpy())
+    out = quantizer.run(path, batches[0][1].numpy())
     fq = prepared.eval()(batches[0][1]).detach()
     np.testing.assert_allclose(out, fq.numpy(), atol=1e-4)
     assert cosine_to(image(batches[0][1]).detach(), torch.from_numpy(out)) > 0.98
@@ -227,27 +223,27 @@ def test_tensorrt_qdq_onnx_per_channel_runs_in_onnxruntime(towers, batches, tmp_
 def test_sensitivity_scan_and_first_last(towers, batches):
     from edge_msd.quant.pipeline import quantize_tower
 
-    backend = backend_for(replace(DEFAULT_RECIPES["tensorrt"], scan_max_layers=1, scan_min_gain=-1.0))
-    prepared, info = quantize_tower(backend, towers[1], batches[1], qat=False)
+    quantizer = quantizer_for(replace(family("tensorrt").recipe, scan_max_layers=1, scan_min_gain=-1.0))
+    prepared, info = quantize_tower(quantizer, towers[1], batches[1], qat=False)
     scan = info["sensitivity_scan"]
     assert [r["gain"] for r in scan] == sorted((r["gain"] for r in scan), reverse=True)
     assert sum(r["kept_float"] for r in scan) == 1
     kept = set(info["kept_float"])
     assert scan[0]["layer"] in kept and len(kept) >= 2  # first/last + the most sensitive
-    assert not kept & set(backend.layers(prepared))
+    assert not kept & set(quantizer.layers(prepared))
 
 
 def test_coreml_linear_quantizer_prepare_finalize_convert(towers, batches, tmp_path):
-    backend = backend_for(DEFAULT_RECIPES["coreml"])
+    quantizer = quantizer_for(family("coreml").recipe)
     tower, data = towers[1], batches[1]
-    prepared = backend.quantize(tower, data, qat=True, n_steps=4)
-    assert len(backend.layers(prepared)) >= 4
+    prepared = quantizer.quantize(tower, data, qat=True, n_steps=4)
+    assert len(quantizer.layers(prepared)) >= 4
     loss = prepared(data[0]).sum()
     loss.backward()  # trainable fake quant
-    backend.step(prepared)
-    final = backend.finalize(prepared)
+    quantizer.on_qat_step(prepared, 1, 4)
+    final = quantizer.finalize(prepared)
     assert cosine_to(tower(data[1]).detach(), final(data[1]).detach()) > 0.98
-    entry = backend.write(prepared, data[0][:1], tmp_path / "text.mlpackage")
+    entry = quantizer.write(prepared, data[0][:1], tmp_path / "text.mlpackage")
     assert (tmp_path / "text.mlpackage").is_dir() and entry["precision"] == "int8"
 
 
@@ -346,7 +342,6 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
     assert verify_bundle(bundle).manifest["files"] == m["files"]  # the failed exports left the bundle alone
 
 
-@pytest.mark.slow
 def test_tflite_qat_through_trainer_then_report(tmp_path):
     """PT2E QAT (exported graph, observer/BN freezing on schedule) → .tflite artifact → report rows."""
     from test_trainer import TinyTeacher
@@ -391,9 +386,9 @@ def test_tflite_qat_through_trainer_then_report(tmp_path):
 
 
 def test_tflite_dynamic_range_fallback_converts_and_runs(towers, batches, tmp_path):
-    backend = backend_for(DEFAULT_RECIPES["tflite"])
-    dyn = backend.quantize(towers[0], batches[0], dynamic=True)
-    entry = backend.write(dyn, batches[0][0][:1], tmp_path / "image.tflite")
+    quantizer = quantizer_for(family("tflite").recipe)
+    dyn = quantizer.quantize_dynamic(towers[0], batches[0])
+    entry = quantizer.write(dyn, batches[0][0][:1], tmp_path / "image.tflite")
     assert entry["quantization"] == "dynamic-range" and entry["inputs"][0]["dtype"] == "float32"
     out = run_tflite(tmp_path / "image.tflite", batches[0][1].numpy())
     assert cosine_to(towers[0](batches[0][1]).detach(), torch.from_numpy(out)) > 0.98

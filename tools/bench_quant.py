@@ -20,9 +20,9 @@ from edge_msd import paths
 )
 @click.option(
     "--calibration",
-    default="calibration/demo-scenes.json",
-    show_default=True,
-    help="calibration set (rebuilds fake-quant models for targets without a runtime here)",
+    default=None,
+    help="calibration set (rebuilds fake-quant models for targets without a runtime here) "
+    "[default: runs/calibration/<data>.json; for demo-scenes the shipped set]",
 )
 @click.option("--data", default="demo-scenes", show_default=True, help="dataset spec")
 @click.option("--split", default="test", show_default=True, help="evaluation split")
@@ -32,14 +32,16 @@ from edge_msd import paths
 )
 @click.option("--out", default=str(paths.QAT), show_default=True, help="folder with the quantized artifacts")
 def main(
-    targets: str, student: str, calibration: str, data: str, split: str, n_images: int, threads: int, out: str
+    targets: str, student: str, calibration: str | None, data: str, split: str, n_images: int, threads: int,
+    out: str,
 ) -> None:
+    from edge_msd.lineage import calibration_path
     from edge_msd.quant.report import quant_report
 
     report = quant_report(
         [t for t in targets.split(",") if t],
         student=student,
-        calibration=calibration,
+        calibration=calibration or str(calibration_path(data)),
         data=data,
         out=out,
         split=split,

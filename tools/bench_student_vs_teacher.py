@@ -40,6 +40,7 @@ from edge_msd.bench import sysinfo  # noqa: E402
 from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs  # noqa: E402
 from edge_msd.bench.runtimes import OnnxRuntimeBackend, Session  # noqa: E402
 from edge_msd.bench.timing import latency_stats, time_loop  # noqa: E402
+from edge_msd.eval.retrieval import first_images  # noqa: E402
 
 TOWERS = ("image", "text")
 WHO = ("teacher", "student")
@@ -115,8 +116,7 @@ def model_inputs(teacher: Any, bundle: Bundle, n_images: int) -> dict[tuple[str,
     from edge_msd.data import open_dataset
 
     data = bundle.load_npz("evalset.npz") or bundle.load_npz("probe.npz")
-    n = min(n_images, len(data["images"]))
-    keep = np.asarray(data["caption_image_index"]) < n
+    n, keep = first_images(data["caption_image_index"], len(data["images"]), n_images)
     texts = [str(t) for t in data["texts"][keep]]
     data = {"images": data["images"][:n], "tokens": data["tokens"][keep]}
     cfg = bundle.manifest.get("config") or {}

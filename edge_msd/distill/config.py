@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge_msd import paths
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
+from edge_msd.lineage import DEMO_DATA, read_student_record
+from edge_msd.teachers.features_config import feature_split_dir
 
 # Kept in step with edge_msd.distill.losses.LOSS_NAMES (checked by a test) without importing torch.
 KNOWN_LOSSES = ("contrastive", "feature", "similarity", "hard_negative", "clip", "affinity")
@@ -115,7 +117,7 @@ class DistillConfig:
             raise ConfigError(f"field 'embed_dim': expected a positive integer, got {self.embed_dim}")
 
     def feature_dir(self, split: str) -> Path:
-        return Path(self.features) / split
+        return feature_split_dir(self.features, split, "--features")
 
     def out_dir(self) -> Path:
         return Path(self.out)
@@ -126,10 +128,24 @@ class EvalConfig:
     """``edge-msd eval``: retrieval recall of a teacher or a saved student on one split."""
 
     model: str | None = field(None, help="teacher spec (e.g. demo) or a student folder (required)")
-    data: str = field("demo-scenes", help="dataset spec")
-    split: str = field("test", help="dataset split")
+    data: str | None = field(
+        None, help="dataset spec [default: a student's recorded data; demo-scenes for the demo teacher]"
+    )
+    split: str | None = field(None, help="dataset split [default: a student's test split, else test]")
     json: str | None = field(None, help="also write the metrics to this JSON file")
 
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("field 'model': required; a teacher spec (e.g. demo) or a student folder")
+
+    def resolved(self) -> EvalConfig:
+        """Unset data and split from the student folder's record (a teacher records no data: only the
+        demo teacher has a default, the demo's data)."""
+        if Path(str(self.model)).is_dir():
+            record = read_student_record(str(self.model))
+            data, split = self.data or record.need_data(), self.split or record.split("test", "test")
+        elif self.data or self.model == "demo":
+            data, split = self.data or DEMO_DATA, self.split or "test"
+        else:
+            raise ConfigError(f"field 'data': required to evaluate teacher {self.model!r}; pass --data SPEC")
+        return replace(self, data=data, split=split)

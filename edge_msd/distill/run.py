@@ -15,7 +15,7 @@ from edge_msd.distill.images import decode_images, split_preprocess
 from edge_msd.distill.splits import open_split
 from edge_msd.distill.trainer import TrainResult, train
 from edge_msd.distill.validation import encode_split
-from edge_msd.eval.retrieval import retrieval_metrics, zero_shot_accuracy
+from edge_msd.eval.retrieval import retrieval_metrics, subset_metrics, zero_shot_accuracy
 from edge_msd.students import preset_config
 
 
@@ -82,17 +82,9 @@ def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
     if held is not None:  # demo-scenes: recall on colour-shape pairs never seen in training
         mask = np.asarray(held, dtype=bool)[images]
         for name, (img, txt) in (("teacher", (t_img, t_txt)), ("student", (s_img, s_txt))):
-            report[name]["unseen_pairs_mean_R@1"] = _subset_mean_r1(img, txt, targets, mask)
+            report[name]["unseen_pairs_mean_R@1"] = subset_metrics(img, txt, targets, mask)["mean_R@1"]
     atomic_write_json(Path(result.out_dir) / "eval.json", report)
     return report
-
-
-def _subset_mean_r1(img: np.ndarray, txt: np.ndarray, cap_img: np.ndarray, mask: np.ndarray) -> float:
-    keep_img = np.flatnonzero(mask)
-    remap = np.full(len(mask), -1)
-    remap[keep_img] = np.arange(len(keep_img))
-    keep_txt = np.flatnonzero(mask[cap_img])
-    return retrieval_metrics(img[keep_img], txt[keep_txt], remap[cap_img[keep_txt]])["mean_R@1"]
 
 
 def evaluate_model(model_spec: str, data: str, split: str, batch_size: int = 256) -> dict:

@@ -507,7 +507,11 @@ def _finish(run: _Run, save: bool) -> TrainResult:
                     "steps": state["step"],
                     "skipped_steps": state["skipped"],
                     "best_val": val_metrics,
+                    # what later stages default to (edge_msd.lineage)
                     "data": cfg.data,
+                    "teacher": cfg.teacher,
+                    "features": str(Path(cfg.features).resolve()),
+                    "splits": {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split},
                 },
             )
     return result

@@ -64,6 +64,26 @@ def retrieval_metrics(
     return out
 
 
+def subset_metrics(
+    image_emb: np.ndarray, text_emb: np.ndarray, caption_image_index: np.ndarray, image_mask: np.ndarray
+) -> dict:
+    """``retrieval_metrics`` among the images where ``image_mask`` is True and their captions only."""
+    mask = np.asarray(image_mask, dtype=bool)
+    cap_img = np.asarray(caption_image_index, dtype=np.int64)
+    rows = np.flatnonzero(mask)
+    remap = np.full(len(mask), -1)
+    remap[rows] = np.arange(len(rows))
+    caps = np.flatnonzero(mask[cap_img])
+    return retrieval_metrics(np.asarray(image_emb)[rows], np.asarray(text_emb)[caps], remap[cap_img[caps]])
+
+
+def first_images(caption_image_index: np.ndarray, n_available: int, n: int) -> tuple[int, np.ndarray]:
+    """The first ``n`` of ``n_available`` images (``n`` <= 0: all): how many, and the indices of all
+    their captions (in caption order)."""
+    n = n_available if n <= 0 else min(n, n_available)
+    return n, np.flatnonzero(np.asarray(caption_image_index) < n)
+
+
 def zero_shot_accuracy(image_emb: np.ndarray, class_text_emb: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy (percent) of classifying each image by its nearest class-prompt embedding."""
     pred = (_normalise(image_emb) @ _normalise(class_text_emb).T).argmax(axis=1)

@@ -1,10 +1,10 @@
 """Deploy bundles (docs/bundle.md): export a student for a target, check parity, write, verify.
 
-fp32/fp16 models are converted here by the target's exporter. int8 models are made by one piece of
-code per target, ``edge_msd.quant``'s recipe: the bundle ships a quantized artifact (``edge-msd qat``
-or ``ptq`` output, ``--quantized``) or, without one, runs that same PTQ on a calibration set first.
-Either way parity is measured against the float student, and the artifact's recipe and calibration
-set are recorded in the bundle manifest.
+fp32/fp16 models are converted here by the target's family (edge_msd/families). int8 models are made
+before export, by the quant stage with the family's recipe: the bundle ships a quantized artifact
+(``edge-msd qat`` or ``ptq`` output, ``--quantized``; ``edge_msd.pipeline.export_target`` runs PTQ
+first when none is given). Either way parity is measured against the float student, and the
+artifact's recipe and calibration set are recorded in the bundle manifest.
 
 The bundle is written into a temp folder and renamed into place, so a failed export (conversion
 error, failing parity) never leaves a half-written bundle nor touches an existing one.
@@ -12,13 +12,11 @@ error, failing parity) never leaves a half-written bundle nor touches an existin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,49 +38,29 @@ from edge_msd.bench.integrity import KIND, SCHEMA, SIGNATURE, Verified, bundle_d
 from edge_msd.bench.signing import write_signature
 from edge_msd.config import TargetProfile, load_target
 from edge_msd.data.base import ImageTextDataset
+from edge_msd.distill.images import split_preprocess
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.export.base import TOWERS, Exporter, ExportRequest
+from edge_msd.eval.retrieval import first_images
 from edge_msd.export.config import ExportConfig
-from edge_msd.export.delegate_check import check_delegates
 from edge_msd.export.parity import parity_report
-from edge_msd.export.towers import Student, load_student
+from edge_msd.families import family_for
+from edge_msd.families.common.base import TOWERS, ExportRequest, Family
+from edge_msd.families.common.quantizer import QUANTIZED_KIND, file_size
+from edge_msd.students.towers import Student, load_student
 
 console = Console(stderr=True)
 
 
-def exporter_for(profile: TargetProfile) -> Exporter:
-    if profile.exporter == "onnx":
-        from edge_msd.export.onnx import OnnxExporter as cls
-    elif profile.exporter == "tensorrt":
-        from edge_msd.export.tensorrt import TensorRTExporter as cls
-    elif profile.exporter == "coreml":
-        from edge_msd.export.coreml import CoreMLExporter as cls
-    else:
-        from edge_msd.export.tflite import TFLiteExporter as cls
-    return cls()
-
-
 def model_images(student: Student, ds: ImageTextDataset, indices: list[int]) -> np.ndarray:
     """uint8 (N, H, W, 3): open_clip's own eval resize + crop, stopping before ToTensor/Normalize."""
-    steps = []
-    for t in student.val_transform.transforms:
-        if type(t).__name__ in ("ToTensor", "MaybeToTensor", "Normalize"):
-            break
-        steps.append(t)
-    out = []
-    for i in indices:
-        img = ds.load_image(i)
-        for t in steps:
-            img = t(img)
-        out.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-    return np.stack(out)
+    to_uint8 = split_preprocess(student.val_transform)[0]
+    return np.stack([to_uint8(ds.load_image(i)) for i in indices])
 
 
 def image_text_set(student: Student, ds: ImageTextDataset, n_images: int) -> dict[str, np.ndarray]:
     """The first ``n_images`` images (0: all) with all their captions, as bundle arrays."""
-    n = ds.n_images if n_images <= 0 else min(n_images, ds.n_images)
     cap_idx = np.asarray(ds.caption_image_index, dtype=np.int64)
-    caps = np.flatnonzero(cap_idx < n)
+    n, caps = first_images(cap_idx, ds.n_images, n_images)
     if len(caps) == 0:
         raise ConfigError(f"{ds.spec} [{ds.split}]: the first {n} images have no captions")
     texts = [ds.captions[j] for j in caps]
@@ -115,28 +93,11 @@ def write_tokenizer(student: Student, folder: Path) -> dict:
     return {"dir": folder.name, **{k: meta[k] for k in ("context_length", "sot_token", "eot_token")}}
 
 
-@contextlib.contextmanager
-def quantized_artifact(cfg: ExportConfig, student_dir: Path) -> Iterator[Path]:
-    """``cfg.quantized``, or a PTQ artifact made now by the quant recipe on ``cfg.calibration``."""
-    if cfg.quantized:
-        yield Path(cfg.quantized)
-        return
-    from edge_msd.quant.config import QuantConfig
-    from edge_msd.quant.pipeline import quantize_student
-
-    with tempfile.TemporaryDirectory(prefix="edge-msd-ptq-") as d:
-        console.print(f"int8 without --quantized: post-training quantization on {cfg.calibration}")
-        yield quantize_student(QuantConfig(target=cfg.target, method="ptq", student=str(student_dir),
-                                           calibration=cfg.calibration, data=cfg.data, out=f"{d}/ptq"))
-
-
-def read_quantized(art: Path, profile: TargetProfile, exporter: Exporter) -> dict:
+def read_quantized(art: Path, profile: TargetProfile, exporter: Family) -> dict:
     """The manifest of a verified quantized artifact made for ``profile`` in ``exporter``'s format."""
-    from edge_msd.quant.pipeline import KIND as QUANT_KIND
-
     if not art.is_dir():
         raise ArtifactError(f"{art}: quantized artifact not found (`edge-msd qat --target {profile.name}`)")
-    manifest = read_manifest(art, QUANT_KIND)
+    manifest = read_manifest(art, QUANTIZED_KIND)
     verify_files(art, manifest)
     if manifest.get("target") != profile.name:
         raise ConfigError(f"{art} was quantized for target {manifest.get('target')!r}, not {profile.name!r}; "
@@ -148,7 +109,7 @@ def read_quantized(art: Path, profile: TargetProfile, exporter: Exporter) -> dic
     return manifest
 
 
-def ship_quantized(exporter: Exporter, art: Path, manifest: dict, folder: Path, student: Student,
+def ship_quantized(exporter: Family, art: Path, manifest: dict, folder: Path, student: Student,
                    profile: TargetProfile, source: str | None) -> tuple[dict[str, dict], dict]:
     """Copy the artifact's int8 towers into the bundle; returns their model entries and a summary.
 
@@ -159,6 +120,8 @@ def ship_quantized(exporter: Exporter, art: Path, manifest: dict, folder: Path, 
         rel = f"models/{tower}.{exporter.ext}"
         exporter.ship(art / entry["file"], folder / rel, tower, student, profile)
         models[tower] = exporter.describe(folder, rel, tower, "int8", profile)
+        if "delegation" in entry:  # what the delegate took, known only when the quantizer lowered it
+            models[tower]["delegation"] = entry["delegation"]
         towers[tower] = {k: entry[k] for k in ("quantization", "kept_float", "calibration_cosine",
                                                "fallback_reason") if k in entry}
         towers[tower]["quantized_layers"] = len(entry.get("quantized_layers", []))
@@ -167,24 +130,42 @@ def ship_quantized(exporter: Exporter, art: Path, manifest: dict, folder: Path, 
     return models, info
 
 
-def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) -> dict:
-    """Export for ``cfg.target`` into the bundle ``cfg.out_dir()``; returns the manifest.
-
-    ``dataset`` (the probe and eval set) defaults to ``cfg.data`` [``cfg.split``].
-    """
-    cfg.validate()
-    profile = load_target(cfg.target)
+def export_precision(cfg: ExportConfig, profile: TargetProfile) -> str:
+    """The precision this export writes (``--quantized`` ships int8; else the option or the profile's)."""
     precision = "int8" if cfg.quantized else cfg.precision or profile.precision
     if precision not in profile.precisions:
         raise ConfigError(f"target {profile.name}: precision {precision!r} not in {profile.precisions}")
+    return precision
+
+
+def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
+                  made_for_export: Path | None = None) -> dict:
+    """Export for ``cfg.target`` into the bundle ``cfg.out_dir()``; returns the manifest.
+
+    ``dataset`` (the probe and eval set) defaults to ``cfg.data`` [``cfg.split``], which default to the
+    student's recorded data and test split; the manifest's ``data`` names the set actually used.
+    int8 ships ``cfg.quantized``, or ``made_for_export``: an artifact the pipeline quantized for this
+    export and does not keep (``edge_msd.pipeline.export_target``).
+    """
+    cfg.validate()
+    profile = load_target(cfg.target)
+    precision = export_precision(cfg, profile)
     out = cfg.out_dir()
     if out.exists() and not cfg.force:
         raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    exporter = exporter_for(profile)
+    exporter = family_for(profile)
+    runtime = profile.bench.get("runtime")
+    if runtime and runtime not in exporter.runtimes:
+        raise ConfigError(f"{profile.source}: [bench] runtime {runtime!r} cannot run {exporter.name} files; "
+                          f"expected one of {', '.join(exporter.runtimes)}")
+    if precision == "int8" and not (cfg.quantized or made_for_export):
+        raise ConfigError(f"target {profile.name}: int8 ships a quantized artifact; make one with "
+                          f"`edge-msd ptq --target {profile.name}` (or qat) and pass it as --quantized")
     art_manifest = read_quantized(Path(cfg.quantized), profile, exporter) if cfg.quantized else None
     student_dir = (Path(cfg.student) if cfg.student else
                    Path(art_manifest["student"]["source"]) if art_manifest else cfg.student_dir())
     student = load_student(student_dir)
+    cfg = cfg.resolved(student_dir, need_data=dataset is None)
     if profile.resolution != "student" and tuple(student.preprocess.size) != (profile.resolution,) * 2:
         raise ConfigError(f"{profile.source}: resolution {profile.resolution} differs from the student's "
                           f"{student.preprocess.size}; use \"student\" or re-train at that size")
@@ -199,14 +180,14 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
     with atomic_dir(out, cfg.force) as tmp:
         t0 = time.perf_counter()
         if precision == "int8":
-            with quantized_artifact(cfg, student_dir) as art:
-                manifest = art_manifest or read_quantized(art, profile, exporter)
-                if manifest["student"]["sha256"] != student.sha256:
-                    raise ArtifactError(f"{art} was quantized from another student "
-                                        f"({manifest['student']['source']}), not {student.source}")
-                models, quantization = ship_quantized(exporter, art, manifest, tmp, student, profile,
-                                                      cfg.quantized)
-                calibration = manifest["calibration"]
+            art = Path(cfg.quantized) if cfg.quantized else made_for_export
+            manifest = art_manifest or read_quantized(art, profile, exporter)
+            if manifest["student"]["sha256"] != student.sha256:
+                raise ArtifactError(f"{art} was quantized from another student "
+                                    f"({manifest['student']['source']}), not {student.source}")
+            models, quantization = ship_quantized(exporter, art, manifest, tmp, student, profile,
+                                                  cfg.quantized)
+            calibration = manifest["calibration"]
         else:
             with console.status(f"exporting {student.name} for {profile.name} ({precision})"):
                 models = exporter.export(ExportRequest(student, profile, precision), tmp)
@@ -217,7 +198,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
         np.savez(tmp / "evalset.npz", **evalset)
         parity = run_parity(exporter, models, tmp, student, probe, ref, profile.parity[precision])
         for entry in models.values():
-            entry["size_bytes"] = _size(tmp / entry["file"])
+            entry["size_bytes"] = file_size(tmp / entry["file"])
         manifest = {
             "kind": KIND, "schema_version": SCHEMA, "producer": producer_info(),
             "config": asdict(cfg),
@@ -225,7 +206,9 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
             "student": {"name": student.name, "source": student.source, "sha256": student.sha256},
             "models": models, "preprocessing": student.preprocess.to_manifest(), "tokenizer": tokenizer,
             "parity": parity, "calibration": calibration, "quantization": quantization,
-            "delegate_check": check_delegates(profile, models, tmp, console.print),
+            "data": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint(),
+                     "probe_images": len(probe["images"]), "eval_images": len(evalset["images"])},
+            "delegate_check": exporter.check_graph(profile, models, tmp, console.print),
             "export_seconds": round(export_s, 2), "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         if parity.get("passed") is False and not cfg.allow_parity_fail:
@@ -236,7 +219,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None) ->
     return manifest
 
 
-def run_parity(exporter: Exporter, models: dict, folder: Path, student: Student, probe: dict, ref: dict,
+def run_parity(exporter: Family, models: dict, folder: Path, student: Student, probe: dict, ref: dict,
                thresholds: dict) -> dict:
     runners = {t: exporter.runner(e, folder) for t, e in models.items()}
     skipped = {t: r for t, r in runners.items() if isinstance(r, str)}
@@ -253,12 +236,6 @@ def run_parity(exporter: Exporter, models: dict, folder: Path, student: Student,
 def _parity_line(p: dict) -> str:
     return ", ".join(f"{t} min_cos {p[t]['min_cos']:.4f} ΔR@1 {p[t]['delta_R@1']:+.2f}"
                      for t in ("image", "text"))
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():  # .mlpackage folders
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def pack(folder: Path) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 from edge_msd import paths
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
+from edge_msd.lineage import calibration_path, read_student_record
 
 
 @dataclasses.dataclass
@@ -25,13 +26,17 @@ class ExportConfig:
         None, help="fp32 | fp16 | int8 [default: the profile's; int8 with --quantized]"
     )
     out: str | None = field(None, help="bundle folder [default: runs/export/<target>]")
-    data: str = field("demo-scenes", help="dataset spec of the probe, eval and calibration sets")
-    split: str = field("test", help="split of the probe and eval sets")
+    data: str | None = field(
+        None, help="dataset spec of the probe, eval and calibration sets [default: the student's]"
+    )
+    split: str | None = field(
+        None, help="split of the probe and eval sets [default: the student's test split]"
+    )
     probe_images: int = field(16, help="images in the parity probe set (with all their captions)")
     eval_images: int = field(0, help="images in the on-device eval set (0: the whole split)")
-    calibration: str = field(
-        "calibration/demo-scenes.json",
-        help="calibration-set manifest for int8 without --quantized (post-training quantization)",
+    calibration: str | None = field(
+        None, help="calibration-set manifest for int8 without --quantized (post-training quantization) "
+        "[default: runs/calibration/<data>.json]"
     )
     force: bool = field(False, help="replace an existing bundle")
     allow_parity_fail: bool = field(False, help="keep the bundle even when parity fails")
@@ -48,3 +53,15 @@ class ExportConfig:
 
     def student_dir(self) -> Path:
         return Path(self.student) if self.student else paths.DISTILL / "student"
+
+    def resolved(self, student_dir: Path, need_data: bool = True) -> ExportConfig:
+        """Unset data, split and calibration from what the student at ``student_dir`` recorded;
+        ``need_data`` False when the caller brings its own probe/eval dataset."""
+        record = read_student_record(student_dir)
+        data = self.data or (record.need_data() if need_data else record.data)
+        return dataclasses.replace(
+            self,
+            data=data,
+            split=self.split or record.split("test", "test"),
+            calibration=self.calibration or (str(calibration_path(data)) if data else None),
+        )

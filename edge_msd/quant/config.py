@@ -8,6 +8,8 @@ from pathlib import Path
 from edge_msd import paths
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
+from edge_msd.lineage import calibration_path, data_slug, read_student_record
+from edge_msd.teachers.features_config import feature_split_dir
 
 MIN_SAMPLES = 32  # below this the activation ranges of a per-tensor int8 model are noise
 
@@ -19,10 +21,14 @@ class QuantConfig:
     target: str = field("tflite", help="target profile (targets/<name>.toml) whose recipe to use")
     method: str = field("qat", help="qat (fine-tune with fake quantization) or ptq (calibration only)")
     student: str = field(str(paths.DISTILL / "student"), help="distilled student folder")
-    calibration: str = field(
-        "calibration/demo-scenes.json", help="calibration-set manifest (edge-msd calibrate)"
+    calibration: str | None = field(
+        None,
+        help="calibration-set manifest [default: runs/calibration/<data>.json, from `edge-msd calibrate`]",
     )
-    data: str = field("demo-scenes", help="dataset spec the calibration set and QAT data come from")
+    data: str | None = field(
+        None, help="dataset spec of the calibration set and QAT data [default: the student's; give another "
+        "to quantize on it deliberately]"
+    )
     calib_batch: int = field(32, help="calibration batch size")
     min_calibration: int = field(MIN_SAMPLES, help="refuse calibration sets smaller than this")
     # On the demo's edge-s (BatchNorm folded, PTQ already lossless) 600 steps at lr 5e-5 left TFLite
@@ -31,7 +37,10 @@ class QuantConfig:
     lr: float = field(5e-5, help="QAT peak learning rate")
     batch_size: int = field(64, help="QAT images per step")
     warmup_steps: int = field(20, help="QAT warm-up steps")
-    features: str = field(str(paths.FEATURES), help="feature-cache root of the teacher embeddings (QAT)")
+    features: str | None = field(
+        None,
+        help="feature-cache root (holds <split>/) of the teacher embeddings for QAT [default: the student's]",
+    )
     val_split: str | None = field(None, help="QAT validation split (best checkpoint); empty: the last step")
     out: str | None = field(
         None, help="output folder [default: runs/qat/<target>, PTQ: runs/qat/<target>-ptq]"
@@ -51,15 +60,48 @@ class QuantConfig:
             return Path(self.out)
         return paths.QAT / (self.target if self.method == "qat" else f"{self.target}-ptq")
 
+    def resolved(self) -> QuantConfig:
+        """Unset data, features and calibration filled from what the student recorded (never the demo's,
+        unless the student was distilled on it)."""
+        record = read_student_record(self.student)
+        data = self.data or record.need_data()
+        features = self.features or record.features or str(paths.FEATURES)
+        if self.method == "qat":  # a split folder given for the root: say so now, not after calibration
+            feature_split_dir(features, record.split("train", "train"), "--features")
+        return dataclasses.replace(
+            self, data=data, features=features, calibration=self.calibration or str(calibration_path(data))
+        )
+
 
 @dataclasses.dataclass
 class CalibrateConfig:
     """``edge-msd calibrate``: (re)build a calibration-set manifest."""
 
-    data: str = field("demo-scenes", help="dataset spec")
-    split: str = field("train", help="split to draw from")
+    student: str = field(
+        str(paths.DISTILL / "student"), help="student whose data and train split are the defaults"
+    )
+    data: str | None = field(None, help="dataset spec [default: the student's]")
+    split: str | None = field(None, help="split to draw from [default: the student's train split]")
+    features: str | None = field(
+        None, help="feature-cache root whose marks of bad images are left out [default: the student's]"
+    )
     n: int = field(512, help="number of images")
     seed: int = field(0, help="seed of the stratified draw")
     name: str | None = field(None, help="name in the manifest [default: from data, split, n, seed]")
     min_samples: int = field(MIN_SAMPLES, help="refuse fewer samples than this")
-    out: str = field("calibration/demo-scenes.json", help="manifest to write")
+    out: str | None = field(
+        None, help="manifest to write [default: runs/calibration/<data>.json, where qat/ptq/export look]"
+    )
+
+    def resolved(self) -> CalibrateConfig:
+        """Unset data, split and features from the student's record; ``out`` where the quantizing verbs
+        look."""
+        record = read_student_record(self.student)
+        data = self.data or record.need_data()
+        return dataclasses.replace(
+            self,
+            data=data,
+            split=self.split or record.split("train", "train"),
+            features=self.features or record.features or str(paths.FEATURES),
+            out=self.out or str(paths.CALIBRATION / f"{data_slug(data)}.json"),
+        )

@@ -30,16 +30,18 @@ import torch
 from torch import nn
 
 from edge_msd.artifacts import atomic_dir, write_manifest
-from edge_msd.errors import ConfigError
+from edge_msd.errors import ConfigError, DataError, QuantError
+from edge_msd.families.common.quantizer import QUANTIZED_KIND, Quantizer, Recipe, cosine_to
 from edge_msd.quant.calibration import (
     calibration_batches,
     check_calibration_set,
     load_calibration_set,
 )
 from edge_msd.quant.config import QuantConfig
-from edge_msd.quant.recipes import Backend, QuantError, Recipe, backend_for, cosine_to, recipe_for_target
+from edge_msd.quant.recipes import quantizer_for, recipe_for_target
+from edge_msd.students.towers import ImageTower, TextTower, load_student
 
-KIND = "edge-msd-quantized"
+KIND = QUANTIZED_KIND
 TOWERS = ("image", "text")
 STATE_FILE = "quantized_state.safetensors"  # safetensors: reading it back cannot run code
 
@@ -75,6 +77,12 @@ def load_calibration(cfg: QuantConfig, student: Any) -> Calibration:
 
     cs = load_calibration_set(cfg.calibration)
     dataset = open_dataset(cfg.data, cs.split, skip_bad=True)  # as `calibrate` opened it
+    if cs.dataset_fingerprint != dataset.fingerprint():
+        raise DataError(
+            f"{cfg.calibration}: calibration set drawn from {cs.dataset!r}, expected one of {cfg.data!r} "
+            f"(the data being quantized for); build it with `edge-msd calibrate --data {cfg.data}`, or pass "
+            f"--data {cs.dataset} to calibrate on that data deliberately"
+        )
     check_calibration_set(cs, dataset, cfg.min_calibration)
     images, tokens, skipped = [], [], []
     for x, t in calibration_batches(
@@ -101,23 +109,19 @@ def first_last_layers(tower: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def sensitivity_scan(
-    backend: Backend, prepared: nn.Module, reference: torch.Tensor, batch: torch.Tensor, recipe: Recipe
+    quantizer: Quantizer, prepared: nn.Module, reference: torch.Tensor, batch: torch.Tensor, recipe: Recipe
 ) -> list[dict[str, Any]]:
     """Leave-one-out: for each quantized layer, how much mean cosine to fp32 returns when it stays float.
 
     The recipe keeps the ``scan_max_layers`` layers with the largest gain (at least ``scan_min_gain``)."""
-    if not hasattr(backend, "set_layer"):
-        raise ConfigError(
-            f"recipe {recipe.name!r}: sensitivity_scan is available with the modelopt (tensorrt) backend only"
-        )
     prepared.eval()
     with torch.no_grad():
         base = cosine_to(reference, prepared(batch))
         rows = []
-        for name in backend.layers(prepared):
-            backend.set_layer(prepared, name, False)
+        for name in quantizer.layers(prepared):
+            quantizer.set_layer(prepared, name, False)
             rows.append({"layer": name, "gain": cosine_to(reference, prepared(batch)) - base})
-            backend.set_layer(prepared, name, True)
+            quantizer.set_layer(prepared, name, True)
     rows.sort(key=lambda r: -r["gain"])
     for i, r in enumerate(rows):
         r["kept_float"] = i < recipe.scan_max_layers and r["gain"] >= recipe.scan_min_gain
@@ -125,48 +129,42 @@ def sensitivity_scan(
 
 
 def quantize_tower(
-    backend: Backend, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool, n_steps: int | None = None
+    quantizer: Quantizer,
+    tower: nn.Module,
+    batches: list[torch.Tensor],
+    *,
+    qat: bool,
+    n_steps: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fake-quantize one tower by the recipe: first/last layers and scanned sensitive layers kept float."""
-    recipe = backend.recipe
+    recipe = quantizer.recipe
     keep: list[str] = first_last_layers(tower, batches[0]) if recipe.keep_first_last else []
-    kw: dict[str, Any] = {"n_steps": n_steps} if recipe.backend == "coreml" else {}
-    prepared = backend.quantize(tower, batches, qat=qat, keep_float=keep, **kw)
+    prepared = quantizer.quantize(tower, batches, qat=qat, keep_float=keep, n_steps=n_steps)
     info: dict[str, Any] = {}
     if recipe.sensitivity_scan:
         with torch.no_grad():
             reference = tower.eval()(batches[0])
-        scan = sensitivity_scan(backend, prepared, reference, batches[0], recipe)
+        scan = sensitivity_scan(quantizer, prepared, reference, batches[0], recipe)
         info["sensitivity_scan"] = scan
         keep += [r["layer"] for r in scan if r["kept_float"]]
         for name in keep:
-            if name in backend.layers(prepared):
-                backend.set_layer(prepared, name, False)  # type: ignore[attr-defined]
+            if name in quantizer.layers(prepared):
+                quantizer.set_layer(prepared, name, False)
         prepared.train(qat)
     info["kept_float"] = keep + list(recipe.keep_float)
-    info["quantized_layers"] = backend.layers(prepared)
+    info["quantized_layers"] = quantizer.layers(prepared)
     with torch.no_grad():
         was = prepared.training
-        simulated = backend.simulate(prepared.eval())
+        simulated = quantizer.simulate(prepared.eval())
         info["calibration_cosine"] = cosine_to(tower.eval()(batches[0]), simulated(batches[0]))
         prepared.train(was)
     return prepared, info
 
 
-def _qat_hooks(backend: Backend, steps: int) -> Any:
-    recipe = backend.recipe
-    obs_at = max(1, int(steps * recipe.qat_observer_freeze))
-    bn_at = max(1, int(steps * recipe.qat_bn_freeze))
-
+def _qat_hooks(quantizer: Quantizer, steps: int) -> Any:
     def on_step(step: int, model: nn.Module) -> None:
         for tower in (model.image, model.text):
-            if recipe.backend == "coreml":
-                backend.step(tower)  # type: ignore[attr-defined]  # LinearQuantizer's own milestones
-                continue
-            if step == obs_at:
-                backend.freeze_observers(tower)
-            if step == bn_at:
-                backend.freeze_bn(tower)
+            quantizer.on_qat_step(tower, step, steps)
 
     return on_step
 
@@ -181,7 +179,7 @@ def _check_finite(model: nn.Module, where: str) -> None:
 
 
 def run_qat(
-    cfg: QuantConfig, backend: Backend, student: Any, calib: Calibration
+    cfg: QuantConfig, quantizer: Quantizer, student: Any, calib: Calibration
 ) -> tuple[QuantStudent, dict]:
     """Fine-tune with fake quantization through the distillation trainer (its loop, losses, NaN policy)."""
     from edge_msd.distill.config import DistillConfig
@@ -210,18 +208,16 @@ def run_qat(
     infos: dict[str, Any] = {}
 
     def prepare_model(model: nn.Module) -> nn.Module:
-        from edge_msd.export.towers import ImageTower, TextTower
-
         image, infos["image"] = quantize_tower(
-            backend, ImageTower(model), calib.images, qat=True, n_steps=cfg.steps
+            quantizer, ImageTower(model), calib.images, qat=True, n_steps=cfg.steps
         )
         text, infos["text"] = quantize_tower(
-            backend, TextTower(model), calib.tokens, qat=True, n_steps=cfg.steps
+            quantizer, TextTower(model), calib.tokens, qat=True, n_steps=cfg.steps
         )
         return QuantStudent(image, text, getattr(model, "logit_scale", None))
 
     result = train(
-        dcfg, prepare_model=prepare_model, on_step=_qat_hooks(backend, cfg.steps), out_dir=Path(dcfg.out)
+        dcfg, prepare_model=prepare_model, on_step=_qat_hooks(quantizer, cfg.steps), out_dir=Path(dcfg.out)
     )
     model = result.model
     _check_finite(model, f"QAT of {cfg.student} for {cfg.target}")
@@ -250,22 +246,22 @@ def quantize_student(cfg: QuantConfig) -> Path:
     from safetensors.torch import save_file
 
     from edge_msd.config import config_to_dict, load_target
-    from edge_msd.export.towers import load_student
 
     cfg.validate()
+    cfg = cfg.resolved()
     profile = load_target(cfg.target)
     recipe = recipe_for_target(profile)
-    backend = backend_for(recipe)
+    quantizer = quantizer_for(recipe)
     out = cfg.out_dir()
     if out.exists() and not cfg.force:
         raise QuantError(f"{out} already exists; pass --force to replace it")
     student = load_student(cfg.student)
     calib = load_calibration(cfg, student)
     if cfg.method == "qat":
-        model, infos = run_qat(cfg, backend, student, calib)
+        model, infos = run_qat(cfg, quantizer, student, calib)
     else:
-        image, img_info = quantize_tower(backend, student.image, calib.images, qat=False)
-        text, txt_info = quantize_tower(backend, student.text, calib.tokens, qat=False)
+        image, img_info = quantize_tower(quantizer, student.image, calib.images, qat=False)
+        text, txt_info = quantize_tower(quantizer, student.text, calib.tokens, qat=False)
         model, infos = QuantStudent(image, text), {"image": img_info, "text": txt_info}
     model.eval()
     batch = int(profile.batch_sizes[0]) if not profile.dynamic_batch else 1
@@ -274,17 +270,17 @@ def quantize_student(cfg: QuantConfig) -> Path:
         (tmp / "models").mkdir()
         towers = {}
         for name in TOWERS:
-            path = tmp / "models" / f"{name}{backend.suffix}"
+            path = tmp / "models" / f"{name}{quantizer.suffix}"
             try:
-                entry = backend.write(getattr(model, name), examples[name], path)
+                entry = quantizer.write(getattr(model, name), examples[name], path)
             except QuantError as e:
-                if not (recipe.allow_fallback and recipe.backend == "pt2e"):
-                    raise
-                # the user allowed it: this tower ships dynamic-range int8 (weights int8, float activations)
+                # the user may allow it: this tower ships dynamic-range int8 (weights int8, float activations)
                 float_tower = student.image if name == "image" else student.text
                 inputs = calib.images if name == "image" else calib.tokens
-                dyn = backend.quantize(float_tower, inputs, dynamic=True)  # type: ignore[call-arg]
-                entry = {**backend.write(dyn, examples[name], path), "fallback_reason": str(e)}
+                dyn = quantizer.quantize_dynamic(float_tower, inputs) if recipe.allow_fallback else None
+                if dyn is None:
+                    raise
+                entry = {**quantizer.write(dyn, examples[name], path), "fallback_reason": str(e)}
             towers[name] = {
                 "file": f"models/{path.name}",
                 **entry,
@@ -302,7 +298,7 @@ def quantize_student(cfg: QuantConfig) -> Path:
             target=profile.name,
             method=cfg.method,
             recipe=recipe.to_manifest(),
-            runtime=backend.runtime,
+            runtime=quantizer.runtime,
             calibration=calib.manifest,
             student={"source": student.source, "sha256": student.sha256, "name": student.name},
             towers=towers,

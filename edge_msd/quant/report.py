@@ -17,11 +17,12 @@ import torch
 
 from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest, verify_files
 from edge_msd.errors import ArtifactError
-from edge_msd.eval.retrieval import retrieval_metrics
-from edge_msd.export.tflite import interpreter, run_tflite
+from edge_msd.eval.retrieval import first_images, retrieval_metrics
+from edge_msd.families.common.quantizer import file_size, quiet
+from edge_msd.families.tflite import interpreter, run_tflite
 from edge_msd.quant.config import QuantConfig
 from edge_msd.quant.pipeline import KIND, STATE_FILE, TOWERS, load_calibration
-from edge_msd.quant.recipes import backend_for, file_size, recipe_for_target
+from edge_msd.quant.recipes import quantizer_for, recipe_for_target
 
 
 def eval_inputs(
@@ -31,8 +32,7 @@ def eval_inputs(
     from edge_msd.data import open_dataset
 
     ds = open_dataset(data, split)
-    n = min(n_images, ds.n_images)
-    caps = np.flatnonzero(ds.caption_image_index < n)
+    n, caps = first_images(ds.caption_image_index, ds.n_images, n_images)
     images = torch.stack([student.val_transform(ds.load_image(i)) for i in range(n)])
     tokens = student.tokenizer([ds.captions[j] for j in caps]).to(torch.int32)
     return images, tokens, ds.caption_image_index[caps]
@@ -73,13 +73,11 @@ def _tflite_latency(
     """fp32 .tflite (converted here from the float towers) vs the int8 artifact, same interpreter and run."""
     import litert_torch
 
-    from edge_msd.quant.recipes import _quiet
-
     lat = {}
     with tempfile.TemporaryDirectory() as tmp:
         for t, tower, x in (("image", s.image, images), ("text", s.text, tokens)):
             f32 = Path(tmp) / f"{t}.tflite"
-            with _quiet():
+            with quiet():
                 litert_torch.convert(tower.eval(), (x[:1],)).export(str(f32))
             lat[t] = {
                 "fp32_ms": _latency_ms(f32, x.numpy(), threads=threads),
@@ -107,20 +105,20 @@ def _fake_quant_towers(
         state = load_file(art / STATE_FILE)
     except SafetensorError as e:
         raise ArtifactError(f"{art / STATE_FILE}: not a safetensors file ({e})") from e
-    backend = backend_for(recipe_for_target(manifest["target"]))
+    quantizer = quantizer_for(recipe_for_target(manifest["target"]))
     calib = load_calibration(cfg, student)
     towers = {}
     for name, tower, batches in (
         ("image", student.image, calib.images),
         ("text", student.text, calib.tokens),
     ):
-        prepared = backend.quantize(
+        prepared = quantizer.quantize(
             tower, batches, qat=manifest["method"] == "qat", keep_float=manifest["towers"][name]["kept_float"]
         )
         prefix = f"{name}."
         own = {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
         prepared.load_state_dict(own)
-        towers[name] = backend.simulate(prepared.eval())
+        towers[name] = quantizer.simulate(prepared.eval())
     return towers
 
 
@@ -136,7 +134,7 @@ def quant_report(
     threads: int = 1,
 ) -> dict[str, Any]:
     """Measure every target's fp32 / PTQ / QAT rows; writes ``quant_report.json`` and ``.md`` in ``out``."""
-    from edge_msd.export.towers import load_student
+    from edge_msd.students.towers import load_student
 
     out = Path(out)
     s = load_student(student)
@@ -161,14 +159,14 @@ def quant_report(
                 continue
             manifest = read_manifest(art, kind=KIND)
             verify_files(art, manifest)  # before any of its files is loaded
-            backend = backend_for(recipe_for_target(manifest["target"]))
+            quantizer = quantizer_for(recipe_for_target(manifest["target"]))
             files = {t: art / manifest["towers"][t]["file"] for t in TOWERS}
-            if backend.runtime:
+            if quantizer.runtime:
                 emb = {
-                    "image": backend.run(files["image"], images.numpy()),
-                    "text": backend.run(files["text"], tokens.numpy()),
+                    "image": quantizer.run(files["image"], images.numpy()),
+                    "text": quantizer.run(files["text"], tokens.numpy()),
                 }
-                how = backend.runtime
+                how = quantizer.runtime
             else:
                 cfg = QuantConfig(target=target, student=student, calibration=calibration, data=data)
                 towers = _fake_quant_towers(art, manifest, s, cfg)
@@ -188,7 +186,7 @@ def quant_report(
                     **_recall(emb["image"], emb["text"], cap_img),
                 }
             )
-            if backend.runtime == "litert":
+            if quantizer.runtime == "litert":
                 timed = (variant, files)  # QAT is visited last: it wins when both exist
         if timed is not None:
             latency[target] = _tflite_latency(s, images, tokens, *timed, threads=threads)

@@ -166,15 +166,21 @@ class LoadedStudent:
 def load_student(path: str | Path, verify: bool = True) -> LoadedStudent:
     """Load a saved student (checking its manifest and file hashes) through plain open_clip."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise ArtifactError(f"{path}: not a student folder ({CONFIG_FILE} is missing)")
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: student folder not found (run `edge-msd distill` first)")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise ArtifactError(f"{path} is not a student folder: {name} is missing")
     manifest = read_manifest(path, kind=STUDENT_KIND)
     if verify:
         verify_files(path, manifest)
     spec = f"local-dir:{path}"
-    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(spec)
+        tokenizer = open_clip.get_tokenizer(spec)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ArtifactError(f"{path}: open_clip cannot load this student ({e})") from e
     model.eval()
-    tokenizer = open_clip.get_tokenizer(spec)
     return LoadedStudent(model, preprocess, tokenizer, manifest.get("preset", "?"), manifest)
 
 

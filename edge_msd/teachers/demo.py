@@ -341,7 +341,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Recall@1/5/10 both ways on the test split (``embeddings``: its images', its captions') and the
     attribute probe."""
-    from edge_msd.eval.retrieval import retrieval_metrics
+    from edge_msd.eval.retrieval import retrieval_metrics, subset_metrics
 
     img, txt = embeddings
     out: dict[str, Any] = {
@@ -352,11 +352,7 @@ def evaluate(
     held = getattr(test, "held_out", None)
     if held is not None and held.any() and (~held).any():
         for name, sel in (("retrieval_seen_pairs", ~held), ("retrieval_held_out_pairs", held)):
-            rows = np.flatnonzero(sel)
-            remap = np.full(test.n_images, -1)
-            remap[rows] = np.arange(len(rows))
-            caps = np.flatnonzero(sel[test.caption_image_index])
-            out[name] = retrieval_metrics(img[rows], txt[caps], remap[test.caption_image_index[caps]])
+            out[name] = subset_metrics(img, txt, test.caption_image_index, sel)
     out["attribute_probe"] = attribute_probe(teacher, test, img, probe_images)
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ class FeaturesConfig:
     teacher: str = field("demo", help="teacher spec (e.g. demo, or an open_clip / ONNX teacher spec)")
     data: str = field("demo-scenes", help="dataset spec (e.g. demo-scenes, csv:/data/pairs.csv)")
     split: str = field("train", help="dataset split")
-    out: str | None = field(None, help=f"cache folder [default: {paths.FEATURES}/<split>]")
+    out: str = field(
+        str(paths.FEATURES), help="feature-cache root: the cache is written to <out>/<split>/ (what "
+        "distill --features and qat --features take)"
+    )
     batch_size: int = field(256, help="images/captions per teacher call")
     shard_size: int = field(4096, help="rows per shard file (the unit of resume and of work per rank)")
     num_workers: int = field(0, help="DataLoader worker processes that decode and preprocess images")
@@ -43,4 +47,25 @@ class FeaturesConfig:
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else paths.FEATURES / self.split
+        return feature_split_dir(self.out, self.split, "--out")
+
+
+def feature_split_dir(root: str | Path, split: str, option: str) -> Path:
+    """``<root>/<split>``: the one layout of feature caches that features, distill and qat agree on.
+
+    A root that is itself one split's cache (it holds the cache's manifest.json or run.json) is the
+    common mix-up, so it is refused with the layout that was expected."""
+    root = Path(root)
+    if (root / "run.json").is_file() or _is_feature_cache(root / "manifest.json"):
+        raise ConfigError(
+            f"{option} {root}: this folder is one split's feature cache; {option} takes the feature-cache "
+            f"root holding one folder per split (<root>/{split}/manifest.json), e.g. {option} {root.parent}"
+        )
+    return root / split
+
+
+def _is_feature_cache(manifest: Path) -> bool:
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("kind") == "edge-msd-features"
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -167,8 +167,19 @@ def _create(name: str, device: str, **kwargs: Any) -> torch.nn.Module:
         return open_clip.create_model(name, device=device, weights_only=True, **kwargs)
     except Exception as e:  # unpickling, safetensors, shape mismatch, HF config: all mean a bad file here
         where = kwargs.get("pretrained") or name
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{where}: could not load open_clip model {name}: {first}") from e
+        raise ArtifactError(f"{where}: could not load open_clip model {name}: {_load_error(e)}") from e
+
+
+def _load_error(e: Exception) -> str:
+    """One line: torch's load_state_dict error lists missing/unexpected keys and size mismatches below
+    its first line, and those say what the checkpoint is; any other error keeps its first line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if "Error(s) in loading state_dict" in lines[0] and len(lines) > 1:
+        details = "; ".join(ln if len(ln) <= 160 else ln[:157] + "..." for ln in lines[1:4])
+        return f"the checkpoint's keys do not fit this architecture ({details})"
+    return lines[0]
 
 
 def load_open_clip(spec: str, rest: str, device: str = "cpu") -> OpenClipTeacher:

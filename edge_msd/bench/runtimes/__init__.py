@@ -12,6 +12,7 @@ from typing import Any
 
 from edge_msd.bench.runtimes.base import Backend, RuntimeMissing, Session
 from edge_msd.bench.runtimes.coreml import CoreMlBackend
+from edge_msd.bench.runtimes.executorch import ExecuTorchBackend
 from edge_msd.bench.runtimes.litert import LiteRtBackend, LiteRtSession
 from edge_msd.bench.runtimes.onnxruntime import OnnxRuntimeBackend, OrtSession
 from edge_msd.bench.runtimes.tensorrt import TensorRtBackend
@@ -22,6 +23,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "CoreMlBackend",
+    "ExecuTorchBackend",
     "LiteRtBackend",
     "LiteRtSession",
     "OnnxRuntimeBackend",
@@ -36,7 +38,7 @@ __all__ = [
 
 # Preference for `auto`: the device's native runtime first, the generic one last.
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (TensorRtBackend, CoreMlBackend, LiteRtBackend, OnnxRuntimeBackend)
+    b.name: b for b in (TensorRtBackend, CoreMlBackend, LiteRtBackend, ExecuTorchBackend, OnnxRuntimeBackend)
 }
 ALIASES = {
     "ort": "onnxruntime",
@@ -44,6 +46,7 @@ ALIASES = {
     "tflite": "litert",
     "trt": "tensorrt",
     "coremltools": "coreml",
+    "et": "executorch",
 }
 
 
@@ -123,5 +126,6 @@ def _alternatives(formats: dict[str, list[str]]) -> str:
             lines.append(f"{b.name} ({state})")
     fits = f"Runtimes for these models: {', '.join(lines)}." if lines else ""
     return (
-        fits + " Or export a bundle for this device: edge-msd export --target onnx|tflite|coreml|jetson"
+        fits + " Or export a bundle for this device: "
+        "edge-msd export --target onnx|tflite|coreml|jetson|executorch"
     ).strip()

@@ -3,21 +3,36 @@ engine builder that runs on the device (``edge-msd build-engine``; TensorRT ship
 
 fp32 and fp16 bundles hold the fp32 ONNX; TensorRT lowers it to fp16 while building the engine,
 keeping LayerNorm/Softmax in fp32 (``options.fp32_layers``). int8 bundles ship the explicit
-QuantizeLinear/DequantizeLinear ONNX of ``edge_msd.quant``'s modelopt recipe (QAT or PTQ), checked
+QuantizeLinear/DequantizeLinear ONNX of the modelopt recipe below (QAT or PTQ), checked
 here like the float graph.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from edge_msd.bench.integrity import ENGINES_JSON, check_bundle, engine_file, timing_cache_file
 from edge_msd.config import TargetProfile
 from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
-from edge_msd.export.base import ExportRequest
-from edge_msd.export.onnx import OnnxExporter, onnx_opset
+from edge_msd.families.common.base import ExportRequest
+from edge_msd.families.common.quantizer import (
+    Quantizer,
+    Recipe,
+    calibrate,
+    freeze_bn_modules,
+    io_entries,
+    matches,
+    quiet,
+)
+from edge_msd.families.onnx import OnnxFamily, export_onnx, onnx_opset, ort_runner
+from edge_msd.students.towers import explicit_attention
 
 # ONNX ops the TensorRT 8.6/10 ONNX parser imports (onnx-tensorrt operators.md), those that matter here.
 TRT_OPS = frozenset([
@@ -100,9 +115,107 @@ def resolved_outputs(path: Path, outputs: list[dict]) -> list[dict]:
     return resolved
 
 
-class TensorRTExporter(OnnxExporter):
-    kind = "tensorrt"
-    dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the Q/DQ ONNX of edge_msd.quant
+class ModeloptQuantizer(Quantizer):
+    """nvidia-modelopt fake quant: int8 symmetric, weights per output channel, activations per tensor
+    (max calibration); ships ONNX with QuantizeLinear/DequantizeLinear pairs (TensorRT explicit
+    quantization), exported with the TorchScript exporter (dynamo cannot trace it)."""
+
+    suffix = ".onnx"
+    runtime = "onnxruntime"
+
+    def _config(self, keep_float: Iterable[str]) -> dict[str, Any]:
+        cfg: list[dict[str, Any]] = [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+        ]
+        for cls in ("nn.BatchNorm1d", "nn.BatchNorm2d", "nn.Embedding", "nn.LayerNorm"):
+            cfg.append({"quantizer_name": "*", "parent_class": cls, "enable": False})
+        for name in keep_float:
+            cfg.append({"quantizer_name": f"{name}.*", "enable": False})
+        return {"quant_cfg": cfg, "algorithm": "max"}
+
+    def quantize(self, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool = False,
+                 keep_float: Iterable[str] = (), n_steps: int | None = None) -> nn.Module:
+        import modelopt.torch.quantization as mtq
+
+        model = explicit_attention(copy.deepcopy(tower)).eval()
+        patterns = [*self.recipe.keep_float, *keep_float]
+        with quiet():
+            model = mtq.quantize(model, self._config(patterns), lambda m: calibrate(m, batches))
+        self._disable_unreached(model)
+        # modelopt matches wildcards against quantizer names; fnmatch patterns are applied here
+        for name, mod in model.named_modules():
+            if matches(name, patterns):
+                for q in self._quantizers(mod):
+                    q.disable()
+        return model.train(qat)
+
+    @staticmethod
+    def _quantizers(mod: nn.Module) -> list[nn.Module]:
+        return [
+            q
+            for n in ("input_quantizer", "weight_quantizer")
+            if (q := getattr(mod, n, None)) is not None and hasattr(q, "disable")
+        ]
+
+    def _disable_unreached(self, model: nn.Module) -> None:
+        """Quantizers that calibration never reached (e.g. nn.MultiheadAttention's out_proj, whose weight
+        the fused attention reads directly) would export as dynamic-range garbage: turn them off."""
+        for _, mod in model.named_modules():
+            q = getattr(mod, "input_quantizer", None)
+            if q is not None and getattr(q, "is_enabled", False) and getattr(q, "amax", None) is None:
+                for qq in self._quantizers(mod):
+                    qq.disable()
+
+    def layers(self, prepared: nn.Module) -> list[str]:
+        return [
+            n
+            for n, m in prepared.named_modules()
+            if any(getattr(q, "is_enabled", False) for q in self._quantizers(m))
+        ]
+
+    def set_layer(self, prepared: nn.Module, name: str, enabled: bool) -> None:
+        for q in self._quantizers(prepared.get_submodule(name)):
+            q.enable() if enabled else q.disable()
+
+    def freeze_observers(self, prepared: nn.Module) -> None:
+        """modelopt's ranges (amax) are fixed after calibration; QAT trains the weights under them."""
+
+    def freeze_bn(self, prepared: nn.Module) -> None:
+        freeze_bn_modules(prepared)
+
+    def write(self, prepared: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:
+        prepared = prepared.eval()
+        name = "image" if example.is_floating_point() else "tokens"
+        with torch.no_grad():
+            out_dim = int(prepared(example).shape[-1])
+        with quiet():  # the TorchScript exporter: the dynamo one cannot trace modelopt's quantizers
+            export_onnx(prepared, example.numpy(), path, name, opset=17, dynamic_batch=True, dynamo=False)
+        return {
+            "format": "onnx",
+            "precision": "int8",
+            "quantization": "explicit-qdq",
+            **io_entries(example, out_dim, "batch"),
+        }
+
+    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        return ort_runner(path, -1, threads=torch.get_num_threads())(x)
+
+
+class TensorRTFamily(OnnxFamily):
+    name = "tensorrt"
+    runtimes = ("tensorrt",)
+    recipe = Recipe(
+        name="tensorrt-int8-qdq",
+        exporter="tensorrt",
+        backend="modelopt",
+        scheme="int8 symmetric; weights per-channel, activations per-tensor (max); explicit Q/DQ ONNX",
+        keep_first_last=True,
+        sensitivity_scan=True,
+    )
+    quantizer = ModeloptQuantizer
+    dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the int8 Q/DQ ONNX
 
     def opset(self, profile: TargetProfile) -> int:
         return int(profile.options.get("opset", 17))
@@ -191,3 +304,6 @@ def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int
                        "batch_profile": [bmin, bopt, bmax], "tensorrt": trt.__version__,
                        "plans": {t: p.name for t, p in built.items()}})
     return built
+
+
+FAMILY = TensorRTFamily()

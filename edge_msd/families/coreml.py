@@ -4,30 +4,33 @@ fp16 is the default, with the ops that overflow in fp16 (LayerNorm, softmax, the
 L2 norm: ``options.fp32_ops``) kept in fp32 through coremltools' op selector. The final L2 norm runs
 in fp32 end to end: ``reduce_l2_norm``, the clamp (``maximum``) and broadcast (``tile``) that
 ``F.normalize`` puts before the divide, and the divide; ``spec_check`` verifies it in the saved
-program. int8 (W8A8) programs
-come from ``edge_msd.quant``'s LinearQuantizer recipe and are shipped with the same metadata and
-spec checks. Conversion and spec checks run on Linux; predictions need macOS (libcoremlpython), so
-parity runs there only.
+program. int8 (W8A8) programs come from the LinearQuantizer recipe below and are shipped with the
+same metadata and spec checks. Conversion and spec checks run on Linux; predictions need macOS
+(libcoremlpython), so parity runs there only.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from edge_msd import __version__
 from edge_msd.config import TargetProfile
-from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.export.base import (
+from edge_msd.errors import ArtifactError, ConfigError, QuantError
+from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
-    Exporter,
     ExportRequest,
+    Family,
     Runner,
     check_static_float,
     example_inputs,
@@ -35,7 +38,18 @@ from edge_msd.export.base import (
     run_batched,
     tower_module,
 )
-from edge_msd.export.towers import Student
+from edge_msd.families.common.quantizer import (
+    Quantizer,
+    Recipe,
+    calibrate,
+    first_line,
+    freeze_bn_modules,
+    io_entries,
+    matches,
+    quiet,
+    set_submodule,
+)
+from edge_msd.students.towers import Student, explicit_attention
 
 DESCRIPTIONS = {"image": "RGB image, (x/255 - mean)/std, NCHW float32",
                 "text": "int32 CLIP BPE token ids: sot, tokens, eot, zero padding"}
@@ -158,13 +172,167 @@ def l2_norm_dtypes(operations: list) -> list[dict[str, str]]:
     return norms
 
 
-class CoreMLExporter(Exporter):
-    kind = "coreml"
+class CoreMLQuantizer(Quantizer):
+    """coremltools.optimize.torch LinearQuantizer (W8A8 symmetric, per-channel weights); size options:
+    weight-only int8, k-means palettization of the converted program's weights."""
+
+    suffix = ".mlpackage"
+    runtime = None  # Core ML predicts only on macOS; here the fake-quant torch model is measured
+
+    def _config(self, keep_float: Iterable[str], n_steps: int | None) -> Any:
+        from coremltools.optimize.torch.quantization import LinearQuantizerConfig
+
+        glob: dict[str, Any] = {"quantization_scheme": "symmetric"}
+        if self.recipe.size_option == "weight-int8":
+            glob["activation_dtype"] = "float32"
+        if n_steps:  # enable observers and fake quant at 0, freeze observers, then BatchNorm statistics
+            glob["milestones"] = [
+                0,
+                0,
+                max(1, int(n_steps * self.recipe.qat_observer_freeze)),
+                max(1, int(n_steps * self.recipe.qat_bn_freeze)),
+            ]
+        return LinearQuantizerConfig.from_dict(
+            {"global_config": glob, "module_name_configs": {name: None for name in keep_float}}
+        )
+
+    def quantize(self, tower: nn.Module, batches: list[torch.Tensor], *, qat: bool = False,
+                 keep_float: Iterable[str] = (), n_steps: int | None = None) -> nn.Module:
+        """Each Linear/Conv2d gets its own LinearQuantizer (W8A8 on its input, weight and output):
+        whole-tower FX tracing fails on open_clip's shape arithmetic, a single layer always traces."""
+        from coremltools.optimize.torch.quantization import LinearQuantizer
+
+        model = explicit_attention(copy.deepcopy(tower)).eval()
+        model._edge_msd_quantizers = {}  # type: ignore[assignment]  # layer name -> LinearQuantizer
+        if _palette_bits(self.recipe.size_option):
+            return model  # palettization is applied to the converted program's weights (see write)
+        patterns = (*self.recipe.keep_float, *keep_float)
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear | nn.Conv2d) and not matches(n, patterns)
+        ]
+        inputs: dict[str, tuple] = {}
+        hooks = [
+            model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, a))
+            for n in names
+        ]
+        with torch.no_grad():
+            model(batches[0])
+        for h in hooks:
+            h.remove()
+        config = self._config((), n_steps if qat else None)
+        for n in names:
+            if n not in inputs:
+                continue  # never called (its weight is read by a fused op): stays float
+            quantizer = LinearQuantizer(model.get_submodule(n), config)
+            try:
+                with quiet():
+                    layer = quantizer.prepare(example_inputs=inputs[n], inplace=False)
+            except Exception as e:
+                raise QuantError(f"LinearQuantizer cannot handle layer {n!r}: {first_line(e)}") from e
+            if qat:
+                quantizer.step()  # milestone 0: observers and fake quant on, before calibration
+            set_submodule(model, n, layer)
+            model._edge_msd_quantizers[n] = quantizer
+        model.eval()
+        calibrate(model, batches)
+        return model.train(qat)
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe, where: str) -> None:
+        if not (recipe.size_option in ("w8a8", "weight-int8") or _palette_bits(recipe.size_option)):
+            raise ConfigError(
+                f"{where}: [options.quant] size_option {recipe.size_option!r}; "
+                "expected w8a8, weight-int8 or palettize-<1..8>bit"
+            )
+
+    def layers(self, prepared: nn.Module) -> list[str]:
+        return list(getattr(prepared, "_edge_msd_quantizers", {}))
+
+    def on_qat_step(self, prepared: nn.Module, step: int, n_steps: int) -> None:
+        """LinearQuantizer keeps its own milestones (observer and BatchNorm freezing): advance them."""
+        for q in getattr(prepared, "_edge_msd_quantizers", {}).values():
+            q.step()
+
+    def freeze_observers(self, prepared: nn.Module) -> None:
+        from torch.ao.quantization import disable_observer
+
+        prepared.apply(disable_observer)
+
+    def freeze_bn(self, prepared: nn.Module) -> None:
+        freeze_bn_modules(prepared)
+
+    def finalize(self, prepared: nn.Module) -> nn.Module:
+        """A copy with each fake-quant layer replaced by LinearQuantizer's finalized (reference) layer."""
+        model = copy.deepcopy(prepared).eval()
+        for n, q in getattr(prepared, "_edge_msd_quantizers", {}).items():
+            set_submodule(model, n, q.finalize(model.get_submodule(n), inplace=False).eval())
+        return model
+
+    def write(self, prepared: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:
+        import coremltools as ct
+        import coremltools.optimize.coreml as cto
+
+        model = self.finalize(prepared)
+        is_image = example.is_floating_point()
+        try:
+            with torch.no_grad(), quiet():
+                out_dim = int(model(example).shape[-1])
+                traced = torch.jit.trace(model, (example,), check_trace=False)
+                mlmodel = ct.convert(
+                    traced,
+                    convert_to="mlprogram",
+                    minimum_deployment_target=ct.target.iOS17,
+                    inputs=[
+                        ct.TensorType(
+                            name="image" if is_image else "tokens",
+                            shape=tuple(example.shape),
+                            dtype=np.float32 if is_image else np.int32,
+                        )
+                    ],
+                    outputs=[ct.TensorType(name="embedding")],
+                    compute_precision=ct.precision.FLOAT32,
+                )
+                bits = _palette_bits(self.recipe.size_option)
+                if bits:
+                    cfg = cto.OptimizationConfig(
+                        global_config=cto.OpPalettizerConfig(nbits=bits, mode="kmeans")
+                    )
+                    mlmodel = cto.palettize_weights(mlmodel, cfg)
+                mlmodel.save(str(path))
+        except Exception as e:
+            raise QuantError(f"{path.name}: Core ML conversion failed: {first_line(e)}") from e
+        precision = {"w8a8": "int8", "weight-int8": "int8-weights"}.get(
+            self.recipe.size_option, self.recipe.size_option
+        )
+        io_ = io_entries(example, out_dim, int(example.shape[0]))
+        return {"format": "mlpackage", "precision": precision, "quantization": self.recipe.size_option, **io_}
+
+
+def _palette_bits(option: str) -> int | None:
+    if option.startswith("palettize-") and option.endswith("bit"):
+        bits = option[len("palettize-") : -len("bit")]
+        if bits.isdigit() and 1 <= int(bits) <= 8:
+            return int(bits)
+    return None
+
+
+class CoreMLFamily(Family):
+    name = "coreml"
+    runtimes = ("coreml",)
+    recipe = Recipe(
+        name="coreml-w8a8",
+        exporter="coreml",
+        backend="coreml",
+        scheme="LinearQuantizer W8A8 symmetric; weights per-channel int8, activations uint8",
+    )
+    quantizer = CoreMLQuantizer
     format = "mlpackage"
     ext = "mlpackage"
 
     def check(self, req: ExportRequest) -> None:
-        check_static_float(req, self.kind)
+        check_static_float(req, self.name)
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         opts = req.profile.options
@@ -206,3 +374,6 @@ class CoreMLExporter(Exporter):
         name = entry["inputs"][0]["name"]
         return lambda x: run_batched(lambda c: np.asarray(model.predict({name: c})[OUTPUT_NAME]), x,
                                      entry["inputs"][0]["shape"][0])
+
+
+FAMILY = CoreMLFamily()

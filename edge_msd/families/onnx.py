@@ -11,11 +11,11 @@ import torch
 
 from edge_msd.config import TargetProfile
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.export.base import (
+from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
-    Exporter,
     ExportRequest,
+    Family,
     Runner,
     example_inputs,
     io_entry,
@@ -113,10 +113,13 @@ def ort_runner(path: Path, batch: int, threads: int = 1) -> Runner:
     return lambda x: run_batched(lambda c: sess.run(None, {name: c})[0], x, batch)
 
 
-class OnnxExporter(Exporter):
-    kind = "onnx"
+class OnnxFamily(Family):
+    """Generic ONNX for ONNX Runtime; fp32 only, no int8 recipe (int8 ONNX is the tensorrt family's)."""
+
+    name = "onnx"
     format = "onnx"
     ext = "onnx"
+    runtimes = ("onnxruntime",)
     dynamo = True  # the TensorRT subclass uses the TorchScript exporter
 
     def opset(self, profile: TargetProfile) -> int:
@@ -146,3 +149,6 @@ class OnnxExporter(Exporter):
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         return ort_runner(bundle_dir / entry["file"], entry["inputs"][0]["shape"][0])
+
+
+FAMILY = OnnxFamily()

@@ -15,18 +15,18 @@ directly), and Core ML's TorchScript frontend fails on its shape arithmetic.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_msd.errors import ArtifactError, ConfigError
-
-STUDENT_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+from edge_msd.errors import ConfigError
+from edge_msd.students.presets import WEIGHTS_FILE
+from edge_msd.students.presets import load_student as load_verified
 
 
 class ExplicitSelfAttention(nn.Module):
@@ -189,33 +189,13 @@ class Student:
     sha256: str
 
 
-def check_student_dir(folder: Path) -> None:
-    if not folder.is_dir():
-        raise ArtifactError(f"{folder}: student folder not found (run `edge-msd distill` first)")
-    for f in STUDENT_FILES:
-        if not (folder / f).is_file():
-            raise ArtifactError(f"{folder} is not a student folder: {f} is missing")
-    try:
-        json.loads((folder / STUDENT_FILES[0]).read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{folder / STUDENT_FILES[0]}: not valid JSON ({e})") from e
-
-
 def load_student(folder: str | Path) -> Student:
-    """Load a student folder (open_clip hub layout); its towers run explicit attention (module docstring)."""
-    import open_clip
-
-    from edge_msd.artifacts import sha256_file
-
+    """A student folder as two exportable towers (explicit attention, module docstring), loaded by
+    ``edge_msd.students.load_student``: its manifest and sha256s are verified before anything is read."""
     folder = Path(folder)
-    check_student_dir(folder)
-    try:
-        loaded, _, val_tf = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ArtifactError(f"{folder}: open_clip cannot load this student ({e})") from e
-    model = loaded.eval()
-    cfg = open_clip.get_model_preprocess_cfg(loaded)
+    loaded = load_verified(folder)
+    model = loaded.model
+    cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"] if isinstance(cfg["size"], list | tuple) else (cfg["size"], cfg["size"])
     prep = Preprocess(size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                       resize=cfg.get("interpolation", "bicubic"),
@@ -225,8 +205,6 @@ def load_student(folder: str | Path) -> Student:
     ctx = int(text.positional_embedding.shape[0])
     with torch.no_grad():
         dim = int(text(torch.zeros(1, ctx, dtype=torch.int32)).shape[-1])
-    manifest = folder / "manifest.json"
-    name = json.loads(manifest.read_text()).get("preset", folder.name) if manifest.is_file() else folder.name
-    return Student(model=model, image=ImageTower(exportable).eval(), text=text, tokenizer=tokenizer,
-                   preprocess=prep, val_transform=val_tf, context_length=ctx, embed_dim=dim,
-                   name=str(name), source=str(folder), sha256=sha256_file(folder / STUDENT_FILES[1]))
+    return Student(model=model, image=ImageTower(exportable).eval(), text=text, tokenizer=loaded.tokenizer,
+                   preprocess=prep, val_transform=loaded.preprocess, context_length=ctx, embed_dim=dim,
+                   name=loaded.preset, source=str(folder), sha256=loaded.manifest["files"][WEIGHTS_FILE])

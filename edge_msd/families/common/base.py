@@ -1,10 +1,11 @@
-"""The one interface every exporter implements, and what it is given.
+"""The one interface every target family implements (``Family``), and what it is given.
 
-An exporter ``write``s one float tower to a file; ``describe`` reads a written file back into its
-manifest entry (docs/bundle.md, ``models``), so a float export and an int8 file made by
-``edge_msd.quant`` (``ship``ped into the bundle) get the same entry and the same checks. ``runner``
-gives a numpy function for the parity check where the target's runtime exists on this machine,
-else the reason it does not.
+A family owns one file format end to end: ``write`` converts one float tower to a file; ``describe``
+reads a written file back into its manifest entry (docs/bundle.md, ``models``), so a float export and
+an int8 file made by its ``quantizer`` (``ship``ped into the bundle) get the same entry and the same
+checks; ``check_graph`` records what the device's delegate will not take; ``runner`` gives a numpy
+function for the parity check where the target's runtime exists on this machine, else the reason it
+does not; ``runtimes`` names the device-side runners (edge_msd/bench/runtimes/<name>.py) of its files.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_msd.config import TargetProfile
 from edge_msd.errors import ConfigError
-from edge_msd.export.towers import Student
+from edge_msd.families.common.quantizer import Quantizer, Recipe
+from edge_msd.students.towers import Student
 
 Runner = Callable[[np.ndarray], np.ndarray]
 TOWERS = ("image", "text")
@@ -29,25 +32,29 @@ OUTPUT_NAME = "embedding"
 
 @dataclass
 class ExportRequest:
-    """What to export: the float student, its target and a float precision (int8 comes from quant)."""
+    """What to export: the float student, its target and a float precision (int8 is quantized first)."""
 
     student: Student
     profile: TargetProfile
     precision: str
 
 
-class Exporter(ABC):
-    kind: str  # the profile's `exporter` value
-    format: str  # onnx | tflite | mlpackage
+class Family(ABC):
+    name: str  # the profile's `exporter` value, and this family's module name
+    format: str  # onnx | tflite | mlpackage | pte
     ext: str
+    runtimes: tuple[str, ...]  # device-side runners of its files; the profile's [bench] runtime is one
+    recipe: Recipe | None = None  # the default int8 recipe; None: no int8 for this family
+    quantizer: type[Quantizer] | None = None  # the toolchain that applies ``recipe``
 
     @abstractmethod
     def check(self, req: ExportRequest) -> None:
         """Refuse what this exporter cannot write (named field or precision) before any conversion."""
 
     @abstractmethod
-    def write(self, req: ExportRequest, tower: str, path: Path) -> None:
-        """Convert one float tower of ``req.student`` into ``path``."""
+    def write(self, req: ExportRequest, tower: str, path: Path) -> dict[str, Any] | None:
+        """Convert one float tower of ``req.student`` into ``path``; optionally return what only the
+        conversion knows (added to the tower's manifest entry)."""
 
     @abstractmethod
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
@@ -60,17 +67,22 @@ class Exporter(ABC):
         for tower in TOWERS:
             rel = f"models/{tower}.{self.ext}"
             (out_dir / "models").mkdir(parents=True, exist_ok=True)
-            self.write(req, tower, out_dir / rel)
-            entries[tower] = self.describe(out_dir, rel, tower, req.precision, req.profile)
+            found = self.write(req, tower, out_dir / rel) or {}
+            entries[tower] = {**self.describe(out_dir, rel, tower, req.precision, req.profile), **found}
         return entries
 
     def ship(self, src: Path, dest: Path, tower: str, student: Student, profile: TargetProfile) -> None:
-        """Copy a model file (or .mlpackage folder) made by ``edge_msd.quant`` into the bundle."""
+        """Copy a model file (or .mlpackage folder) made by this family's quantizer into the bundle."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dest)
         else:
             shutil.copyfile(src, dest)
+
+    def check_graph(self, profile: TargetProfile, models: dict[str, dict], folder: Path, warn: Any) -> dict:
+        """What the device's delegate will not take, per tower (``warn(line)`` for each finding); ``{}``
+        where the device decides at load time (TensorRT, Core ML)."""
+        return {}
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         """A function (inputs → embeddings) running the exported file here, or why that is impossible."""
@@ -78,7 +90,7 @@ class Exporter(ABC):
 
 
 def check_static_float(req: ExportRequest, exporter: str) -> None:
-    """The ``check`` of exporters that write a static batch in fp32 or fp16 only (coreml, tflite)."""
+    """The ``check`` of families that write a static batch in fp32 or fp16 only (coreml, tflite)."""
     if req.profile.dynamic_batch:
         raise ConfigError(f"{req.profile.source}: dynamic_batch is not supported by {exporter}; set false")
     if req.precision not in ("fp32", "fp16"):

@@ -1,0 +1,1 @@
+"""Helpers shared by the family modules: the Family interface, quantizers, PT2E."""
