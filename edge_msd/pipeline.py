@@ -1,7 +1,8 @@
 """Stages chained: ``export_target`` (quantize, then export) and ``edge-msd demo``.
 
 The demo runs the whole pipeline on the embedded demo, each stage skipped when already done:
-teacher fit → distill (features built on the way) → export per target → bench on this host → report.
+teacher fit (writing the train and test feature caches) → distill (val cache built on the way) →
+export per target → bench on this host → report.
 Every stage is the same function its own verb calls; this module only chains them, so that each stage
 imports only the stages before it.
 """
@@ -75,7 +76,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
     seconds: dict[str, float] = {}
 
     t = _stage("1. demo teacher (frozen EfficientNet-Lite0 + MiniLM-L6, LiT heads)")
-    print_fit_summary(fit_demo_teacher(DemoTeacherConfig(), force=cfg.force))
+    # The fit runs the teacher over train and test anyway: it writes their feature caches too.
+    print_fit_summary(fit_demo_teacher(DemoTeacherConfig(features=str(paths.FEATURES)), force=cfg.force))
     seconds["teacher"] = time.perf_counter() - t
 
     t = _stage("2. distill (DSMD) from cached teacher embeddings")

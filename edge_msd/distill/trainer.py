@@ -261,13 +261,8 @@ def _train(
     on_step: Callable | None,
     progress: bool,
 ) -> TrainResult:
-    rank, world = rank_world()
-    micro = _micro_batch(cfg, world)
-    prepare_out(cfg, out, rank)
-    if is_distributed():
-        dist.barrier()
-    data = _open_data(cfg, device)
-    run = _setup(cfg, out, device, data, micro, student, prepare_model)
+    rank = rank_world()[0]
+    run = prepare_run(cfg, out, device, student, prepare_model)
     if cfg.resume:
         restore(out / CKPT_DIR / LAST, run.parts(), run.state)
         truncate_metrics(out / METRICS, run.state["step"])
@@ -275,6 +270,26 @@ def _train(
             console.print(f"resumed {out} at step {run.state['step']}")
     _loop(run, on_step, progress)
     return _finish(run, save=prepare_model is None)
+
+
+def prepare_run(
+    cfg: DistillConfig,
+    out: Path,
+    device: torch.device,
+    student: nn.Module | None = None,
+    prepare_model: Callable | None = None,
+) -> _Run:
+    """The run ``train`` starts its loop with: out folder, data, student, optimizer, losses, batches.
+
+    Public for the throughput benchmark, which trains the very same parts on tensors in memory.
+    """
+    rank, world = rank_world()
+    micro = _micro_batch(cfg, world)
+    prepare_out(cfg, out, rank)
+    if is_distributed():
+        dist.barrier()
+    data = _open_data(cfg, device)
+    return _setup(cfg, out, device, data, micro, student, prepare_model)
 
 
 def _setup(

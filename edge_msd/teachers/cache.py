@@ -152,11 +152,11 @@ def _done_path(out: Path, kind: str, k: int) -> Path:
     return out / "done" / f"{kind}-{k:05d}.json"
 
 
-def _identity(teacher: Teacher, dataset: ImageTextDataset, shard_size: int) -> dict[str, Any]:
+def _identity(teacher_id: str, dim: int, dataset: ImageTextDataset, shard_size: int) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "teacher_id": teacher.id,
-        "dim": int(teacher.embed_dim),
+        "teacher_id": teacher_id,
+        "dim": int(dim),
         "dataset": {
             "spec": dataset.spec,
             "split": dataset.split,
@@ -264,12 +264,12 @@ def _teacher_device(teacher: Teacher) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_embeddings(emb: np.ndarray, n: int, dim: int, teacher: Teacher, what: str) -> None:
+def _check_embeddings(emb: np.ndarray, n: int, dim: int, teacher_id: str, what: str) -> None:
     if emb.shape != (n, dim):
-        raise ArtifactError(f"teacher {teacher.id} returned {what} embeddings of shape {emb.shape}, "
+        raise ArtifactError(f"teacher {teacher_id} returned {what} embeddings of shape {emb.shape}, "
                             f"expected ({n}, {dim}) (its embed_dim)")
     if not np.isfinite(emb).all() or np.abs(emb).max(initial=0.0) > 65504:  # fp16 range
-        raise ArtifactError(f"teacher {teacher.id} returned non-finite or out-of-fp16-range {what} "
+        raise ArtifactError(f"teacher {teacher_id} returned non-finite or out-of-fp16-range {what} "
                             "embeddings")
 
 
@@ -345,7 +345,7 @@ def build_feature_cache(
     if batch_size < 1 or shard_size < 1:
         raise ConfigError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
     out = Path(out_dir)
-    ident = _identity(teacher, dataset, shard_size)
+    ident = _identity(teacher.id, teacher.embed_dim, dataset, shard_size)
     dist = _Dist()
     try:
         status: tuple[bool, EdgeMSDError | None] = (False, None)
@@ -384,6 +384,41 @@ def build_feature_cache(
         dist.close()
 
 
+def write_feature_cache(
+    teacher_id: str,
+    dataset: ImageTextDataset,
+    out_dir: Path,
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    *,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    force: bool = False,
+    config: Any = None,
+) -> Path:
+    """Store embeddings the teacher ``teacher_id`` already computed (row i: image i / caption i) as the
+    cache ``build_feature_cache`` writes for it: same layout, identity and manifest (``batch_size``:
+    the batch they were computed in). For a caller that has them anyway, such as the demo teacher's
+    fit, so that the teacher need not run over the split again. Like ``build_feature_cache``, a
+    matching complete cache is kept and one of another teacher or data is refused unless ``force``.
+    """
+    out = Path(out_dir)
+    dim = int(image_emb.shape[1]) if image_emb.ndim == 2 else -1
+    ident = _identity(teacher_id, dim, dataset, shard_size)
+    if _prepare_dir(out, ident, dataset, force):
+        return out
+    n_shards = {}
+    for kind, emb, n in (("image", image_emb, dataset.n_images), ("text", text_emb, dataset.n_captions)):
+        _check_embeddings(emb, n, dim, teacher_id, kind)
+        n_shards[kind] = math.ceil(n / shard_size)
+        for k in range(n_shards[kind]):
+            start = k * shard_size
+            _write_shard(out, kind, k, start, emb[start : start + shard_size].astype(np.float16), [])
+    _finish(out, ident, n_shards, dataset, config, dict(
+        batch_size=batch_size, shard_size=shard_size, skip_bad=False, num_workers=0, world_size=1))
+    return out
+
+
 def _embed_images(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards: list[int], shard_size: int,
                   batch_size: int, skip_bad: bool, num_workers: int, bar: Progress, dist: _Dist) -> None:
     dim, device = int(teacher.embed_dim), _teacher_device(teacher)
@@ -411,7 +446,7 @@ def _embed_images(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards
         if good:
             x = torch.stack([t for _, t in good]).to(device)
             emb = teacher.encode_image(x).float().cpu().numpy()
-            _check_embeddings(emb, len(good), dim, teacher, "image")
+            _check_embeddings(emb, len(good), dim, teacher.id, "image")
             rows[[i - start for i, _ in good]] = emb.astype(np.float16)
         bar.advance(task, len(batch))
         if batch[-1] == start + len(rows) - 1:  # last batch of this shard
@@ -430,7 +465,7 @@ def _embed_texts(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards:
         for batch in _batches(start, stop, batch_size):
             tokens = teacher.tokenize([dataset.captions[j] for j in batch]).to(device)
             emb = teacher.encode_text(tokens).float().cpu().numpy()
-            _check_embeddings(emb, len(batch), dim, teacher, "text")
+            _check_embeddings(emb, len(batch), dim, teacher.id, "text")
             rows[batch[0] - start: batch[-1] - start + 1] = emb.astype(np.float16)
             bar.advance(task, len(batch))
         _write_shard(out, "text", k, start, rows, [])

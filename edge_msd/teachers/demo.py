@@ -157,13 +157,16 @@ def _image_transform(cfg: DemoTeacherConfig):
     )
 
 
+BATCH = 256  # images/captions per tower call, as `edge-msd features` batches them
+
+
 @torch.inference_mode()
 def cache_image_features(model: torch.nn.Module, dataset: Any, cfg: DemoTeacherConfig) -> torch.Tensor:
     """Pooled trunk features (N, 1280) of every image: what the trainable image head sees."""
     transform, trunk, out = _image_transform(cfg), model.visual.trunk.to(cfg.device), []
-    for s in track(range(0, dataset.n_images, 128), description="image tower (locked)"):
+    for s in track(range(0, dataset.n_images, BATCH), description="image tower (locked)"):
         batch = torch.stack(
-            [transform(dataset.load_image(i)) for i in range(s, min(s + 128, dataset.n_images))]
+            [transform(dataset.load_image(i)) for i in range(s, min(s + BATCH, dataset.n_images))]
         )
         out.append(trunk(batch.to(cfg.device)).float().cpu())
     return torch.cat(out)
@@ -192,8 +195,8 @@ def cache_text_states(
     start, _ = _split_layers(model, cfg.text_unlocked_layers)
     length = int((tokens != text.config.pad_token_id).sum(1).max())
     states, masks = [], []
-    for s in track(range(0, len(tokens), 256), description="text tower (locked)"):
-        ids = tokens[s : s + 256, :length].to(cfg.device)
+    for s in track(range(0, len(tokens), BATCH), description="text tower (locked)"):
+        ids = tokens[s : s + BATCH, :length].to(cfg.device)
         mask = (ids != text.config.pad_token_id).long()
         out = text.transformer(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         if cfg.text_unlocked_layers:
@@ -277,24 +280,33 @@ def train_heads(
 # ---- evaluation -----------------------------------------------------------------------------------
 
 
-def _encode(teacher: Any, dataset: Any, texts: list[str], batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _encode(
+    teacher: Any, dataset: Any, texts: list[str], batch: int = BATCH
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's embeddings of every image of ``dataset`` and of ``texts``."""
     imgs = []
     for s in range(0, dataset.n_images, batch):
         x = torch.stack(
             [teacher.preprocess(dataset.load_image(i)) for i in range(s, min(s + batch, dataset.n_images))]
         )
         imgs.append(teacher.encode_image(x).numpy())
-    txts = [
-        teacher.encode_text(teacher.tokenize(texts[s : s + batch])).numpy()
-        for s in range(0, len(texts), batch)
-    ]
-    return np.concatenate(imgs), np.concatenate(txts)
+    return np.concatenate(imgs), _encode_texts(teacher, texts, batch)
 
 
-def attribute_probe(teacher: Any, dataset: Any, n_images: int) -> dict[str, Any]:
+def _encode_texts(teacher: Any, texts: list[str], batch: int = BATCH) -> np.ndarray:
+    return np.concatenate(
+        [
+            teacher.encode_text(teacher.tokenize(texts[s : s + batch])).numpy()
+            for s in range(0, len(texts), batch)
+        ]
+    )
+
+
+def attribute_probe(teacher: Any, dataset: Any, image_emb: np.ndarray, n_images: int) -> dict[str, Any]:
     """What the teacher tells apart: image vs. its caption and a twin with one attribute changed.
 
-    For each probed image, ``accuracy`` is how often the image is closer to its true caption than to
+    For each probed image (the first ``n_images``; ``image_emb``: the teacher's embeddings of the
+    dataset's images), ``accuracy`` is how often the image is closer to its true caption than to
     the twin (chance 50%); ``text_cosine`` is the mean cosine of the two captions' embeddings (near 1:
     the text side cannot tell them apart at all). Split by one/two-object scenes where both occur.
     """
@@ -304,7 +316,7 @@ def attribute_probe(teacher: Any, dataset: Any, n_images: int) -> dict[str, Any]
     twins = [dataset.counterfactuals(i) for i in range(n)]
     kinds = [k for k in twins[0] if k != "original"] if twins else []
     texts = [t["original"] for t in twins] + [t[k] for t in twins for k in kinds]
-    img, txt = _encode(teacher, _Subset(dataset, n), texts)
+    img, txt = image_emb[:n], _encode_texts(teacher, texts)
     orig, var = txt[:n], txt[n:].reshape(n, len(kinds), -1)
     n_obj = (
         np.asarray([len(dataset.scenes[i].objects) for i in range(n)]) if hasattr(dataset, "scenes") else None
@@ -324,25 +336,16 @@ def attribute_probe(teacher: Any, dataset: Any, n_images: int) -> dict[str, Any]
     return out
 
 
-class _Subset:
-    """The first ``n`` images of a dataset (for the probe)."""
-
-    def __init__(self, dataset: Any, n: int):
-        self.dataset, self.n_images = dataset, n
-
-    def load_image(self, i: int):
-        return self.dataset.load_image(i)
-
-
-def evaluate(teacher: Any, dataset_spec: str, probe_images: int) -> dict[str, Any]:
-    """Recall@1/5/10 both ways on the test split and the attribute probe."""
-    from edge_msd.data import open_dataset
+def evaluate(
+    teacher: Any, test: Any, embeddings: tuple[np.ndarray, np.ndarray], probe_images: int
+) -> dict[str, Any]:
+    """Recall@1/5/10 both ways on the test split (``embeddings``: its images', its captions') and the
+    attribute probe."""
     from edge_msd.eval.retrieval import retrieval_metrics, subset_metrics
 
-    test = open_dataset(dataset_spec, "test")
-    img, txt = _encode(teacher, test, test.captions)
+    img, txt = embeddings
     out: dict[str, Any] = {
-        "dataset": dataset_spec,
+        "dataset": test.spec,
         "split": "test",
         "retrieval": retrieval_metrics(img, txt, test.caption_image_index),
     }
@@ -350,7 +353,7 @@ def evaluate(teacher: Any, dataset_spec: str, probe_images: int) -> dict[str, An
     if held is not None and held.any() and (~held).any():
         for name, sel in (("retrieval_seen_pairs", ~held), ("retrieval_held_out_pairs", held)):
             out[name] = subset_metrics(img, txt, test.caption_image_index, sel)
-    out["attribute_probe"] = attribute_probe(teacher, test, probe_images)
+    out["attribute_probe"] = attribute_probe(teacher, test, img, probe_images)
     return out
 
 
@@ -368,9 +371,11 @@ def _versions() -> dict[str, str]:
 
 
 def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
-    """Build the demo teacher folder (skipped when it exists and ``force`` is false); returns its path."""
-    from safetensors.torch import save_file
+    """Build the demo teacher folder (skipped when it exists and ``force`` is false); returns its path.
 
+    With ``cfg.features`` it also writes the train and test feature caches from the embeddings the fit
+    computes anyway (``force``: replace caches of another teacher there).
+    """
     from edge_msd.data import open_dataset
     from edge_msd.paths import demo_teacher_dir
 
@@ -380,7 +385,7 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
         return out
     out = out.resolve()
     t0 = time.perf_counter()
-    train = open_dataset(cfg.dataset, "train")
+    train, test = open_dataset(cfg.dataset, "train"), open_dataset(cfg.dataset, "test")
     with atomic_dir(out, force=True) as tmp:
         model = build_model(cfg, tmp)
         (tmp / "edge-msd-demo-teacher.json").unlink()
@@ -392,26 +397,12 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
         t3 = time.perf_counter()
         history = train_heads(model.to(cfg.device), feats, states, masks, train.caption_image_index, cfg)
         t4 = time.perf_counter()
-        del states
-        # The folder carries its own HF config and tokenizer; hf_model_name "." names the folder itself,
-        # so a copied or moved teacher still loads (edge-msd resolves it against the folder).
-        for name in HF_FILES:
-            shutil.copy2(minilm_dir() / name, tmp / name)
-        atomic_write_json(tmp / "open_clip_config.json", model_config(cfg, "."))
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "open_clip_model.safetensors"))
-        save_config(cfg, tmp / "config.toml")
-        teacher = load_local_dir("demo", tmp, cfg.device)
-        metrics = evaluate(teacher, cfg.dataset, cfg.probe_images)
+        teacher = _save_teacher(tmp, model, cfg)
+        test_emb = _encode(teacher, test, test.captions)
+        metrics = evaluate(teacher, test, test_emb, cfg.probe_images)
         t5 = time.perf_counter()
-        timing = {
-            "build_s": t1 - t0,
-            "image_features_s": t2 - t1,
-            "text_features_s": t3 - t2,
-            "train_s": t4 - t3,
-            "eval_s": t5 - t4,
-            "total_s": t5 - t0,
-        }
+        timing = {"build_s": t1 - t0, "image_features_s": t2 - t1, "text_features_s": t3 - t2,
+                  "train_s": t4 - t3, "eval_s": t5 - t4, "total_s": t5 - t0}
         metrics.update(
             {
                 "train": {"n_images": train.n_images, "n_captions": train.n_captions, "epoch_loss": history},
@@ -430,7 +421,59 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
             image_size=cfg.image_size,
             context_length=cfg.context_length,
         )
+    if cfg.features:  # after the teacher folder is in place: a refused cache does not cost the fit
+        train_emb = train_embeddings(teacher, feats, states, train.captions, cfg.text_unlocked_layers)
+        for split, emb in ((train, train_emb), (test, test_emb)):
+            write_split_cache(teacher.id, split, emb, Path(cfg.features), force)
     return out
+
+
+def _save_teacher(folder: Path, model: torch.nn.Module, cfg: DemoTeacherConfig) -> Any:
+    """Write the open_clip folder (weights, config, HF text config and tokenizer); returns it loaded."""
+    from safetensors.torch import save_file
+
+    # The folder carries its own HF config and tokenizer; hf_model_name "." names the folder itself,
+    # so a copied or moved teacher still loads (edge-msd resolves it against the folder).
+    for name in HF_FILES:
+        shutil.copy2(minilm_dir() / name, folder / name)
+    atomic_write_json(folder / "open_clip_config.json", model_config(cfg, "."))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    save_config(cfg, folder / "config.toml")
+    return load_local_dir("demo", folder, cfg.device)
+
+
+@torch.inference_mode()
+def train_embeddings(
+    teacher: Any, feats: torch.Tensor, states: torch.Tensor, captions: list[str], unlocked_layers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's embeddings of the train split from the locked towers' cached outputs: what its
+    ``encode_image`` / ``encode_text`` give, without running the towers again. With unlocked text
+    layers the cached states are fp16, so the text side runs the whole text tower instead."""
+    model = teacher.model
+
+    def head(rows: torch.Tensor, proj: torch.nn.Module) -> np.ndarray:
+        out = [
+            F.normalize(proj(rows[s : s + BATCH].to(teacher.device)), dim=-1).float().cpu()
+            for s in range(0, len(rows), BATCH)
+        ]
+        return torch.cat(out).numpy()
+
+    img = head(feats, model.visual.head)
+    txt = _encode_texts(teacher, captions) if unlocked_layers else head(states, model.text.proj)
+    return img, txt
+
+
+def write_split_cache(
+    teacher_id: str, split: Any, embeddings: tuple[np.ndarray, np.ndarray], root: Path, force: bool
+) -> Path:
+    """The feature cache ``edge-msd features --teacher demo --split NAME`` writes, from ``embeddings``."""
+    from edge_msd.teachers.cache import write_feature_cache
+    from edge_msd.teachers.features_config import FeaturesConfig
+
+    out = root / split.split
+    cfg = FeaturesConfig(teacher="demo", data=split.spec, split=split.split, out=str(out), batch_size=BATCH)
+    return write_feature_cache(teacher_id, split, out, *embeddings, batch_size=BATCH, force=force, config=cfg)
 
 
 def _note_other_settings(out: Path, cfg: DemoTeacherConfig) -> None:
@@ -444,7 +487,7 @@ def _note_other_settings(out: Path, cfg: DemoTeacherConfig) -> None:
     diff = [
         f"{k} {built.get(k)!r} → {v!r}"
         for k, v in asked.items()
-        if k not in ("out", "device") and built.get(k) != v
+        if k not in ("out", "device", "features") and built.get(k) != v
     ]
     if diff:
         Console(stderr=True).print(

@@ -29,6 +29,12 @@ class DemoTeacherConfig:
     seed: int = field(0, help="seed for head init and batch order")
     probe_images: int = field(500, help="test images used for the attribute probe")
     device: str = field("cpu", help="torch device")
+    features: str | None = field(
+        None,
+        help="also write the feature caches of the train and test splits, which the fit runs the teacher "
+        "over anyway, into this root (one folder per split, as `edge-msd features --teacher demo` "
+        "writes them); empty: none",
+    )
 
     def validate(self) -> None:
         if self.proj not in ("linear", "mlp"):
