@@ -122,12 +122,42 @@ def _fake_quant_towers(
     return towers
 
 
+def _artifact_row(
+    target: str, variant: str, art: Path, s: Any, eval_set: tuple, cfg: QuantConfig
+) -> tuple[dict[str, Any], dict[str, Path], str | None]:
+    """One quantized artifact's recall row (its hashes verified before any file is loaded), its tower
+    files and the runtime that ran them (None: fake-quant torch)."""
+    images, tokens, cap_img = eval_set
+    manifest = read_manifest(art, kind=KIND)
+    verify_files(art, manifest)  # before any of its files is loaded
+    quantizer = quantizer_for(recipe_for_target(manifest["target"]))
+    files = {t: art / manifest["towers"][t]["file"] for t in TOWERS}
+    if quantizer.runtime:
+        emb = {"image": quantizer.run(files["image"], images.numpy()),
+               "text": quantizer.run(files["text"], tokens.numpy())}
+        how = quantizer.runtime
+    else:
+        towers = _fake_quant_towers(art, manifest, s, cfg)
+        emb = {"image": _torch_embed(towers["image"], images), "text": _torch_embed(towers["text"], tokens)}
+        how = "fake-quant torch"
+    row = {
+        "target": target,
+        "variant": variant,
+        "measured_with": how,
+        "artifact": str(art),
+        "size_bytes": sum(file_size(f) for f in files.values()),
+        "calibration": manifest["calibration"]["name"],
+        **_recall(emb["image"], emb["text"], cap_img),
+    }
+    return row, files, quantizer.runtime
+
+
 def quant_report(
     targets: list[str],
     *,
     student: str,
     calibration: str,
-    data: str = "demo-scenes",
+    data: str,
     out: str | Path = "runs/qat",
     split: str = "test",
     n_images: int = 200,
@@ -138,55 +168,23 @@ def quant_report(
 
     out = Path(out)
     s = load_student(student)
-    images, tokens, cap_img = eval_inputs(data, split, s, n_images)
+    images, tokens, cap_img = eval_set = eval_inputs(data, split, s, n_images)
     fp32 = {"image": _torch_embed(s.image, images), "text": _torch_embed(s.text, tokens)}
+    fp32_row = {"variant": "fp32", "measured_with": "torch fp32",
+                "size_bytes": sum(p.numel() * 4 for p in s.model.parameters()),
+                **_recall(fp32["image"], fp32["text"], cap_img)}
     rows: list[dict[str, Any]] = []
-    fp32_size = sum(p.numel() * 4 for p in s.model.parameters())
     latency: dict[str, Any] = {}
     for target in targets:
         timed: tuple[str, dict[str, Path]] | None = None
-        rows.append(
-            {
-                "target": target,
-                "variant": "fp32",
-                "measured_with": "torch fp32",
-                "size_bytes": fp32_size,
-                **_recall(fp32["image"], fp32["text"], cap_img),
-            }
-        )
+        rows.append({"target": target, **fp32_row})
+        cfg = QuantConfig(target=target, student=student, calibration=calibration, data=data)
         for variant, art in (("ptq", out / f"{target}-ptq"), ("qat", out / target)):
             if not (art / "manifest.json").is_file():
                 continue
-            manifest = read_manifest(art, kind=KIND)
-            verify_files(art, manifest)  # before any of its files is loaded
-            quantizer = quantizer_for(recipe_for_target(manifest["target"]))
-            files = {t: art / manifest["towers"][t]["file"] for t in TOWERS}
-            if quantizer.runtime:
-                emb = {
-                    "image": quantizer.run(files["image"], images.numpy()),
-                    "text": quantizer.run(files["text"], tokens.numpy()),
-                }
-                how = quantizer.runtime
-            else:
-                cfg = QuantConfig(target=target, student=student, calibration=calibration, data=data)
-                towers = _fake_quant_towers(art, manifest, s, cfg)
-                emb = {
-                    "image": _torch_embed(towers["image"], images),
-                    "text": _torch_embed(towers["text"], tokens),
-                }
-                how = "fake-quant torch"
-            rows.append(
-                {
-                    "target": target,
-                    "variant": variant,
-                    "measured_with": how,
-                    "artifact": str(art),
-                    "size_bytes": sum(file_size(f) for f in files.values()),
-                    "calibration": manifest["calibration"]["name"],
-                    **_recall(emb["image"], emb["text"], cap_img),
-                }
-            )
-            if quantizer.runtime == "litert":
+            row, files, runtime = _artifact_row(target, variant, art, s, eval_set, cfg)
+            rows.append(row)
+            if runtime == "litert":
                 timed = (variant, files)  # QAT is visited last: it wins when both exist
         if timed is not None:
             latency[target] = _tflite_latency(s, images, tokens, *timed, threads=threads)
