@@ -5,7 +5,8 @@
 The tool runs the same model file at the same batch and threads; its p50 (its mean where it prints no
 median) is parsed from its standard output and set next to ours, so that a user sees whether the
 harness agrees with the tool they trust. The tools feed random values, so only the image tower is
-compared (random integers are not token ids). Standard library only.
+compared (random integers are not token ids). ``benchmark_model --enable_op_profiling=true`` also gives
+LiteRT's per-op times, which its Python API cannot. Standard library only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from edge_msd.bench.placement import Op
 
 # runtime → its tools, preferred first; a dotted name is a Python module run with this interpreter
 TOOLS = {
@@ -77,6 +80,57 @@ def parse_perf_test(text: str) -> dict[str, float]:
     if m:
         out["p50_ms"] = float(m.group(1)) * 1000
     return out
+
+
+OP_PROFILE = "Operator-wise Profiling Info for Regular Benchmark Runs:"
+
+
+def parse_op_profile(text: str, delegate: str) -> list[Op]:
+    """The "Run Order" table that ``benchmark_model --enable_op_profiling=true`` prints after
+    ``Operator-wise Profiling Info for Regular Benchmark Runs:`` (TFLite's profile summarizer): a header
+    ``[node type] [start] [first] [avg ms] [%] [cdf%] [mem KB] [times called] [Name]`` (newer releases
+    drop ``[start]``), then one row per node, columns apart by tabs or two or more spaces, ending at a
+    blank line. Nodes a delegate ran are named ``Delegate/…`` (per-op profiling inside XNNPACK) or have a
+    ``…Delegate`` node type (one node per delegated partition); they are put on ``delegate``, the rest
+    on the interpreter's ``builtin kernels``. Cost: ``avg ms`` × ``times called``, ms per inference."""
+    start = text.find(OP_PROFILE)
+    if start < 0:
+        return []
+    head: list[str] | None = None
+    ops = []
+    for line in text[start:].splitlines()[1:]:
+        cells = [c.strip() for c in re.split(r"\t|\s{2,}", line.strip()) if c.strip()]
+        if head is None:
+            if cells[:1] == ["[node type]"]:
+                head = [c.strip("[]") for c in cells]
+            continue
+        if len(cells) != len(head):  # the blank line (or the next table) after the last row
+            break
+        row = dict(zip(head, cells, strict=True))
+        kind, name = row["node type"], row["Name"]
+        delegated = name.startswith("Delegate/") or "Delegate" in kind
+        cost = float(row["avg ms"]) * float(row["times called"])
+        ops.append(Op(name, kind, delegate if delegated else "builtin kernels", cost))
+    return ops
+
+
+def op_profile(model: Path, threads: int | None, options: dict[str, Any], delegate: str,
+               runs: int = 20, timeout_s: float = 300) -> list[Op] | str:
+    """LiteRT per-op times from ``benchmark_model --enable_op_profiling=true`` (a separate process: the
+    profiler slows every call), or why there are none."""
+    if shutil.which("benchmark_model") is None:
+        return ("LiteRT's Python API has no op profiler: per-op times need LiteRT's benchmark_model "
+                "on the PATH (built from LiteRT, or its prebuilt binary for the device)")
+    cmd = [*command("benchmark_model", model, 1, threads, runs, [], options), "--enable_op_profiling=true"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{' '.join(cmd)}: {e}"
+    ops = parse_op_profile(done.stdout + done.stderr, delegate)
+    if not ops:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return f"benchmark_model printed no op profile (exit {done.returncode}: {tail[0]})"
+    return ops
 
 
 PARSERS = {
