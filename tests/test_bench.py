@@ -630,6 +630,15 @@ def test_sustained_windows():
     assert out["power_mode"] == "MAXN" and out["complete"] and sum(w["n"] for w in out["windows"]) > 10
 
 
+def test_cli_tables_one_line_per_row_without_a_terminal():
+    """`edge-msd targets > log` from a job with no terminal: rich would wrap every cell at 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", "from edge_msd.cli import main; main()", "targets"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("│ coreml "))
+    assert "Core ML ML Program (iOS 17+), Neural Engine / GPU / CPU" in row
+
+
 def test_tables_markdown_when_piped_compact_when_narrow(monkeypatch):
     import io
 
