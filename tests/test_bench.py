@@ -886,7 +886,13 @@ def test_vendor_parsers_on_recorded_output():
         "mean_ms": 0.02,
         "n": 200,
         "p50_ms": 0.02,
+        "resolution_ms": 0.01,
     }
+    assert vendor.parse_benchmark_litert_model("garbage") == {}
+    # a tool that prints 0.10 ms cannot tell 0.0945 ms from its own time; a precise one can
+    assert vendor.agrees(0.0945, 0.10, 0.01) and not vendor.agrees(0.0945, 0.10)
+    assert not vendor.agrees(0.090, 0.10, 0.01) and vendor.agrees(0.104, 0.10)
+    assert not vendor.agrees(0.94, 1.0)
 
     assert vendor.parse_benchmark_model(BENCHMARK_MODEL_OUT) == pytest.approx(
         {"mean_ms": 63.7432, "n": 50, "p50_ms": 51.891}

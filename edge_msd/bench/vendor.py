@@ -51,14 +51,14 @@ def parse_benchmark_model(text: str) -> dict[str, float]:
 def parse_benchmark_litert_model(text: str) -> dict[str, float]:
     """ai-edge-litert's benchmark_litert_model.py prints ``Inference (avg):       0.02 ms (200 runs)``
     and ``Inference (median):    0.02 ms`` (two decimals: compare models slower than a few ms)."""
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"resolution_ms": 0.01}
     m = re.search(r"Inference \(avg\):\s*([\d.]+) ms \((\d+) runs\)", text)
     if m:
         out["mean_ms"], out["n"] = float(m.group(1)), int(m.group(2))
     m = re.search(r"Inference \(median\):\s*([\d.]+) ms", text)
     if m:
         out["p50_ms"] = float(m.group(1))
-    return out
+    return out if len(out) > 1 else {}
 
 
 def parse_trtexec(text: str) -> dict[str, float]:
@@ -218,5 +218,12 @@ def compare(
         "compared": stat,
         "ours_ms": ours[stat],
         "ratio": ratio,
-        "agrees": abs(ratio - 1) <= AGREE_WITHIN,
+        "agrees": agrees(ours[stat], parsed[f"{stat}_ms"], parsed.get("resolution_ms", 0.0)),
     }
+
+
+def agrees(ours_ms: float, tool_ms: float, resolution_ms: float = 0.0) -> bool:
+    """Within ``AGREE_WITHIN`` of the tool's time, which a tool that prints ``resolution_ms`` steps knows
+    only to half a step (0.10 ms printed: 0.095–0.105 ms)."""
+    low, high = tool_ms - resolution_ms / 2, tool_ms + resolution_ms / 2
+    return low * (1 - AGREE_WITHIN) <= ours_ms <= high * (1 + AGREE_WITHIN)
