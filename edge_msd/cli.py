@@ -5,6 +5,7 @@ Heavy imports (torch, open_clip, converters) happen inside the verbs so that ``-
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class _Group(click.Group):
             _fail(message)
 
 
+WIDTH_WITHOUT_TERMINAL = 240
+
+
 def _fail(message: str) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(2)
@@ -49,6 +53,9 @@ def main(verbose: bool) -> None:
     \b
     teacher ─▶ features ─▶ distill ─▶ qat ─▶ export ─▶ bundle ─▶ bench on device
     """
+    if "COLUMNS" not in os.environ and not any(os.isatty(fd) for fd in (0, 1, 2)):
+        # no terminal at all (a log file, CI): rich would wrap every table at 80 columns; one line per row
+        os.environ["COLUMNS"] = str(WIDTH_WITHOUT_TERMINAL)
 
 
 # ==== data, teachers, feature cache (issue 2) ==============================================

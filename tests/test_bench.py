@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,7 +288,7 @@ def test_coreml_backend_is_selected_for_mlpackages():  # pragma: no cover - on m
     assert runtimes.select_backend("auto", files) is runtimes.CoreMlBackend
 
 
-def test_litert_session_fp32_and_int8_io(tmp_path):
+def test_litert_session_fp32_and_int8_io(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     litert_torch = pytest.importorskip("litert_torch")
     if runtimes.LiteRtBackend.unavailable_reason():
@@ -301,6 +302,18 @@ def test_litert_session_fp32_and_int8_io(tmp_path):
     assert s.describe()["xnnpack"] is True
     p = s.placement(None, 0)  # Flatten + Linear: XNNPACK takes every op
     assert p["available"] and p["accelerator"] == "XNNPACK" and p["on_accelerator"] == p["ops"] > 0
+    if shutil.which("benchmark_model") is None:  # no per-op times here, and the report says why
+        assert p["op_times"]["available"] is False and "benchmark_model" in p["op_times"]["reason"]
+    log = tmp_path / "args.txt"  # a benchmark_model printing a real op profile: its times are the top-K
+    profile = (DATA / "benchmark_model_op_profile_xnnpack.txt").read_text()
+    _fake_tool(tmp_path / "bin", "benchmark_model", profile, log)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    p = s.placement(None, 0)
+    assert p["on_accelerator"] == p["ops"] > 0  # placement still from the interpreter's node list
+    assert p["op_times"] == {"available": True, "source": "benchmark_model --enable_op_profiling", "ops": 5}
+    assert p["slowest"][0]["op"] == "Convolution (NHWC, QC8) DWConv" and p["cost_unit"] == "ms"
+    args = log.read_text().split()
+    assert f"--graph={tmp_path / 'm.tflite'}" in args and "--enable_op_profiling=true" in args
     from edge_msd.bench import vendor  # ai-edge-litert ships Google's Python benchmark tool
 
     if vendor.find_tool("litert") == "ai_edge_litert.tools.benchmark_litert_model":
@@ -332,7 +345,7 @@ def test_litert_int8_quantize_and_dequantize():
         def get_tensor(self, i):
             return self.t[i]
 
-    s = runtimes.LiteRtSession(FakeInterp(), "fake", 1, True)
+    s = runtimes.LiteRtSession(FakeInterp(), "fake", 1, True, Path("m.tflite"))
     q = s.prepare(np.array([[0.0, 1.0, -100.0, 100.0]], np.float32))
     assert q.dtype == np.int8 and q.tolist() == [[-3, -1, -128, 127]]  # round(x/0.5) - 3, clipped
     np.testing.assert_allclose(s.run(q), (q.astype(np.float32) - 2) * 0.25)
@@ -617,6 +630,15 @@ def test_sustained_windows():
     assert out["power_mode"] == "MAXN" and out["complete"] and sum(w["n"] for w in out["windows"]) > 10
 
 
+def test_cli_tables_one_line_per_row_without_a_terminal():
+    """`edge-msd targets > log` from a job with no terminal: rich would wrap every cell at 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", "from edge_msd.cli import main; main()", "targets"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("│ coreml "))
+    assert "Core ML ML Program (iOS 17+), Neural Engine / GPU / CPU" in row
+
+
 def test_tables_markdown_when_piped_compact_when_narrow(monkeypatch):
     import io
 
@@ -822,6 +844,41 @@ Fully accelerated:     False
 """
 
 
+# benchmark_model --enable_op_profiling=true: real output as published in public GitHub repositories'
+# notes, trimmed to a few rows. _xnnpack: LiteRT's linux_x86-64 binary on an int8 EfficientDet-Lite0, with
+# XNNPACK's per-op profiling inside the delegate (no [start] column). _nnapi: an older release,
+# tab-separated with a [start] column, on DeepLabV3 with the NNAPI delegate (one TfLiteNnapiDelegate node
+# per delegated partition; the ops NNAPI refused run on the interpreter).
+DATA = Path(__file__).parent / "data"
+
+
+def test_benchmark_model_op_profile_parser():
+    from edge_msd.bench import vendor
+    from edge_msd.bench.placement import summarise
+
+    ops = vendor.parse_op_profile((DATA / "benchmark_model_op_profile_xnnpack.txt").read_text(), "XNNPACK")
+    assert len(ops) == 5  # the run-order table only, not the top-by-time table after it
+    assert ops[0] == ("[tfl.quantize]:0", "QUANTIZE", "builtin kernels", 0.203)
+    assert ops[2].op == "Convolution (NHWC, QC8) DWConv" and ops[2].device == "XNNPACK"
+    assert ops[2].cost == pytest.approx(0.051 * 13)  # avg ms per call × calls per inference
+    p = summarise(ops, "XNNPACK", "test")
+    assert p["on_accelerator"] == 4 and p["fallback_ops"] == {"QUANTIZE": 1}
+    assert [s["op"] for s in p["slowest"][:2]] == [
+        "Convolution (NHWC, QC8) DWConv",
+        "Convolution (NHWC, QC8) IGEMM",
+    ]
+    ops = vendor.parse_op_profile((DATA / "benchmark_model_op_profile_nnapi.txt").read_text(), "NNAPI")
+    assert [(o.op, o.device) for o in ops] == [
+        ("TfLiteNnapiDelegate", "NNAPI"),
+        ("AVERAGE_POOL_2D", "builtin kernels"),
+        ("RESIZE_BILINEAR", "builtin kernels"),
+        ("ARG_MAX", "builtin kernels"),
+    ]
+    assert ops[0].name == "[MobilenetV2/expanded_conv_16/project/add_fold, aspp0/Relu]:71"
+    assert ops[2].cost == pytest.approx(22.369)
+    assert vendor.parse_op_profile(BENCHMARK_MODEL_OUT, "XNNPACK") == []  # run without op profiling
+
+
 def test_vendor_parsers_on_recorded_output():
     from edge_msd.bench import vendor
 
@@ -829,7 +886,13 @@ def test_vendor_parsers_on_recorded_output():
         "mean_ms": 0.02,
         "n": 200,
         "p50_ms": 0.02,
+        "resolution_ms": 0.01,
     }
+    assert vendor.parse_benchmark_litert_model("garbage") == {}
+    # a tool that prints 0.10 ms cannot tell 0.0945 ms from its own time; a precise one can
+    assert vendor.agrees(0.0945, 0.10, 0.01) and not vendor.agrees(0.0945, 0.10)
+    assert not vendor.agrees(0.090, 0.10, 0.01) and vendor.agrees(0.104, 0.10)
+    assert not vendor.agrees(0.94, 1.0)
 
     assert vendor.parse_benchmark_model(BENCHMARK_MODEL_OUT) == pytest.approx(
         {"mean_ms": 63.7432, "n": 50, "p50_ms": 51.891}

@@ -145,6 +145,9 @@ def test_tensorrt_int8_bundle_is_qdq_onnx(tmp_path, student_dir, calibration):
         assert "QuantizeLinear" in {n.op_type for n in graph.node}
     assert m["parity"]["passed"] and m["quantization"]["recipe"]["name"] == "tensorrt-int8-qdq"
     assert m["quantization"]["towers"]["image"]["kept_float"]  # first/last layers stay float
+    # ... and export says which compute layers TensorRT will therefore build in fp16/fp32, not int8
+    (image,) = [w for w in m["delegate_warnings"] if w.startswith("jetson-orin image tower: int8:")]
+    assert "run in fp16/fp32" in image and "Conv×1" in image  # the kept-float patch embedding
 
 
 def test_tensorrt_rejects_unsupported_op(tmp_path):

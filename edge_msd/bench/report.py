@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_msd.artifacts import read_json
-from edge_msd.bench.placement import PLACEMENT_HEAD, placement_rows
+from edge_msd.bench.placement import PLACEMENT_HEAD, placement_notes, placement_rows
 from edge_msd.bench.tables import markdown, render
 from edge_msd.errors import ArtifactError
 
@@ -181,6 +181,8 @@ def format_table(report: dict[str, Any], style: str | None = None) -> str:
     for title, head, body in sections:
         if body:
             lines += ["", title, render(head, body, style)]
+            if head is PLACEMENT_HEAD:
+                lines += [f"  {note}" for note in placement_notes(report)]
     for tower, t in report.get("towers", {}).items():
         sus = t.get("sustained")
         if sus and sus.get("windows"):
@@ -325,6 +327,10 @@ def _per_run(reports: list[dict[str, Any]], make_rows: Any) -> list[list[str]]:
     return [[_run_name(r), *row] for r in reports for row in make_rows(r)]
 
 
+def note_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [[note] for note in placement_notes(report)]
+
+
 def recall_rows(report: dict[str, Any]) -> list[list[str]]:
     out = []
     for name, rec in (report.get("recall") or {}).items():
@@ -387,6 +393,7 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
         ("Runs", ["run", "CPU", "OS", "threads", "status", "file"], runs),
         ("Latency (ms) and throughput", ["run", *LATENCY_HEAD], _per_run(reports, latency_rows)),
         ("Op placement", ["run", *PLACEMENT_HEAD], _per_run(reports, placement_rows)),
+        ("Op placement notes", ["run", "note"], _per_run(reports, note_rows)),
         ("Cold start and the runtime's own memory", ["run", *COLD_HEAD], _per_run(reports, cold_rows)),
         ("Vendor tool beside the harness", ["run", *VENDOR_HEAD], _per_run(reports, vendor_rows)),
         (

@@ -149,6 +149,7 @@ class _Run:
                     for t in self.towers
                 },
                 "export_parity": man.get("parity"),
+                "delegate_warnings": man.get("delegate_warnings") or [],  # export-time, see delegation.py
                 # int8 bundles: how they were quantized (qat | ptq) and on which calibration set
                 "quantization": (man.get("quantization") or {}).get("method"),
                 "calibration": (man.get("calibration") or {}).get("name"),

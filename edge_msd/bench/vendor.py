@@ -5,7 +5,8 @@
 The tool runs the same model file at the same batch and threads; its p50 (its mean where it prints no
 median) is parsed from its standard output and set next to ours, so that a user sees whether the
 harness agrees with the tool they trust. The tools feed random values, so only the image tower is
-compared (random integers are not token ids). Standard library only.
+compared (random integers are not token ids). ``benchmark_model --enable_op_profiling=true`` also gives
+LiteRT's per-op times, which its Python API cannot. Standard library only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from edge_msd.bench.placement import Op
 
 # runtime → its tools, preferred first; a dotted name is a Python module run with this interpreter
 TOOLS = {
@@ -48,14 +51,14 @@ def parse_benchmark_model(text: str) -> dict[str, float]:
 def parse_benchmark_litert_model(text: str) -> dict[str, float]:
     """ai-edge-litert's benchmark_litert_model.py prints ``Inference (avg):       0.02 ms (200 runs)``
     and ``Inference (median):    0.02 ms`` (two decimals: compare models slower than a few ms)."""
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"resolution_ms": 0.01}
     m = re.search(r"Inference \(avg\):\s*([\d.]+) ms \((\d+) runs\)", text)
     if m:
         out["mean_ms"], out["n"] = float(m.group(1)), int(m.group(2))
     m = re.search(r"Inference \(median\):\s*([\d.]+) ms", text)
     if m:
         out["p50_ms"] = float(m.group(1))
-    return out
+    return out if len(out) > 1 else {}
 
 
 def parse_trtexec(text: str) -> dict[str, float]:
@@ -77,6 +80,57 @@ def parse_perf_test(text: str) -> dict[str, float]:
     if m:
         out["p50_ms"] = float(m.group(1)) * 1000
     return out
+
+
+OP_PROFILE = "Operator-wise Profiling Info for Regular Benchmark Runs:"
+
+
+def parse_op_profile(text: str, delegate: str) -> list[Op]:
+    """The "Run Order" table that ``benchmark_model --enable_op_profiling=true`` prints after
+    ``Operator-wise Profiling Info for Regular Benchmark Runs:`` (TFLite's profile summarizer): a header
+    ``[node type] [start] [first] [avg ms] [%] [cdf%] [mem KB] [times called] [Name]`` (newer releases
+    drop ``[start]``), then one row per node, columns apart by tabs or two or more spaces, ending at a
+    blank line. Nodes a delegate ran are named ``Delegate/…`` (per-op profiling inside XNNPACK) or have a
+    ``…Delegate`` node type (one node per delegated partition); they are put on ``delegate``, the rest
+    on the interpreter's ``builtin kernels``. Cost: ``avg ms`` × ``times called``, ms per inference."""
+    start = text.find(OP_PROFILE)
+    if start < 0:
+        return []
+    head: list[str] | None = None
+    ops = []
+    for line in text[start:].splitlines()[1:]:
+        cells = [c.strip() for c in re.split(r"\t|\s{2,}", line.strip()) if c.strip()]
+        if head is None:
+            if cells[:1] == ["[node type]"]:
+                head = [c.strip("[]") for c in cells]
+            continue
+        if len(cells) != len(head):  # the blank line (or the next table) after the last row
+            break
+        row = dict(zip(head, cells, strict=True))
+        kind, name = row["node type"], row["Name"]
+        delegated = name.startswith("Delegate/") or "Delegate" in kind
+        cost = float(row["avg ms"]) * float(row["times called"])
+        ops.append(Op(name, kind, delegate if delegated else "builtin kernels", cost))
+    return ops
+
+
+def op_profile(model: Path, threads: int | None, options: dict[str, Any], delegate: str,
+               runs: int = 20, timeout_s: float = 300) -> list[Op] | str:
+    """LiteRT per-op times from ``benchmark_model --enable_op_profiling=true`` (a separate process: the
+    profiler slows every call), or why there are none."""
+    if shutil.which("benchmark_model") is None:
+        return ("LiteRT's Python API has no op profiler: per-op times need LiteRT's benchmark_model "
+                "on the PATH (built from LiteRT, or its prebuilt binary for the device)")
+    cmd = [*command("benchmark_model", model, 1, threads, runs, [], options), "--enable_op_profiling=true"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{' '.join(cmd)}: {e}"
+    ops = parse_op_profile(done.stdout + done.stderr, delegate)
+    if not ops:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return f"benchmark_model printed no op profile (exit {done.returncode}: {tail[0]})"
+    return ops
 
 
 PARSERS = {
@@ -164,5 +218,12 @@ def compare(
         "compared": stat,
         "ours_ms": ours[stat],
         "ratio": ratio,
-        "agrees": abs(ratio - 1) <= AGREE_WITHIN,
+        "agrees": agrees(ours[stat], parsed[f"{stat}_ms"], parsed.get("resolution_ms", 0.0)),
     }
+
+
+def agrees(ours_ms: float, tool_ms: float, resolution_ms: float = 0.0) -> bool:
+    """Within ``AGREE_WITHIN`` of the tool's time, which a tool that prints ``resolution_ms`` steps knows
+    only to half a step (0.10 ms printed: 0.095–0.105 ms)."""
+    low, high = tool_ms - resolution_ms / 2, tool_ms + resolution_ms / 2
+    return low * (1 - AGREE_WITHIN) <= ours_ms <= high * (1 + AGREE_WITHIN)

@@ -199,6 +199,13 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
         parity = run_parity(exporter, models, tmp, student, probe, ref, profile.parity[precision])
         for entry in models.values():
             entry["size_bytes"] = file_size(tmp / entry["file"])
+        delegate_warnings: list[str] = []  # the bench report repeats them beside the placement it measures
+
+        def warn(line: str) -> None:
+            delegate_warnings.append(line)
+            console.print(f"warning: {line}", soft_wrap=True, markup=False)
+
+        delegate_check = exporter.check_graph(profile, models, tmp, warn)
         manifest = {
             "kind": KIND, "schema_version": SCHEMA, "producer": producer_info(),
             "config": asdict(cfg),
@@ -208,7 +215,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
             "parity": parity, "calibration": calibration, "quantization": quantization,
             "data": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint(),
                      "probe_images": len(probe["images"]), "eval_images": len(evalset["images"])},
-            "delegate_check": exporter.check_graph(profile, models, tmp, console.print),
+            "delegate_check": delegate_check, "delegate_warnings": delegate_warnings,
             "export_seconds": round(export_s, 2), "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         if parity.get("passed") is False and not cfg.allow_parity_fail:

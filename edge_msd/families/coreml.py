@@ -25,6 +25,7 @@ from torch import nn
 
 from edge_msd import __version__
 from edge_msd.config import TargetProfile
+from edge_msd.delegation import check_towers, coreml_findings
 from edge_msd.errors import ArtifactError, ConfigError, QuantError
 from edge_msd.families.common.base import (
     INPUT_NAMES,
@@ -364,6 +365,16 @@ class CoreMLFamily(Family):
         return {"file": rel, "format": self.format, "precision": precision,
                 "inputs": [io(spec.description.input[0], "NCHW" if tower == "image" else None)],
                 "outputs": [io(spec.description.output[0])], "coreml_check": check}
+
+    def check_graph(self, profile: TargetProfile, models: dict[str, dict], folder: Path, warn: Any) -> dict:
+        """What keeps each program off the Neural Engine, read from its spec (edge_msd.delegation)."""
+        import coremltools as ct
+
+        def find(entry: dict) -> list[str]:
+            spec = ct.models.MLModel(str(folder / entry["file"]), skip_model_load=True).get_spec()
+            return coreml_findings(spec, entry["coreml_check"]["ops"])
+
+        return {"delegate": "Neural Engine", **check_towers(profile.name, models, find, warn)}
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
         if platform.system() != "Darwin":

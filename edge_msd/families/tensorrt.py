@@ -20,6 +20,7 @@ from torch import nn
 
 from edge_msd.bench.integrity import ENGINES_JSON, check_bundle, engine_file, timing_cache_file
 from edge_msd.config import TargetProfile
+from edge_msd.delegation import TRT_MATRIX, check_towers, tensorrt_findings
 from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
 from edge_msd.families.common.base import ExportRequest
 from edge_msd.families.common.quantizer import (
@@ -231,6 +232,13 @@ class TensorRTFamily(OnnxFamily):
         entry["parity_runtime"] = "onnxruntime (the engine's source ONNX; fp16 is applied on the device)"
         entry["engine"] = {"file": engine_file(tower), "built_on_device": True}
         return entry
+
+    def check_graph(self, profile: TargetProfile, models: dict[str, dict], folder: Path, warn: Any) -> dict:
+        """What TensorRT's parser refuses or builds outside the requested precision (edge_msd.delegation)."""
+        def find(entry: dict) -> list[str]:
+            return tensorrt_findings(folder / entry["file"], entry["precision"])
+
+        return {"checked_against": TRT_MATRIX, **check_towers(profile.name, models, find, warn)}
 
 
 # ---- engine builder (runs on the Jetson) -----------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_msd.bench.placement import Op, summarise, unavailable
+from edge_msd.bench import vendor
+from edge_msd.bench.placement import Op, summarise, unavailable, with_op_times
 from edge_msd.bench.runtimes.base import Backend, RuntimeMissing, Session
 from edge_msd.delegation import DELEGATE_OP, executed_ops
 from edge_msd.errors import ConfigError
@@ -42,8 +44,9 @@ def _quant_params(detail: dict[str, Any]) -> tuple[float, int]:
 
 
 class LiteRtSession(Session):
-    def __init__(self, interp: Any, module: str, threads: int | None, xnnpack: bool):
+    def __init__(self, interp: Any, module: str, threads: int | None, xnnpack: bool, path: Path):
         self.interp = interp
+        self.path = path
         self.module = module
         self.threads = threads
         self.xnnpack = xnnpack
@@ -63,8 +66,8 @@ class LiteRtSession(Session):
         return np.ascontiguousarray(x, dtype=dtype)
 
     def placement(self, feed: Any, calls: int) -> dict[str, Any]:
-        """Ops taken by the XNNPACK delegate vs run by the interpreter's own kernels, from the node list
-        (LiteRT's Python API has no op profiler: per-op times come from benchmark_model)."""
+        """Ops taken by the XNNPACK delegate vs run by the interpreter's own kernels, from the node list;
+        per-op times from benchmark_model where it is installed (LiteRT's Python API has no op profiler)."""
         details = getattr(self.interp, "_get_ops_details", None)
         if details is None:
             return unavailable(f"{self.module} does not list its nodes (no _get_ops_details)")
@@ -76,7 +79,9 @@ class LiteRtSession(Session):
             for o in ops
             if o["op_name"] != DELEGATE_OP
         ]
-        return summarise(placed, accelerator, f"{self.module} node list")
+        summary = summarise(placed, accelerator, f"{self.module} node list")
+        timed = vendor.op_profile(self.path, self.threads, {"xnnpack": self.xnnpack}, accelerator)
+        return with_op_times(summary, timed, "benchmark_model --enable_op_profiling")
 
     def run(self, feed: np.ndarray) -> np.ndarray:
         self.interp.set_tensor(self.inp["index"], feed)
@@ -147,4 +152,4 @@ class LiteRtBackend(Backend):
                 )
             interp.resize_tensor_input(inp["index"], [batch, *[int(d) for d in inp["shape"][1:]]])
         interp.allocate_tensors()
-        return LiteRtSession(interp, mod, threads, xnnpack)
+        return LiteRtSession(interp, mod, threads, xnnpack, path)

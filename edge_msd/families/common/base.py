@@ -81,7 +81,7 @@ class Family(ABC):
 
     def check_graph(self, profile: TargetProfile, models: dict[str, dict], folder: Path, warn: Any) -> dict:
         """What the device's delegate will not take, per tower (``warn(line)`` for each finding); ``{}``
-        where the device decides at load time (TensorRT, Core ML)."""
+        where nothing is known without the device (ONNX Runtime's execution providers)."""
         return {}
 
     def runner(self, entry: dict, bundle_dir: Path) -> Runner | str:
