@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# module path of the table in the text tower; PT2E keeps its lookup out of activation quantization (an
+# int8 range over the gathered row scales would round the small ones away)
+TABLE = "token_embedding"
+
+
 def per_row_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: ``weight ≈ q * scale[:, None]``, q in [-127, 127]; (q, scale)."""
     w = weight.detach().float()
@@ -40,7 +45,7 @@ class Int8Embedding(nn.Module):
 def int8_token_embedding(tower: nn.Module) -> nn.Module:
     """``tower`` (changed in place: pass a copy) with its ``token_embedding`` as ``Int8Embedding``; a
     tower without that table (the image tower) is returned unchanged."""
-    table = getattr(tower, "token_embedding", None)
+    table = getattr(tower, TABLE, None)
     if isinstance(table, nn.Embedding):
-        tower.token_embedding = Int8Embedding(table)
+        setattr(tower, TABLE, Int8Embedding(table))
     return tower

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edge_msd.errors import QuantError
-from edge_msd.families.common.embedding import int8_token_embedding
+from edge_msd.families.common.embedding import TABLE, int8_token_embedding
 from edge_msd.families.common.quantizer import Quantizer, calibrate, matches
 
 
@@ -46,7 +46,7 @@ class PT2EQuantizer(Quantizer):
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
         from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
-        patterns = (*self.recipe.keep_float, *keep_float)
+        patterns = (*self.recipe.keep_float, *keep_float, TABLE)
         example = batches[0]
         tower = int8_token_embedding(copy.deepcopy(tower)).eval()
         batch = torch.export.Dim("batch", min=1, max=4096)
