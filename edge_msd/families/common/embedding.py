@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # module path of the table in the text tower; PT2E keeps its lookup out of activation quantization (an
 # int8 range over the gathered row scales would round the small ones away)
 TABLE = "token_embedding"
