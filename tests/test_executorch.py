@@ -72,6 +72,10 @@ def test_int8_pte_by_ptq_keeps_recall_of_fp32(tmp_path, student_dir, fp32_bundle
     d = m["models"]["image"]["delegation"]
     assert d["delegate"] == "xnnpack" and d["delegated_ops"] > 0
     assert m["models"]["image"]["precision"] == "int8"
+    # the token embedding: int8 rows and their scales gathered on the portable kernels, 3x+ below fp32
+    assert m["models"]["text"]["delegation"]["not_delegated"]["aten_embedding_default"] == 2
+    text = tmp_path / "int8" / m["models"]["text"]["file"]
+    assert text.stat().st_size * 3 < 49408 * 32 * 4
 
 
 def test_qat_hooks_train_and_freeze_then_lower(tmp_path, student_dir):

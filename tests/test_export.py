@@ -28,6 +28,8 @@ def student(student_dir):
 
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"  # real drawn scenes at the tiny student's size
+TABLE = [49408, 32]  # the tiny student's token-embedding table: int8 rows in every int8 bundle
+TABLE_FP32_BYTES = 49408 * 32 * 4
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,12 @@ def test_tflite_int8_bundle_from_quant_recipe(tmp_path, student_dir, calibration
     assert scale > 0 and -128 <= zero < 128
     assert m["models"]["text"]["inputs"][0]["dtype"] == "int32"
     assert m["parity"]["passed"] and m["parity"]["thresholds"] == {"min_cos": 0.90, "max_delta_r1": 10.0}
+    text = tmp_path / "tflite" / m["models"]["text"]["file"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    tables = [d for d in Interpreter(model_path=str(text)).get_tensor_details() if list(d["shape"]) == TABLE]
+    assert [np.dtype(d["dtype"]) for d in tables] == [np.int8]  # the token embedding, gathered as int8
+    assert text.stat().st_size * 3 < TABLE_FP32_BYTES
     assert m["calibration"]["sha256"] == load_calibration_set(calibration).sha256
     q = m["quantization"]
     assert q["method"] == "ptq" and q["recipe"]["name"] == "tflite-int8-pt2e" and q["artifact"] is None
@@ -143,6 +151,14 @@ def test_tensorrt_int8_bundle_is_qdq_onnx(tmp_path, student_dir, calibration):
         assert e["outputs"][0]["shape"] == [-1, 32]
         graph = onnx.load(str(tmp_path / "jetson" / e["file"])).graph
         assert "QuantizeLinear" in {n.op_type for n in graph.node}
+    text = tmp_path / "jetson" / m["models"]["text"]["file"]
+    graph = onnx.load(str(text)).graph
+    tables = {i.name: i for i in graph.initializer if list(i.dims) == TABLE}
+    assert [t.data_type for t in tables.values()] == [onnx.TensorProto.INT8]
+    dq = next(n for n in graph.node if n.input and n.input[0] in tables)
+    assert dq.op_type == "DequantizeLinear" and [a.i for a in dq.attribute if a.name == "axis"] == [0]
+    assert any(n.op_type == "Gather" and n.input[0] == dq.output[0] for n in graph.node)
+    assert text.stat().st_size * 3 < TABLE_FP32_BYTES
     assert m["parity"]["passed"] and m["quantization"]["recipe"]["name"] == "tensorrt-int8-qdq"
     assert m["quantization"]["towers"]["image"]["kept_float"]  # first/last layers stay float
     # ... and export says which compute layers TensorRT will therefore build in fp16/fp32, not int8
@@ -206,6 +222,10 @@ def test_coreml_int8_w8a8_bundle(tmp_path, student_dir, calibration):
         assert "constexpr_affine_dequantize" in ops  # int8 weights
         assert set(ops["layer_norm"]) == {"FLOAT32"}
     assert m["models"]["text"]["inputs"][0] == {"name": "tokens", "shape": [1, 16], "dtype": "int32"}
+    gathers = m["models"]["text"]["coreml_check"]["ops"]["gather"]  # int8 rows, then their float scales
+    assert gathers == {"INT8": 1, "FLOAT32": 1}
+    text = tmp_path / "coreml" / m["models"]["text"]["file"]
+    assert sum(f.stat().st_size for f in text.rglob("*") if f.is_file()) * 3 < TABLE_FP32_BYTES
     assert m["quantization"]["recipe"]["name"] == "coreml-w8a8" and m["calibration"]["n"] == 32
     assert m["parity"]["passed"] is None and m["parity"]["thresholds"]["min_cos"] == 0.95
 

@@ -193,6 +193,67 @@ def test_tflite_qat_folds_batchnorm_into_int8_convs(batches, tmp_path):
     assert cosine_to(ref, torch.from_numpy(run_tflite(path, batches[0][1].numpy()))) > 0.98
 
 
+class _ResidualCNN(nn.Module):
+    """conv-BN-ReLU stem, a residual block, pooling, projection and the L2 norm: the ops of edge-s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.block(x) + x
+        return nn.functional.normalize(self.proj(x.mean(dim=(2, 3))), dim=-1)
+
+
+def _float_ops(path: Path) -> list[str]:
+    """Op names of a .tflite whose first input tensor is float32, sorted."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
+    ops = interp._get_ops_details()
+    return sorted(o["op_name"] for o in ops if o["inputs"].size and dtypes[o["inputs"][0]] == np.float32)
+
+
+def test_tflite_residual_adds_run_in_int8(batches, tmp_path):
+    """The residual add is int8 in the LiteRT model: the only float ops left are the one DEQUANTIZE
+    after the int8 projection and the L2 norm (XNNPACK has no int8 reduction or divide for it)."""
+    torch.manual_seed(0)
+    tower = _ResidualCNN().eval()
+    quantizer = quantizer_for(family("tflite").recipe)
+    path = tmp_path / "res.tflite"
+    quantizer.write(quantizer.quantize(tower, batches[0]), batches[0][0][:1], path)
+    assert _float_ops(path) == ["DIV", "MAXIMUM", "MUL", "POW", "SUM"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    ops = [d["op_name"] for d in Interpreter(model_path=str(path))._get_ops_details()]
+    assert ops.count("ADD") == 1 and ops.count("DEQUANTIZE") == 1 and "QUANTIZE" not in ops, ops
+    out = torch.from_numpy(run_tflite(path, batches[0][1].numpy()))
+    assert cosine_to(tower(batches[0][1]).detach(), out) > 0.98
+
+
+def test_int8_token_embedding_rows_scale_and_lookup():
+    from edge_msd.families.common.embedding import Int8Embedding, int8_token_embedding
+
+    torch.manual_seed(0)
+    table = nn.Embedding(1000, 16)
+    with torch.no_grad():
+        table.weight[3] *= 100.0  # one loud row must not cost the other rows their precision
+    q = Int8Embedding(table)
+    assert q.weight_int8.dtype == torch.int8 and q.scale.shape == (1000, 1)
+    assert int(q.weight_int8.abs().amax(dim=1).min()) == 127  # each row uses the full int8 range
+    tokens = torch.tensor([[3, 5, 999, 0]], dtype=torch.int32)
+    ref = table(tokens.long()).detach()
+    got = q(tokens)
+    assert torch.all((got - ref).abs() <= q.scale[tokens.long()] / 2 + 1e-7)  # half a step per row
+    image = nn.Linear(2, 2)
+    assert int8_token_embedding(image) is image  # no table: unchanged
+
+
 def test_tensorrt_qdq_onnx_per_channel_runs_in_onnxruntime(towers, batches, tmp_path):
     quantizer = quantizer_for(family("tensorrt").recipe)
     image = towers[0]

@@ -1,9 +1,9 @@
 """fp32 vs PTQ vs QAT per target → runs/qat/quant_report.json + quant_report.md (the README table).
 
-    python tools/bench_quant.py --targets tflite,jetson,coreml [--student runs/distill/student]
+    python tools/bench_quant.py --targets tflite,jetson,coreml,executorch [--student runs/distill/student]
 
 Reads the artifacts `edge-msd ptq` / `edge-msd qat` left in runs/qat/<target>[-ptq]; each row says whether
-the target's runtime (LiteRT, ONNX Runtime) or the fake-quant torch model measured it.
+the target's runtime (LiteRT, ONNX Runtime, ExecuTorch) or the fake-quant torch model measured it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from edge_msd import paths
 
 
 @click.command()
-@click.option("--targets", default="tflite,jetson,coreml", show_default=True, help="comma-separated targets")
+@click.option(
+    "--targets", default="tflite,jetson,coreml,executorch", show_default=True, help="comma-separated targets"
+)
 @click.option(
     "--student", default=str(paths.DISTILL / "student"), show_default=True, help="fp32 student folder"
 )

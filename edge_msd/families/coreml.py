@@ -4,8 +4,9 @@ fp16 is the default, with the ops that overflow in fp16 (LayerNorm, softmax, the
 L2 norm: ``options.fp32_ops``) kept in fp32 through coremltools' op selector. The final L2 norm runs
 in fp32 end to end: ``reduce_l2_norm``, the clamp (``maximum``) and broadcast (``tile``) that
 ``F.normalize`` puts before the divide, and the divide; ``spec_check`` verifies it in the saved
-program. int8 (W8A8) programs come from the LinearQuantizer recipe below and are shipped with the
-same metadata and spec checks. Conversion and spec checks run on Linux; predictions need macOS
+program. int8 (W8A8) programs come from the LinearQuantizer recipe below (the token-embedding table int8 per
+row: an int8 ``gather`` and a gather of its row scales) and are shipped with the same metadata and spec
+checks. Conversion and spec checks run on Linux; predictions need macOS
 (libcoremlpython), so parity runs there only.
 """
 
@@ -39,6 +40,7 @@ from edge_msd.families.common.base import (
     run_batched,
     tower_module,
 )
+from edge_msd.families.common.embedding import int8_token_embedding
 from edge_msd.families.common.quantizer import (
     Quantizer,
     Recipe,
@@ -207,6 +209,7 @@ class CoreMLQuantizer(Quantizer):
         model._edge_msd_quantizers = {}  # type: ignore[assignment]  # layer name -> LinearQuantizer
         if _palette_bits(self.recipe.size_option):
             return model  # palettization is applied to the converted program's weights (see write)
+        int8_token_embedding(model)
         patterns = (*self.recipe.keep_float, *keep_float)
         names = [
             n

@@ -4,7 +4,8 @@ with a delegate's partitioner → ``to_executorch``.
 The delegate is the profile's ``options.delegate``: ``xnnpack`` (CPU, Android/Linux/iOS) or
 ``coreml`` (Apple; docs/adding-a-target.md records what it does on Linux). fp32 lowers the float
 towers; int8 is PT2E with the XNNPACK quantizer (int8 weights per channel, activations per tensor;
-QAT through the trainer hooks like the tflite family), lowered the same way. The I/O stays float32
+QAT through the trainer hooks like the tflite family; the token-embedding table int8 per row, gathered
+by the portable kernels), lowered the same way. The I/O stays float32
 images and int32 tokens. Every model entry records which share of the graph's ops the delegate took
 (``delegation``, from the lowered program's delegation info): ops it leaves run on ExecuTorch's
 portable CPU kernels.
@@ -12,7 +13,6 @@ portable CPU kernels.
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from edge_msd.families.common.base import (
     run_batched,
     tower_module,
 )
-from edge_msd.families.common.pt2e import PT2EQuantizer, converted, keep_float_filter
+from edge_msd.families.common.pt2e import PT2EQuantizer, converted, finite_inputs, keep_float_filter
 from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
 
 DELEGATES = ("xnnpack", "coreml")
@@ -110,20 +110,6 @@ def pte_runner(path: Path, batch: int) -> Runner:
     return lambda x: run_batched(run, x, batch)
 
 
-def _finite(node: Any) -> bool:
-    """False for ops fed by a constant holding ±inf (the text tower's causal attention mask, through a
-    dtype cast): the XNNPACK quantizer would give that add an int8 range, whose observer ignores inf, so
-    the mask would become 0 and the text tower would attend to future tokens."""
-    for arg in node.all_input_nodes:
-        while arg.op == "call_function" and len(arg.all_input_nodes) == 1:  # casts, views, copies
-            arg = arg.all_input_nodes[0]
-        if arg.op == "get_attr":
-            value = operator.attrgetter(arg.target)(node.graph.owning_module)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all():
-                return False
-    return True
-
-
 class XNNPACKInt8(PT2EQuantizer):
     suffix = ".pte"
     runtime = "executorch"
@@ -135,7 +121,7 @@ class XNNPACKInt8(PT2EQuantizer):
         )
 
         config = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, is_dynamic=dynamic)
-        keep = keep_float_filter(keep_float, _finite)
+        keep = keep_float_filter(keep_float, finite_inputs)
         return XNNPACKQuantizer().set_global(config).set_filter_function(keep)
 
     def write(self, prepared: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:

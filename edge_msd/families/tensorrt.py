@@ -3,7 +3,8 @@ engine builder that runs on the device (``edge-msd build-engine``; TensorRT ship
 
 fp32 and fp16 bundles hold the fp32 ONNX; TensorRT lowers it to fp16 while building the engine,
 keeping LayerNorm/Softmax in fp32 (``options.fp32_layers``). int8 bundles ship the explicit
-QuantizeLinear/DequantizeLinear ONNX of the modelopt recipe below (QAT or PTQ), checked
+QuantizeLinear/DequantizeLinear ONNX of the modelopt recipe below (QAT or PTQ), with the text tower's
+token-embedding table stored int8 per row behind a DequantizeLinear (``int8_gather_tables``), checked
 here like the float graph.
 """
 
@@ -23,6 +24,7 @@ from edge_msd.config import TargetProfile
 from edge_msd.delegation import TRT_MATRIX, check_towers, tensorrt_findings
 from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
 from edge_msd.families.common.base import ExportRequest
+from edge_msd.families.common.embedding import per_row_int8
 from edge_msd.families.common.quantizer import (
     Quantizer,
     Recipe,
@@ -32,7 +34,7 @@ from edge_msd.families.common.quantizer import (
     matches,
     quiet,
 )
-from edge_msd.families.onnx import OnnxFamily, export_onnx, onnx_opset, ort_runner
+from edge_msd.families.onnx import OnnxFamily, check_onnx, export_onnx, onnx_opset, ort_runner
 from edge_msd.students.towers import explicit_attention
 
 # ONNX ops the TensorRT 8.6/10 ONNX parser imports (onnx-tensorrt operators.md), those that matter here.
@@ -96,6 +98,35 @@ def check_tensorrt_onnx(path: Path, expect_qdq: bool) -> dict:
         raise ArtifactError(f"{path}: a float export holds {n_q} QuantizeLinear nodes")
     ops = sorted({n.op_type for n in graph.node})
     return {"opset": onnx_opset(model), "qdq_pairs": n_q, "ops": ops, "checked": True}
+
+
+def int8_gather_tables(path: Path, min_rows: int = 1024) -> list[str]:
+    """Store each large float table that a Gather reads (the token embedding) as int8 rows with one
+    scale per row, dequantized by a DequantizeLinear (axis 0, zero point 0: TensorRT's symmetric
+    per-channel IDequantizeLayer on a constant) that feeds the Gather; returns the tables' names."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = []
+    for node in [n for n in graph.node if n.op_type == "Gather"]:
+        table = inits.get(node.input[0])
+        if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
+            continue
+        if table.dims[0] < min_rows or table.name in done:
+            continue
+        q, scale = per_row_int8(torch.from_numpy(numpy_helper.to_array(table).copy()))
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(q.numpy(), f"{table.name}_int8"),
+                                  numpy_helper.from_array(scale.numpy(), f"{table.name}_scale")])
+        dq = helper.make_node("DequantizeLinear", [f"{table.name}_int8", f"{table.name}_scale"], [table.name],
+                              name=f"{table.name}_dequantize", axis=0)
+        graph.node.insert(0, dq)  # its inputs are initializers: first is a valid topological place
+        done.append(table.name)
+    onnx.save(model, str(path))
+    return done
 
 
 def resolved_outputs(path: Path, outputs: list[dict]) -> list[dict]:
@@ -193,6 +224,8 @@ class ModeloptQuantizer(Quantizer):
             out_dim = int(prepared(example).shape[-1])
         with quiet():  # the TorchScript exporter: the dynamo one cannot trace modelopt's quantizers
             export_onnx(prepared, example.numpy(), path, name, opset=17, dynamic_batch=True, dynamo=False)
+        int8_gather_tables(path)
+        check_onnx(path)
         return {
             "format": "onnx",
             "precision": "int8",

@@ -4,7 +4,10 @@ int8 models come from the PT2E recipe below (torchao PT2E with litert-torch's qu
 weights per channel, activations per tensor; dynamic-range as fallback), by QAT or PTQ on a
 calibration set. They take and return int8 tensors: the manifest records each int8 tensor's (scale,
 zero point), and the runner (and the device) quantize inputs / dequantize outputs with them. Token
-inputs stay int32. The graph check lists the ops the XNNPACK delegate leaves to the interpreter.
+inputs stay int32. The residual adds are int8 too (litert-torch's add annotator, once the adds carry
+the tag it looks for: ``tag_adds``); the final L2 norm stays float. The text tower's token-embedding
+table is int8 per row (``Int8Embedding``). The graph check lists the ops the XNNPACK delegate leaves to
+the interpreter.
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ from edge_msd.families.common.base import (
     run_batched,
     tower_module,
 )
-from edge_msd.families.common.pt2e import PT2EQuantizer, converted, keep_float_filter
+from edge_msd.families.common.pt2e import (
+    PT2EQuantizer,
+    converted,
+    finite_inputs,
+    keep_float_filter,
+    tag_adds,
+)
 from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
 
 NP_DTYPES = {np.float32: "float32", np.int8: "int8", np.int32: "int32", np.uint8: "uint8",
@@ -124,14 +133,16 @@ class LiteRTQuantizer(PT2EQuantizer):
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
         class _Quantizer(PT2EQuantizer):
-            """litert-torch's quantizer, except that nodes inside ``keep_float`` modules stay float."""
+            """litert-torch's quantizer, except that nodes inside ``keep_float`` modules and adds of an
+            infinite constant (the causal mask) stay float, and that residual adds are found."""
 
             # litert-torch 0.10's conv+BN QAT pattern export fails under torch 2.14 (it torch.export()s a
             # plain function); BN is folded into the convs before annotation instead (PT2EQuantizer).
             STATIC_QAT_ONLY_OPS: list[str] = []
 
             def _annotate_all_static_patterns(self, model, quantization_config, filter_fn=None):  # noqa: ANN001
-                keep = keep_float_filter(keep_float, filter_fn)
+                tag_adds(model)
+                keep = keep_float_filter(keep_float, lambda n: finite_inputs(n) and (filter_fn or bool)(n))
                 return super()._annotate_all_static_patterns(model, quantization_config, keep)
 
             def _annotate_all_dynamic_patterns(self, model, quantization_config, filter_fn=None):  # noqa: ANN001

@@ -1,8 +1,9 @@
 """fp32 vs PTQ vs QAT per target: Recall@1/5 both ways, model size, and (TFLite) int8/fp32 latency.
 
 Each row says what measured it: the target's runtime where it exists here (LiteRT interpreter for
-.tflite, ONNX Runtime for the Q/DQ ONNX) or the fake-quant torch model (Core ML, which predicts only on
-macOS). Quantized artifacts are read from ``runs/qat/<target>`` (QAT) and ``runs/qat/<target>-ptq``.
+.tflite, ONNX Runtime for the Q/DQ ONNX, ExecuTorch for the .pte) or the fake-quant torch model (Core
+ML, which predicts only on macOS), and each tower's size on disk. Quantized artifacts are read from
+``runs/qat/<target>`` (QAT) and ``runs/qat/<target>-ptq``.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def _artifact_row(
         "variant": variant,
         "measured_with": how,
         "artifact": str(art),
-        "size_bytes": sum(file_size(f) for f in files.values()),
+        "size_bytes": {t: file_size(f) for t, f in files.items()},
         "calibration": manifest["calibration"]["name"],
         **_recall(emb["image"], emb["text"], cap_img),
     }
@@ -171,7 +172,8 @@ def quant_report(
     images, tokens, cap_img = eval_set = eval_inputs(data, split, s, n_images)
     fp32 = {"image": _torch_embed(s.image, images), "text": _torch_embed(s.text, tokens)}
     fp32_row = {"variant": "fp32", "measured_with": "torch fp32",
-                "size_bytes": sum(p.numel() * 4 for p in s.model.parameters()),
+                "size_bytes": {t: sum(p.numel() * 4 for p in tower.parameters())
+                               for t, tower in (("image", s.image), ("text", s.text))},
                 **_recall(fp32["image"], fp32["text"], cap_img)}
     rows: list[dict[str, Any]] = []
     latency: dict[str, Any] = {}
@@ -208,14 +210,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"Retrieval on {report['data']} {report['split']} ({report['n_images']} images, "
         f"{report['n_texts']} captions), Recall in %:",
         "",
-        "| target | variant | measured with | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | mean R@1 | size MB |",
+        "| target | variant | measured with | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | mean R@1 "
+        "| image / text MB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['target']} | {r['variant']} | {r['measured_with']} | {r['i2t_R@1']:.1f} | "
             f"{r['i2t_R@5']:.1f} | {r['t2i_R@1']:.1f} | {r['t2i_R@5']:.1f} | {r['mean_R@1']:.1f} | "
-            f"{r['size_bytes'] / 1e6:.2f} |"
+            f"{r['size_bytes']['image'] / 1e6:.2f} / {r['size_bytes']['text'] / 1e6:.2f} |"
         )
     for target, lat in report["tflite_latency"].items():
         parts = ", ".join(

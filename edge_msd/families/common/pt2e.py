@@ -7,6 +7,7 @@ milestones and the simulated int8 graph are the same.
 from __future__ import annotations
 
 import copy
+import operator
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from edge_msd.errors import QuantError
+from edge_msd.families.common.embedding import TABLE, int8_token_embedding
 from edge_msd.families.common.quantizer import Quantizer, calibrate, matches
 
 
@@ -44,9 +46,9 @@ class PT2EQuantizer(Quantizer):
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
         from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
-        patterns = (*self.recipe.keep_float, *keep_float)
+        patterns = (*self.recipe.keep_float, *keep_float, TABLE)
         example = batches[0]
-        tower = copy.deepcopy(tower).eval()
+        tower = int8_token_embedding(copy.deepcopy(tower)).eval()
         batch = torch.export.Dim("batch", min=1, max=4096)
         try:
             gm = torch.export.export(tower, (example,), dynamic_shapes=({0: batch},)).module()
@@ -109,6 +111,29 @@ def keep_float_filter(keep_float: tuple[str, ...], filter_fn: Any = None) -> Any
         return filter_fn(node) if filter_fn is not None else True
 
     return accept
+
+
+def finite_inputs(node: Any) -> bool:
+    """False for ops fed by a constant holding ±inf (the text tower's causal attention mask, through a
+    dtype cast): an int8 add annotator would give that add an int8 range, whose observer ignores inf, so
+    the mask would become 0 and the text tower would attend to future tokens."""
+    for arg in node.all_input_nodes:
+        while arg.op == "call_function" and len(arg.all_input_nodes) == 1:  # casts, views, copies
+            arg = arg.all_input_nodes[0]
+        if arg.op == "get_attr":
+            value = operator.attrgetter(arg.target)(node.graph.owning_module)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all():
+                return False
+    return True
+
+
+def tag_adds(model: torch.fx.GraphModule) -> None:
+    """Record ``source_fn_stack`` on aten adds that lack it: litert-torch's add annotator finds adds by
+    that tag, which non-strict ``torch.export`` leaves empty, so the residual adds stayed float."""
+    for node in model.graph.nodes:
+        add = node.op == "call_function" and node.target == torch.ops.aten.add.Tensor
+        if add and not node.meta.get("source_fn_stack"):
+            node.meta["source_fn_stack"] = [(node.name, operator.add)]
 
 
 def converted(prepared: nn.Module, fold_quantize: bool = False) -> nn.Module:
