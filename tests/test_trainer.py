@@ -213,6 +213,17 @@ def test_schedule_covers_each_image_once_per_epoch_and_depends_on_step_only():
     assert all(np.array_equal(x, y) for x, y in zip((imgs, caps, cap_ids), again, strict=True))
 
 
+def test_training_batches_are_normalised_as_validation_normalises(features, tmp_path):
+    """The in-place normalisation of a training batch equals, bit for bit, the out-of-place one that
+    validation and eval apply to the same uint8 images."""
+    cfg = tiny_cfg(features, tmp_path / "n", augment=False)
+    run = trainer_mod.prepare_run(cfg, tmp_path / "n", torch.device("cpu"))
+    _, mean, std = run.data.preprocess
+    imgs = run.batches.schedule.step(3)[0]
+    expected = (run.data.train.images.get(imgs).float() / 255 - mean) / std
+    assert torch.equal(run.batches(3)[0], expected)
+
+
 def test_distill_config_replace_validates(features, tmp_path):
     cfg = tiny_cfg(features, tmp_path)
     with pytest.raises(ConfigError, match="divisible"):

@@ -97,12 +97,13 @@ class Batches:
     def __call__(self, gstep: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         imgs, caps, cap_img = self.schedule.step(gstep)
         rows, dev = self.rows, self.device
-        x = self.data.images.get(imgs[rows]).to(dev, non_blocking=True).float() / 255  # uint8 travels
+        # uint8 travels; then in place: one float batch per step, not one per operation.
+        x = self.data.images.get(imgs[rows]).to(dev, non_blocking=True).float().div_(255)
         if self.augment:
             # Drawn for the global batch, this rank's rows used: the same crops at any world size.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + gstep)
             x = augment(x, augment_params(self.micro, gen)[rows].to(dev))
-        x = (x - self.mean) / self.std
+        x = x.sub_(self.mean).div_(self.std)
         tokens = self.data.tokens[caps[rows.start * self.k : rows.stop * self.k]]
         return (
             x,
