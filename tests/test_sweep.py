@@ -90,6 +90,12 @@ def test_reports_cannot_be_mixed_with_training():
         SweepConfig(reports=["a.json"], presets=["edge-s"]).validate()
 
 
+def test_unknown_preset_is_refused_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
+    r = CliRunner().invoke(main, ["sweep", "--presets", "edge-xs,edge-q", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "error: field 'presets': unknown edge-q; known: edge-xs" in r.output
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> dict:
     """The verb on two presets, a few steps each, on tiny data with a stand-in teacher's feature cache."""

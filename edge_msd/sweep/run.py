@@ -47,8 +47,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
         settings: dict[str, Any] = {"source": "device reports", "reports": list(cfg.reports)}
         caption = f"{len(points)} device reports"
     else:
+        presets = _presets(cfg)
         base = distill_base(cfg)
-        presets = cfg.presets if cfg.presets is not None else ([] if cfg.students else _all_presets())
         candidates = [train_preset(cfg, base, p) for p in presets]
         candidates += [given_student(cfg, s) for s in cfg.students]
         for c in candidates:
@@ -68,10 +68,18 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
     return written
 
 
-def _all_presets() -> list[str]:
+def _presets(cfg: SweepConfig) -> list[str]:
+    """The presets to train: as given (all known, checked before any training), else every preset
+    unless students were given."""
     from edge_msd.students.presets import list_presets
 
-    return list_presets()
+    known = list_presets()
+    if cfg.presets is None:
+        return [] if cfg.students else known
+    unknown = [p for p in cfg.presets if p not in known]
+    if unknown:
+        raise ConfigError(f"field 'presets': unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    return list(cfg.presets)
 
 
 def distill_base(cfg: SweepConfig) -> DistillConfig:
