@@ -135,10 +135,12 @@ from edge_msd.distill.config import DistillConfig, EvalConfig  # noqa: E402  (to
 
 @main.command("students")
 def students_cmd() -> None:
-    """List the student presets: params and FLOPs per tower, resolution, context length."""
+    """List the student presets: params and FLOPs per tower, resolution, context length (`edge-msd sweep`
+    trains them and plots their recall against measured latency)."""
     from edge_msd.students.presets import print_presets_table
 
     print_presets_table()
+    click.echo("to choose one by recall and measured latency: edge-msd sweep (trains, exports, benchmarks)")
 
 
 @main.command("distill")
@@ -379,6 +381,20 @@ def demo_cmd(cfg: DemoConfig) -> None:
     from edge_msd.pipeline import run_demo
 
     run_demo(cfg)
+
+
+from edge_msd.sweep.config import SweepConfig  # noqa: E402  (torch-free)
+
+
+@main.command("sweep")
+@config_command(SweepConfig, section="sweep")
+def sweep_cmd(cfg: SweepConfig) -> None:
+    """Choose a student by accuracy and latency: train (or reuse) each preset, export and benchmark it on
+    this host, then plot mean R@1 against p50 latency with the Pareto front marked
+    (sweep.{png,json,md}); or plot device bench reports (--reports). Finished presets are skipped."""
+    from edge_msd.sweep.run import run_sweep
+
+    run_sweep(cfg)
 
 
 if __name__ == "__main__":

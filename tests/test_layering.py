@@ -30,6 +30,7 @@ STAGES = {
     "edge_msd.export": 6,
     "edge_msd.bench": 7,
     "edge_msd.pipeline": 8,  # orchestration: chains the stages
+    "edge_msd.sweep": 8,  # trains, exports and benchmarks several students
     "edge_msd.cli": 8,
 }
 

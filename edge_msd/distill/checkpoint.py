@@ -119,7 +119,7 @@ def prepare_out(cfg: DistillConfig, out: Path, rank: int) -> None:
         if not ckpt.is_file():
             raise ArtifactError(f"--resume: no checkpoint at {ckpt}")
         before = json.loads(saved_cfg.read_text(encoding="utf-8")) if saved_cfg.is_file() else None
-        now = _run_identity(cfg)
+        now = run_identity(cfg)
         if before is not None and before != now:
             diff = sorted(k for k in now if before.get(k) != now[k])
             raise ConfigError(
@@ -134,11 +134,11 @@ def prepare_out(cfg: DistillConfig, out: Path, rank: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / CKPT_DIR / LAST, out / CKPT_DIR / BEST, out / METRICS):
         stale.unlink(missing_ok=True)
-    atomic_write_json(saved_cfg, _run_identity(cfg))
+    atomic_write_json(saved_cfg, run_identity(cfg))
     save_config(cfg, out / "config.toml")
 
 
-def _run_identity(cfg: DistillConfig) -> dict[str, Any]:
+def run_identity(cfg: DistillConfig) -> dict[str, Any]:
     """The settings a resumed run must share (not resume/force/workers/progress-only knobs)."""
     d = config_to_dict(cfg)
     for k in ("resume", "force", "num_workers", "predecode_mb", "out"):
