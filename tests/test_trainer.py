@@ -15,13 +15,14 @@ from edge_msd.config import build_config
 from edge_msd.data import open_dataset
 from edge_msd.distill import trainer as trainer_mod
 from edge_msd.distill.config import KNOWN_LOSSES, DistillConfig
+from edge_msd.distill.ema import student_ema, warmed_decay
 from edge_msd.distill.images import ImageStore
 from edge_msd.distill.losses import LOSS_NAMES
 from edge_msd.distill.run import evaluate_model, write_eval
 from edge_msd.distill.schedule import Schedule
 from edge_msd.distill.trainer import train
 from edge_msd.errors import ArtifactError, BadSampleError, ConfigError
-from edge_msd.students import load_student
+from edge_msd.students import create_student, load_student
 from edge_msd.teachers.cache import build_feature_cache
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
@@ -119,9 +120,10 @@ def test_tiny_run_writes_student_metrics_plot_eval(features, tmp_path):
     assert metrics["i2t"]["R@1"] == pytest.approx(saved["student"]["i2t"]["R@1"])
 
 
-@pytest.mark.parametrize("preset", ["edge-xs", "edge-s"])  # edge-s: BatchNorm statistics resume too
-def test_resume_ends_with_same_weights(features, tmp_path, preset):
-    full = train(tiny_cfg(features, tmp_path / "a", preset=preset), progress=False)
+# edge-s: BatchNorm statistics resume too; ema_decay: the weight average resumes too
+@pytest.mark.parametrize("preset,ema_decay", [("edge-xs", 0.0), ("edge-s", 0.0), ("edge-s", 0.9)])
+def test_resume_ends_with_same_weights(features, tmp_path, preset, ema_decay):
+    full = train(tiny_cfg(features, tmp_path / "a", preset=preset, ema_decay=ema_decay), progress=False)
 
     class Killed(Exception):
         pass
@@ -131,14 +133,69 @@ def test_resume_ends_with_same_weights(features, tmp_path, preset):
             raise Killed  # after the step-2 checkpoint, mid-epoch: step 3 is lost and redone
 
     with pytest.raises(Killed):
-        train(tiny_cfg(features, tmp_path / "b", preset=preset), on_step=kill_at_3, progress=False)
-    resumed = train(tiny_cfg(features, tmp_path / "b", preset=preset, resume=True), progress=False)
+        train(tiny_cfg(features, tmp_path / "b", preset=preset, ema_decay=ema_decay), on_step=kill_at_3,
+              progress=False)
+    resumed = train(tiny_cfg(features, tmp_path / "b", preset=preset, ema_decay=ema_decay, resume=True),
+                    progress=False)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    last_a, last_b = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True) for r in "ab")
+    assert last_a["ema"].keys() == last_b["ema"].keys() and bool(last_a["ema"]) == (ema_decay > 0)
+    assert all(torch.equal(last_a["ema"][k], last_b["ema"][k]) for k in last_a["ema"])
     ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(x).items() if k != "samples_per_s"} for x in ma]
     assert strip == [{k: v for k, v in json.loads(x).items() if k != "samples_per_s"} for x in mb]
+
+
+def test_ema_weights_follow_the_warmed_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = student_ema(model, decay=0.25)
+    history = []
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(step + 1))
+        model(torch.randn(5, 3))  # moves BatchNorm's running statistics
+        history.append({k: v.clone() for k, v in model.state_dict().items()})
+        ema.update_parameters(model)
+    # update 1 copies; update n + 1 keeps min(0.25, (1 + n) / (10 + n)) of the average
+    assert [warmed_decay(0.25, n) for n in (1, 2, 3)] == [2 / 11, 0.25, 0.25]
+    for name in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
+        expected = history[0][name]
+        for n, state in enumerate(history[1:], start=1):
+            d = warmed_decay(0.25, n)
+            expected = d * expected + (1 - d) * state[name]
+        assert torch.allclose(ema.module.state_dict()[name], expected, atol=1e-6), name
+    assert not torch.allclose(ema.module[0].weight, model[0].weight)
+
+
+def test_ema_model_embeds_like_a_model_loaded_with_its_weights():
+    """Buffers outside the state dict (the text tower's -inf causal mask) must stay intact."""
+    model = create_student("edge-xs", embed_dim=16)
+    ema = student_ema(model, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.01)
+        ema.update_parameters(model)
+    loaded = create_student("edge-xs", embed_dim=16)
+    loaded.load_state_dict(ema.module.state_dict())
+    tokens = torch.randint(1, 1000, (4, 32))
+    ema.module.eval(), loaded.eval()
+    with torch.no_grad():
+        out, expected = ema.module.encode_text(tokens), loaded.encode_text(tokens)
+    assert torch.isfinite(out).all() and torch.allclose(out, expected)
+
+
+def test_ema_run_saves_the_averaged_weights(features, tmp_path):
+    res = train(tiny_cfg(features, tmp_path / "e", ema_decay=0.9, val_split=None), progress=False)
+    last = torch.load(tmp_path / "e" / "checkpoints" / "last.pt", weights_only=True)
+    saved = load_student(tmp_path / "e" / "student").model.state_dict()
+    ema_weights = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(saved[k], ema_weights[k]) for k in saved)
+    assert any(not torch.equal(saved[k], last["model"][k]) for k in saved)  # not the raw weights
+    assert res.model.state_dict().keys() == saved.keys()
 
 
 def test_existing_run_needs_resume_or_force(features, tmp_path):
@@ -200,6 +257,8 @@ def test_bad_config_errors(features, tmp_path):
         tiny_cfg(features, tmp_path / "p", losses=["contrastive", "focal"])
     with pytest.raises(ConfigError, match="queue_size 4 cannot take a batch of 8"):
         train(tiny_cfg(features, tmp_path / "p", queue_size=4), progress=False)
+    with pytest.raises(ConfigError, match="field 'ema_decay': expected 0 .* got 1.0"):
+        tiny_cfg(features, tmp_path / "p", ema_decay=1.0)
 
 
 def test_schedule_covers_each_image_once_per_epoch_and_depends_on_step_only():

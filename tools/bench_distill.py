@@ -2,7 +2,7 @@
 
     python tools/bench_distill.py latency   [--teacher demo] [--preset edge-s | --student DIR]
     python tools/bench_distill.py throughput [--steps 30] [--rounds 3] [--threads 1]
-    python tools/bench_distill.py ablation  [--steps 600] [--out runs/ablation]
+    python tools/bench_distill.py ablation  [--steps 600] [--seeds 0,1,2] [--only 0,2] [--out runs/ablation]
     python tools/bench_distill.py all
 
 Everything runs in one process so that ratios are measured side by side on the same machine state:
@@ -246,8 +246,12 @@ def throughput(cfg: DistillConfig, steps: int, rounds: int, threads: int, out: P
 
 
 ABLATIONS = [
-    ("all four, dynamic balancer", {}),
-    ("all four, fixed equal weights", {"balancer": "fixed"}),
+    ("defaults (all four DSMD losses, dynamic balancer)", {}),
+    ("contrastive + hard_negative only", {"losses": ["contrastive", "hard_negative"]}),
+    ("contrastive + hard_negative, EMA 0.99",
+     {"losses": ["contrastive", "hard_negative"], "ema_decay": 0.99}),
+    ("+ EMA 0.99", {"ema_decay": 0.99}),
+    ("fixed equal weights", {"balancer": "fixed"}),
     ("without contrastive", {"losses": ["feature", "similarity", "hard_negative"]}),
     ("without feature", {"losses": ["contrastive", "similarity", "hard_negative"]}),
     ("without similarity", {"losses": ["contrastive", "feature", "hard_negative"]}),
@@ -255,29 +259,41 @@ ABLATIONS = [
 ]
 
 
-def _recall_cells(r: dict[str, Any]) -> str:
-    """i2t R@1 | t2i R@1 | mean R@1 | R-sum of one eval.json model entry."""
-    return f"{r['i2t']['R@1']:.1f} | {r['t2i']['R@1']:.1f} | {r['mean_R@1']:.1f} | {r['rsum']:.1f}"
+def _spread(values: list[float]) -> str:
+    """'x' for one value, 'mean ± half the range' for several."""
+    mean = statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
-def ablation(cfg: DistillConfig, steps: int, out: Path, only: list[str] | None) -> str:
+def _recall_cells(reports: list[dict[str, Any]]) -> str:
+    """i2t R@1 | t2i R@1 | mean R@1 | R-sum over the runs' eval.json model entries."""
+    return " | ".join(_spread([r[k] if k in ("mean_R@1", "rsum") else r[k]["R@1"] for r in reports])
+                      for k in ("i2t", "t2i", "mean_R@1", "rsum"))
+
+
+def ablation(cfg: DistillConfig, steps: int, out: Path, only: list[str] | None, seeds: list[int]) -> str:
+    """Each row trained once per seed from the defaults with the row's changes; mean ± half the range."""
     lines = [
-        f"### Ablation ({cfg.preset}, {steps} steps, batch {cfg.batch_size}, seed {cfg.seed}, "
-        f"test split of {cfg.data})",
+        f"### Ablation ({cfg.preset}, {steps} steps, batch {cfg.batch_size}, seeds "
+        f"{', '.join(map(str, seeds))}, test split of {cfg.data}; mean ± half the range over seeds)",
         "",
-        "| setting | i2t R@1 | t2i R@1 | mean R@1 | R-sum | kept of teacher |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| setting | i2t R@1 | t2i R@1 | mean R@1 | R-sum | kept of teacher | mean R@1 per seed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     teacher_line = None
     for i, (name, kw) in enumerate(ABLATIONS):
         if only and str(i) not in only:
             continue
-        run = replace(cfg, steps=steps, out=str(out / f"a{i}"), force=True, **kw)
-        run.validate()
-        report = write_eval(run, train(run, progress=False))
-        s, t = report["student"], report["teacher"]
-        teacher_line = f"| teacher | {_recall_cells(t)} | 100% |"
-        lines.append(f"| {name} | {_recall_cells(s)} | {100 * s['mean_R@1'] / t['mean_R@1']:.0f}% |")
+        reports = []
+        for seed in seeds:
+            run = replace(cfg, steps=steps, seed=seed, out=str(out / f"a{i}-s{seed}"), force=True, **kw)
+            run.validate()
+            reports.append(write_eval(run, train(run, progress=False)))
+        s, t = [r["student"] for r in reports], reports[0]["teacher"]
+        kept = statistics.fmean(x["mean_R@1"] for x in s) / t["mean_R@1"]
+        teacher_line = f"| teacher | {_recall_cells([t])} | 100% | |"
+        per_seed = ", ".join(f"{x['mean_R@1']:.1f}" for x in s)
+        lines.append(f"| {name} | {_recall_cells(s)} | {100 * kept:.0f}% | {per_seed} |")
         click.echo(lines[-1], err=True)
     if teacher_line:
         lines.insert(4, teacher_line)
@@ -299,6 +315,7 @@ def ablation(cfg: DistillConfig, steps: int, out: Path, only: list[str] | None) 
     help="throughput: torch threads (1 is steadier on a machine others share)",
 )
 @click.option("--only", default=None, help="ablation rows to run, comma-separated indices")
+@click.option("--seeds", default="0", show_default=True, help="ablation: seeds per row, comma-separated")
 @click.option("--out", default="runs/bench_distill", show_default=True)
 @click.option("--features", default=None, help="feature-cache root [default: DistillConfig's]")
 @click.option("--md", "md_file", default=None, help="also write the Markdown here")
@@ -312,6 +329,7 @@ def cli(
     rounds: int,
     threads: int,
     only: str | None,
+    seeds: str,
     out: str,
     features: str | None,
     md_file: str | None,
@@ -326,7 +344,8 @@ def cli(
     if what in ("throughput", "all"):
         parts.append(throughput(cfg, steps or 30, rounds, threads, Path(out) / "throughput"))
     if what in ("ablation", "all"):
-        parts.append(ablation(cfg, steps or cfg.steps, Path(out), only.split(",") if only else None))
+        rows = only.split(",") if only else None
+        parts.append(ablation(cfg, steps or cfg.steps, Path(out), rows, [int(x) for x in seeds.split(",")]))
     text = "\n".join(parts)
     click.echo(text)
     if md_file:

@@ -85,13 +85,15 @@ def student_source(args: argparse.Namespace) -> StudentSource:
     if args.preset:
         import torch
 
+        from edge_msd.lineage import DEMO_DATA
         from edge_msd.students import create_student, save_student
 
         root = paths.BENCH / f"random-{args.preset}"
         folder = root / "student"
-        if not (folder / "manifest.json").is_file():
-            torch.manual_seed(0)
-            save_student(create_student(args.preset), folder, args.preset)
+        # Saved afresh each time (seed 0: the same bytes, so the export is reused) so that an edited
+        # preset is never timed from a stale folder; the data spec names the images to time with.
+        torch.manual_seed(0)
+        save_student(create_student(args.preset), folder, args.preset, extra_manifest={"data": DEMO_DATA})
         return StudentSource(export_student(folder, root / "onnx"), folder, random=True)
     bundle_dir = Path(args.bundle)
     if (bundle_dir / "manifest.json").is_file():

@@ -61,6 +61,11 @@ class DistillConfig:
         help="light augmentation: random zoom-in crop (no flips, no colour jitter); off by default: "
         "the crop changes size and position, which the demo's captions name (it cost ~3 points kept)",
     )
+    ema_decay: float = field(
+        0.0,
+        help="EMA of the student's weights with this decay (warmed up); the EMA model is validated "
+        "and saved; 0: off",
+    )
     eval_every: int = field(50, help="validate every N steps (and at the end)")
     ckpt_every: int = field(50, help="checkpoint every N steps (and at the end)")
     max_bad_steps: int = field(20, help="stop with an error after this many non-finite steps in a row")
@@ -113,6 +118,8 @@ class DistillConfig:
                 "fields 'lr' > 0, 0 <= 'min_lr_ratio' <= 1, 'grad_clip' >= 0 and "
                 "'weight_decay' >= 0 are required"
             )
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"field 'ema_decay': expected 0 (off) or in (0, 1), got {self.ema_decay}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ConfigError(f"field 'embed_dim': expected a positive integer, got {self.embed_dim}")
 

@@ -67,6 +67,7 @@ from edge_msd.distill.dist import (
     rank_world,
     sync_batchnorm,
 )
+from edge_msd.distill.ema import student_ema
 from edge_msd.distill.images import console, progress_bar, split_preprocess
 from edge_msd.distill.losses import LOSS_NAMES, LossConfig, distill_losses
 from edge_msd.distill.queue import TeacherQueue
@@ -236,6 +237,7 @@ class _Run:
     loss_cfg: LossConfig
     batches: Batches
     data: _Data
+    ema: nn.Module | None = None  # AveragedModel of ``model`` when cfg.ema_decay > 0
     state: dict[str, Any] = field(
         default_factory=lambda: {"step": 0, "skipped": 0, "bad_in_row": 0, "best_rsum": None, "samples": 0}
     )
@@ -245,7 +247,11 @@ class _Run:
     def parts(self) -> dict[str, Any]:
         """What ``last.pt`` holds besides the RNG and ``state``."""
         return {"model": self.model, "adaptor": self.adaptor, "balancer": self.balancer, "queue": self.queue,
-                "optimizer": self.optimizer}
+                "optimizer": self.optimizer, "ema": self.ema}
+
+    def eval_model(self) -> nn.Module:
+        """The model that is validated and saved: the EMA of the weights when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def trainable(self) -> list[nn.Parameter]:
         modules = (self.model, self.adaptor, self.balancer)
@@ -322,8 +328,9 @@ def _setup(
     )
     _, mean, std = data.preprocess
     batches = Batches(cfg, data.train, micro, mean, std, device)
+    ema = student_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     return _Run(
-        cfg, out, device, model, adaptor, forward, balancer, queue, optimizer, loss_cfg, batches, data
+        cfg, out, device, model, adaptor, forward, balancer, queue, optimizer, loss_cfg, batches, data, ema
     )
 
 
@@ -384,6 +391,8 @@ def _step(run: _Run) -> dict[str, Any]:
     if ok:
         run.optimizer.step()
         average_batchnorm_stats(run.model)
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
         state["bad_in_row"] = 0
     else:
         _skip(run, step, logged)
@@ -453,7 +462,7 @@ def _validate_and_checkpoint(run: _Run, metrics_f: IO[str] | None) -> None:
     last = state["step"] == cfg.steps
     if run.data.val is not None and (state["step"] % cfg.eval_every == 0 or last):
         _, mean, std = run.data.preprocess
-        run.val = validate(run.model, run.data.val, mean, std, run.device)
+        run.val = validate(run.eval_model(), run.data.val, mean, std, run.device)
         rsum = run.val["rsum"]
         if rank == 0:
             rec = {"step": state["step"], "val": run.val}
@@ -463,7 +472,7 @@ def _validate_and_checkpoint(run: _Run, metrics_f: IO[str] | None) -> None:
         if state["best_rsum"] is None or rsum > state["best_rsum"]:
             state["best_rsum"] = rsum
             if rank == 0:
-                best = {"model": run.model.state_dict(), "step": state["step"], "val": run.val}
+                best = {"model": run.eval_model().state_dict(), "step": state["step"], "val": run.val}
                 save_torch(ckpt_dir / BEST, best)
     if (state["step"] % cfg.ckpt_every == 0 or last) and rank == 0:
         save_last(ckpt_dir / LAST, run.parts(), state)
@@ -473,6 +482,8 @@ def _finish(run: _Run, save: bool) -> TrainResult:
     """Back to the best validation weights, the plot, and (``save``) the student folder."""
     cfg, state, out, data = run.cfg, run.state, run.out, run.data
     best_path = out / CKPT_DIR / BEST
+    if run.ema is not None:
+        run.model.load_state_dict(run.ema.module.state_dict())
     if data.val is not None and is_distributed():
         dist.barrier()  # rank 0 has written best.pt
     if data.val is not None and best_path.is_file():
