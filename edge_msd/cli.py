@@ -58,7 +58,7 @@ def main(verbose: bool) -> None:
         os.environ["COLUMNS"] = str(WIDTH_WITHOUT_TERMINAL)
 
 
-# ==== data, teachers, feature cache (issue 2) ==============================================
+# ==== data, teachers, feature cache ===============================================
 
 from edge_msd.config import config_command  # noqa: E402
 from edge_msd.teachers.features_config import FeaturesConfig  # noqa: E402
@@ -128,7 +128,7 @@ def teacher_info_cmd(spec: str, device: str) -> None:
     print_teacher_info(spec, device)
 
 
-# ==== students, distillation, evaluation (issue 3) =========================================
+# ==== students, distillation, evaluation ==========================================
 
 from edge_msd.distill.config import DistillConfig, EvalConfig  # noqa: E402  (torch-free)
 
@@ -168,7 +168,7 @@ def eval_cmd(cfg: EvalConfig) -> None:
         atomic_write_json(cfg.json, result)
 
 
-# ==== quantization, calibration (issue 5) ==================================================
+# ==== quantization, calibration ===================================================
 from edge_msd.quant.config import CalibrateConfig, QuantConfig  # noqa: E402
 
 
@@ -225,7 +225,7 @@ def ptq_cmd(cfg: QuantConfig, report: bool) -> None:
     _quantize(dataclasses.replace(cfg, method="ptq"), report)
 
 
-# ==== targets, export, bundles, engines (issue 4) ==========================================
+# ==== targets, export, bundles, engines ===========================================
 @main.command("targets")
 def targets_cmd() -> None:
     """List the device profiles (targets/*.toml): exporter, precisions, batch, resolution."""
@@ -330,7 +330,7 @@ def build_engine_cmd(bundle: str, precision: str | None, workspace_mib: int | No
         click.echo(f"{tower}: {plan}")
 
 
-# ==== on-device benchmark and reports (issue 6) ============================================
+# ==== on-device benchmark and reports =============================================
 
 from edge_msd.bench.options import BenchOptions  # noqa: E402
 
