@@ -199,13 +199,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
         parity = run_parity(exporter, models, tmp, student, probe, ref, profile.parity[precision])
         for entry in models.values():
             entry["size_bytes"] = file_size(tmp / entry["file"])
-        delegate_warnings: list[str] = []  # the bench report repeats them beside the placement it measures
-
-        def warn(line: str) -> None:
-            delegate_warnings.append(line)
-            console.print(f"warning: {line}", soft_wrap=True, markup=False)
-
-        delegate_check = exporter.check_graph(profile, models, tmp, warn)
+        delegate_check, delegate_warnings = check_delegate(exporter, profile, models, tmp)
         manifest = {
             "kind": KIND, "schema_version": SCHEMA, "producer": producer_info(),
             "config": asdict(cfg),
@@ -224,6 +218,19 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
     if cfg.tar:
         pack(out)
     return manifest
+
+
+def check_delegate(exporter: Family, profile: TargetProfile, models: dict,
+                   folder: Path) -> tuple[dict, list[str]]:
+    """The family's graph check of the exported models, and its warnings, printed as they come; the
+    bench report repeats them beside the placement it measures."""
+    warnings: list[str] = []
+
+    def warn(line: str) -> None:
+        warnings.append(line)
+        console.print(f"warning: {line}", soft_wrap=True, markup=False)
+
+    return exporter.check_graph(profile, models, folder, warn), warnings
 
 
 def run_parity(exporter: Family, models: dict, folder: Path, student: Student, probe: dict, ref: dict,
