@@ -173,6 +173,18 @@ def _refuse(*args, **kw):
     raise AssertionError("a finished stage ran again")
 
 
+def stop_at_distill(monkeypatch) -> list:
+    """The distill configs the sweep starts runs with, each stopped at once (RuntimeError 'stop here')."""
+    started = []
+
+    def record(dcfg):
+        started.append(dcfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("edge_msd.distill.run.run_distill", record)
+    return started
+
+
 def test_rerun_skips_finished_presets_and_retrains_on_other_settings(swept, monkeypatch):
     monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
     monkeypatch.setattr("edge_msd.pipeline.export_target", _refuse)
@@ -183,19 +195,13 @@ def test_rerun_skips_finished_presets_and_retrains_on_other_settings(swept, monk
     again = sweep_run.run_sweep(SweepConfig(**{**vars(swept["cfg"]), "data": None, "features": None}))
     assert json.loads(again["json"].read_text())["points"] == swept["json"]["points"]
 
-    trained = []
-
-    def record(dcfg):
-        trained.append((dcfg.preset, dcfg.steps, dcfg.force))
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr("edge_msd.distill.run.run_distill", record)
+    trained = stop_at_distill(monkeypatch)
     with pytest.raises(RuntimeError, match="stop here"):
         sweep_run.run_sweep(SweepConfig(**{**vars(swept["cfg"]), "steps": 4}))
-    assert trained == [("edge-xs", 4, True)]  # other settings: trained afresh, not taken as done
     with pytest.raises(RuntimeError, match="stop here"):
         sweep_run.run_sweep(SweepConfig(**{**vars(swept["cfg"]), "force": True}))
-    assert trained[1:] == [("edge-xs", 3, True)]  # --force: retrained although done
+    # other settings: trained afresh, not taken as done; --force: retrained although done
+    assert [(c.preset, c.steps, c.force) for c in trained] == [("edge-xs", 4, True), ("edge-xs", 3, True)]
 
     benched = []
 
@@ -235,16 +241,11 @@ def test_without_teacher_or_data_the_folders_distilled_student_is_followed(swept
     root (and the train cache's teacher, as that student did), never the demo's."""
     shutil.copytree(Path(swept["cfg"].out) / "edge-xs" / "student", tmp_path / "runs/distill/student")
     monkeypatch.chdir(tmp_path)
-    seen = []
-
-    def record(dcfg):
-        seen.append((dcfg.teacher, dcfg.data, dcfg.features))
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr("edge_msd.distill.run.run_distill", record)
+    trained = stop_at_distill(monkeypatch)
     with pytest.raises(RuntimeError, match="stop here"):
         sweep_run.run_sweep(SweepConfig(presets=["edge-xs"], out="sweep"))
-    assert seen == [("", DATA, str((swept["root"] / "features").resolve()))]
+    assert [(c.teacher, c.data, c.features) for c in trained] == [
+        ("", DATA, str((swept["root"] / "features").resolve()))]
 
 
 def test_a_distill_option_error_names_the_preset_and_where_a_sweep_sets_it(swept, tmp_path):
