@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from edge_msd.data import open_dataset
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.sweep import run as sweep_run
 from edge_msd.sweep.config import SweepConfig
-from edge_msd.sweep.points import Point, mark_front, point_from_report
+from edge_msd.sweep.points import Point, mark_front, point_from_report, print_table
 from edge_msd.teachers.cache import build_feature_cache
 
 PRESETS = ["edge-xs", "edge-s"]
@@ -90,6 +91,44 @@ def test_reports_cannot_be_mixed_with_training():
         SweepConfig(reports=["a.json"], presets=["edge-s"]).validate()
 
 
+def test_the_table_is_markdown_when_piped_and_rich_in_a_terminal(monkeypatch, capsys):
+    points = mark_front([point("fast", 1.0, 50.0), point("slow", 2.0, 40.0)])
+    print_table(points, "image+text")
+    assert "| fast | host | onnxruntime | fp32 |" in capsys.readouterr().out
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    print_table(points, "image+text")
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # without the terminal's styles
+    assert "┃ student" in out and "│ fast" in out and "| fast |" not in out
+
+
+def test_in_an_empty_folder_a_sweep_is_every_preset_on_the_demo(tmp_path, monkeypatch):
+    """Nothing given and nothing recorded: the demo; data from --distill-config's [distill] table: that
+    data with its train cache's teacher, never the demo teacher."""
+    from edge_msd.students.presets import list_presets
+
+    monkeypatch.chdir(tmp_path)
+    assert sweep_run._presets(SweepConfig()) == list_presets()
+    base = sweep_run.distill_base(SweepConfig())
+    assert (base.teacher, base.data) == ("demo", "demo-scenes")
+    assert base.features == str(tmp_path.resolve() / "runs" / "features")
+    (tmp_path / "d.toml").write_text('[distill]\ndata = "csv:/data/pairs.csv"\nbatch_size = 8\n')
+    base = sweep_run.distill_base(SweepConfig(distill_config="d.toml"))
+    assert (base.teacher, base.data, base.batch_size) == ("", "csv:/data/pairs.csv", 8)
+
+
+def test_students_of_different_test_sets_are_refused(tmp_path):
+    candidates = []
+    for name in ("a", "b"):
+        (tmp_path / name / "onnx").mkdir(parents=True)
+        data = {"spec": f"csv:/{name}.csv", "split": "test", "fingerprint": name}
+        (tmp_path / name / "onnx" / "manifest.json").write_text(json.dumps({"data": data}))
+        candidates.append(sweep_run.Candidate(name, tmp_path / name / "student", tmp_path / name))
+    said = re.escape("evaluated on different test sets (a: csv:/a.csv [test]; b: csv:/b.csv [test])")
+    with pytest.raises(ConfigError, match=said):
+        sweep_run._same_test_set(candidates, "onnx")
+
+
 def test_unknown_preset_is_refused_before_any_training(tmp_path, monkeypatch):
     monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
     r = CliRunner().invoke(main, ["sweep", "--presets", "edge-xs,edge-q", "--out", str(tmp_path)])
@@ -134,23 +173,47 @@ def _refuse(*args, **kw):
     raise AssertionError("a finished stage ran again")
 
 
+def stop_at_distill(monkeypatch) -> list:
+    """The distill configs the sweep starts runs with, each stopped at once (RuntimeError 'stop here')."""
+    started = []
+
+    def record(dcfg):
+        started.append(dcfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("edge_msd.distill.run.run_distill", record)
+    return started
+
+
 def test_rerun_skips_finished_presets_and_retrains_on_other_settings(swept, monkeypatch):
     monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
     monkeypatch.setattr("edge_msd.pipeline.export_target", _refuse)
     monkeypatch.setattr("edge_msd.bench.run.run_bench", _refuse)
     again = sweep_run.run_sweep(swept["cfg"])
     assert json.loads(again["json"].read_text())["points"] == swept["json"]["points"]
+    # without data or features: those the students in --out record, so the same run, not the demo's
+    again = sweep_run.run_sweep(SweepConfig(**{**vars(swept["cfg"]), "data": None, "features": None}))
+    assert json.loads(again["json"].read_text())["points"] == swept["json"]["points"]
 
-    trained = []
-
-    def record(dcfg):
-        trained.append((dcfg.preset, dcfg.steps, dcfg.force))
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr("edge_msd.distill.run.run_distill", record)
+    trained = stop_at_distill(monkeypatch)
     with pytest.raises(RuntimeError, match="stop here"):
         sweep_run.run_sweep(SweepConfig(**{**vars(swept["cfg"]), "steps": 4}))
-    assert trained == [("edge-xs", 4, True)]  # other settings: trained afresh, not taken as done
+    with pytest.raises(RuntimeError, match="stop here"):
+        sweep_run.run_sweep(SweepConfig(**{**vars(swept["cfg"]), "force": True}))
+    # other settings: trained afresh, not taken as done; --force: retrained although done
+    assert [(c.preset, c.steps, c.force) for c in trained] == [("edge-xs", 4, True), ("edge-xs", 3, True)]
+
+    benched = []
+
+    def bench(opts, echo):
+        benched.append((Path(opts.bundle).parent.name, opts.iters))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
+    monkeypatch.setattr("edge_msd.bench.run.run_bench", bench)
+    with pytest.raises(RuntimeError, match="stop here"):
+        sweep_run.run_sweep(SweepConfig(**{**vars(swept["cfg"]), "iters": 6}))
+    assert benched == [("edge-xs", 6)]  # other timing settings: timed again, not retrained or re-exported
 
 
 def test_a_run_cut_before_its_student_was_saved_resumes(swept, tmp_path, monkeypatch):
@@ -173,6 +236,43 @@ def test_a_run_cut_before_its_student_was_saved_resumes(swept, tmp_path, monkeyp
     assert resumed == original  # the best checkpoint's weights, byte for byte
 
 
+def test_without_teacher_or_data_the_folders_distilled_student_is_followed(swept, tmp_path, monkeypatch):
+    """In a folder where `edge-msd distill` ran on the user's data, a sweep trains on that data and feature
+    root (and the train cache's teacher, as that student did), never the demo's."""
+    shutil.copytree(Path(swept["cfg"].out) / "edge-xs" / "student", tmp_path / "runs/distill/student")
+    monkeypatch.chdir(tmp_path)
+    trained = stop_at_distill(monkeypatch)
+    with pytest.raises(RuntimeError, match="stop here"):
+        sweep_run.run_sweep(SweepConfig(presets=["edge-xs"], out="sweep"))
+    assert [(c.teacher, c.data, c.features) for c in trained] == [
+        ("", DATA, str((swept["root"] / "features").resolve()))]
+
+
+def test_a_distill_option_error_names_the_preset_and_where_a_sweep_sets_it(swept, tmp_path):
+    big = TINY_DISTILL.replace("batch_size = 8", "batch_size = 64")  # the train split has 48 images
+    (tmp_path / "big.toml").write_text(big.replace("queue_size = 32", "queue_size = 128"))
+    r = CliRunner().invoke(main, ["sweep", "--presets", "edge-xs", "--data", DATA,
+                                  "--features", str(swept["root"] / "features"),
+                                  "--distill-config", str(tmp_path / "big.toml"),
+                                  "--out", str(tmp_path / "sweep")])
+    assert r.exit_code == 2, r.output
+    assert re.search(r"^error: edge-xs: .*batch_size 64 .*the \[distill\] table of --distill-config FILE\)$",
+                     r.output.strip().splitlines()[-1]), r.output
+
+
+def test_a_target_whose_runtime_cannot_run_here_is_refused_before_training(tmp_path, monkeypatch):
+    from edge_msd.bench.runtimes import BACKENDS
+
+    if BACKENDS["tensorrt"].unavailable_reason() is None:
+        pytest.skip("TensorRT runs on this machine")
+    monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
+    r = CliRunner().invoke(main, ["sweep", "--presets", "edge-xs", "--target", "jetson",
+                                  "--out", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "error: field 'target': jetson bundles run on tensorrt, which cannot run here" in r.output
+    assert "--reports" in r.output and not any(tmp_path.iterdir())
+
+
 def test_given_student_is_measured_with_its_recorded_lineage(swept, monkeypatch):
     monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
     student = Path(swept["cfg"].out) / "edge-xs" / "student"
@@ -182,6 +282,15 @@ def test_given_student_is_measured_with_its_recorded_lineage(swept, monkeypatch)
     (p,) = result["points"]
     assert p["label"] == f"edge-xs ({student})" and p["on_front"]
     assert p["mean_r1"] == swept["json"]["points"][0]["mean_r1"]  # same student, same eval set
+
+
+def test_a_tflite_sweep_times_the_student_in_litert(swept):
+    student = Path(swept["cfg"].out) / "edge-xs" / "student"
+    cfg = SweepConfig(students=[str(student)], target="tflite", iters=5, out=str(swept["root"] / "tflite"))
+    (p,) = json.loads(sweep_run.run_sweep(cfg)["json"].read_text())["points"]
+    report = json.loads(Path(p["report"]).read_text())
+    assert p["runtime"] == report["runtime"]["name"] == "litert" and report["bundle"]["target"] == "tflite"
+    assert p["mean_r1"] == swept["json"]["points"][0]["mean_r1"]  # the same student on the same test split
 
 
 def test_device_reports_are_plotted_with_a_front_per_device(swept, tmp_path):

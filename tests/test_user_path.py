@@ -3,7 +3,7 @@
 given as ``local-dir:`` and once as ``onnx:``, through every stage:
 
     features → distill → calibrate → ptq / qat → export (tflite int8 by PTQ, tflite --quantized, onnx)
-    → bench → eval
+    → bench → eval, and the chooser: sweep over presets (and again), sweep --reports of the bench reports
 
 Every later stage must default to what the student recorded (its CSV data, feature root, splits, the
 calibration set built from that CSV), never to the embedded demo.
@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = {"china.jpg": "an old chinese temple", "flower.jpg": "a pink flower"}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 PER_PHOTO = {"train": 32, "val": 8, "test": 8}
+SWEEP_PRESETS = ("edge-xs", "edge-s")  # the two smallest
+SWEEP_DISTILL = "[distill]\nbatch_size = 16\nqueue_size = 64\neval_every = 2\nckpt_every = 2\n"
+BENCHED = ("tflite", "tflite-qat", "onnx")
 
 
 def edge_msd(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -84,8 +87,8 @@ def walk(tmp_path_factory) -> dict:
     teacher_dir = make_tiny_student(root / "teacher", seed=3)  # an open_clip folder: config + safetensors
     teacher = f"local-dir:{teacher_dir}"
     onnx_teacher = f"onnx:{export_onnx_teacher(load_teacher(teacher), root / 'teacher-onnx')}"
-    t0 = time.perf_counter()
-    out: dict[str, str] = {}
+    started, t0 = time.time(), time.perf_counter()
+    out: dict = {}
     # distill builds the val and test caches that are missing, in the same root as `features --out`
     edge_msd(work, "features", "--teacher", teacher, "--data", data, "--split", "train", "--batch-size", "32")
     edge_msd(work, "distill", "--teacher", teacher, "--data", data, "--preset", "edge-xs", "--steps", "6",
@@ -98,16 +101,35 @@ def walk(tmp_path_factory) -> dict:
     edge_msd(work, "export", "--target", "tflite", "--quantized", "runs/qat/tflite", "--out",
              "runs/export/tflite-qat", "--allow-parity-fail")  # 2 QAT steps: parity is not the point here
     edge_msd(work, "export", "--target", "onnx")
-    for bundle in ("tflite", "tflite-qat", "onnx"):
+    for bundle in BENCHED:
         edge_msd(work, "bench", "--bundle", f"runs/export/{bundle}", "--iters", "2", "--warmup", "0",
                  "--pool", "1")
+    out.update(sweep_walk(work, teacher, data))
     edge_msd(work, "distill", "--teacher", onnx_teacher, "--data", data, "--features", "features-onnx",
              "--out", "runs/distill-onnx", "--preset", "edge-xs", "--steps", "2", "--batch-size", "16",
              "--val-split", "", "--test-split", "", "--queue-size", "64")
     seconds = time.perf_counter() - t0
     print(f"\nuser path: {seconds:.0f} s for the CLI walk")
     return {"work": work, "data": data, "teacher": teacher, "teacher_dir": teacher_dir,
-            "onnx_teacher": onnx_teacher, "out": out, "seconds": seconds}
+            "onnx_teacher": onnx_teacher, "out": out, "seconds": seconds, "started": started}
+
+
+def sweep_walk(work: Path, teacher: str, data: str) -> dict:
+    """``sweep`` as the README shows it: two presets on the user's teacher and CSV (2 steps each), the same
+    again with no teacher or data (taken from the students the first run left), and ``--reports``."""
+    t0 = time.perf_counter()
+    (work / "distill.toml").write_text(SWEEP_DISTILL)
+    sweep = ("sweep", "--presets", ",".join(SWEEP_PRESETS), "--steps", "2", "--target", "onnx",
+             "--iters", "5", "--distill-config", "distill.toml")
+    said = {"sweep": edge_msd(work, *sweep, "--teacher", teacher, "--data", data).stdout}
+    said["sweep_json"] = (work / "runs/sweep/sweep.json").read_text()
+    said["sweep_students"] = {p: manifest(work / "runs/sweep" / p / "student") for p in SWEEP_PRESETS}
+    said["sweep_again"] = edge_msd(work, *sweep).stdout
+    reports = ",".join(f"runs/bench/{b}.json" for b in BENCHED)
+    said["sweep_reports"] = edge_msd(work, "sweep", "--reports", reports,
+                                     "--out", "runs/sweep-devices").stdout
+    print(f"\nuser path: {time.perf_counter() - t0:.0f} s of it for the three sweeps")
+    return said
 
 
 def test_student_records_its_lineage(walk):
@@ -160,6 +182,91 @@ def test_bundle_recall_is_measured_on_the_csv_test_split(walk, monkeypatch):
     assert recall["onnx"] == pytest.approx(student["mean_R@1"], abs=1e-6)  # ONNX Runtime fp32 = torch
     print(f"\nCSV test split mean R@1: fp32 student {student['mean_R@1']:.1f}, LiteRT int8 bundles: "
           f"PTQ {recall['tflite']:.1f}, QAT {recall['tflite-qat']:.1f}")
+
+
+def dominated(p: dict, points: list[dict]) -> bool:
+    """Another point of p's device is at least as fast and as accurate, and better in one of the two."""
+    return any(q["device"] == p["device"] and q["latency_ms"] <= p["latency_ms"]
+               and q["mean_r1"] >= p["mean_r1"]
+               and (q["latency_ms"] < p["latency_ms"] or q["mean_r1"] > p["mean_r1"]) for q in points)
+
+
+def one_line(text: str) -> str:
+    """The CLI's output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def test_sweep_measures_each_preset_on_the_csv_with_the_users_teacher(walk):
+    """The README's sweep claims, from the user's folder: sweep.{json,md,png} in ./runs/sweep; each point's
+    recall is its bundle's on the CSV's test split, from a student of the user's teacher; its latency was
+    timed here on the runtime of --target; the Pareto front is marked."""
+    work, data, teacher = walk["work"], walk["data"], walk["teacher"]
+    said = one_line(walk["out"]["sweep"])
+    for name in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (work / "runs/sweep" / name).is_file() and f"runs/sweep/{name}" in said
+        for other in (REPO / "runs/sweep" / name, Path.cwd() / "runs/sweep" / name):
+            assert not other.is_file() or other.stat().st_mtime < walk["started"]
+    assert not (work / ".edge-msd-home/teachers/demo").exists()  # the demo teacher was never built
+    result = json.loads((work / "runs/sweep/sweep.json").read_text())
+    assert result["settings"]["target"] == "onnx"
+    lineage = {k: result["settings"]["distill"][k] for k in ("teacher", "data", "features", "steps")}
+    assert lineage == {"teacher": teacher, "data": data, "features": str(work / "runs/features"), "steps": 2}
+    cache_teacher = manifest(work / "runs/features/test")["teacher_id"]
+    points = result["points"]
+    assert [p["label"] for p in points] == list(SWEEP_PRESETS)
+    for p in points:
+        run = work / "runs/sweep" / p["label"]
+        student = manifest(run / "student")
+        assert (student["teacher"], student["data"], student["teacher_id"]) == (teacher, data, cache_teacher)
+        bundle_data = manifest(run / "onnx")["data"]
+        assert (bundle_data["spec"], bundle_data["split"]) == (data, "test")
+        report = json.loads((work / p["report"]).read_text())
+        recall = report["recall"]["eval"]
+        assert recall["n_images"] == 2 * PER_PHOTO["test"] and p["mean_r1"] == recall["mean_R@1"]
+        evaluated = json.loads((run / "eval.json").read_text())  # distill's eval of the PyTorch student
+        assert (evaluated["data"], evaluated["split"]) == (data, "test")
+        assert evaluated["teacher_id"] == cache_teacher
+        assert p["mean_r1"] == pytest.approx(evaluated["student"]["mean_R@1"], abs=1e-6)  # ONNX fp32 = torch
+        assert p["runtime"] == report["runtime"]["name"] == "onnxruntime"
+        assert (report["settings"]["batches"], report["settings"]["iters"]) == ([1], 5)
+        image, text = (report["towers"][t]["measurements"][0]["latency_ms"]["p50"] for t in ("image", "text"))
+        assert (p["image_p50_ms"], p["text_p50_ms"]) == (image, text)
+        assert p["latency_ms"] == pytest.approx(image + text)
+        assert p["on_front"] is not dominated(p, points)
+    marked = (work / "runs/sweep/sweep.md").read_text()
+    assert sum(p["on_front"] for p in points) == marked.count("★ |") == said.count("★ |") >= 1
+    assert (work / "runs/sweep/sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_rerun_reuses_finished_presets_and_the_users_lineage(walk):
+    """Run again without --teacher or --data: the lineage the students in runs/sweep record (never the
+    demo's), and every student, bundle and report reused."""
+    work, again = walk["work"], one_line(walk["out"]["sweep_again"])
+    assert f"as the students in runs/sweep record: teacher {walk['teacher']}, data {walk['data']}" in again
+    for preset in SWEEP_PRESETS:
+        assert f"runs/sweep/{preset}/student: trained with these settings, reused" in again
+        assert f"runs/sweep/{preset}/onnx: a verified bundle of {preset}, reused" in again
+        assert f"runs/sweep/{preset}/bench-onnx.json: measured with these settings, reused" in again
+        assert manifest(work / "runs/sweep" / preset / "student") == walk["out"]["sweep_students"][preset]
+    assert (work / "runs/sweep/sweep.json").read_text() == walk["out"]["sweep_json"]
+
+
+def test_sweep_plots_the_walks_bench_reports(walk):
+    """``sweep --reports`` on the reports ``bench`` wrote: one point per report, its recall and runtime."""
+    work = walk["work"]
+    result = json.loads((work / "runs/sweep-devices/sweep.json").read_text())
+    assert result["settings"]["source"] == "device reports"
+    assert "| student | device |" in walk["out"]["sweep_reports"]  # the table, as Markdown when piped
+    assert all((work / "runs/sweep-devices" / f"sweep.{ext}").is_file() for ext in ("md", "png"))
+    points = {Path(p["report"]).stem: p for p in result["points"]}
+    assert set(points) == set(BENCHED)
+    for name, p in points.items():
+        report = json.loads((work / "runs/bench" / f"{name}.json").read_text())
+        assert p["mean_r1"] == report["recall"]["eval"]["mean_R@1"]
+        assert report["recall"]["eval"]["n_images"] == 2 * PER_PHOTO["test"]
+        assert (p["runtime"], p["device"]) == (report["runtime"]["name"], report["device"]["label"])
+        assert p["on_front"] is not dominated(p, list(points.values()))
+    assert {p["runtime"] for p in points.values()} == {"litert", "onnxruntime"}
 
 
 def test_onnx_teacher_distils_the_same_data(walk):

@@ -26,14 +26,16 @@ class SweepConfig:
         "and benchmarking here"
     )
     teacher: str | None = field(
-        None, help="teacher spec, as for distill [default: the --students' recorded teacher; the demo "
-        "teacher when no data is given either; else the train cache's teacher]"
+        None, help="teacher spec, as for distill [default: as recorded (see --data); else the train "
+        "cache's teacher when --data is given, the demo teacher when not]"
     )
     data: str | None = field(
-        None, help="dataset spec [default: the --students' recorded data, else the demo's]"
+        None, help="dataset spec [default: as the --students record it; with none of teacher, data and "
+        "features given, as the students already in --out, else runs/distill/student, record it; "
+        "else the demo's]"
     )
     features: str | None = field(
-        None, help="feature-cache root [default: the --students' recorded root, else runs/features]"
+        None, help="feature-cache root [default: as recorded (see --data), else runs/features]"
     )
     distill_config: str | None = field(
         None, help="TOML file with distill options (table [distill]) for every preset trained"

@@ -47,6 +47,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
         settings: dict[str, Any] = {"source": "device reports", "reports": list(cfg.reports)}
         caption = f"{len(points)} device reports"
     else:
+        _runs_here(cfg.target)
         presets = _presets(cfg)
         base = distill_base(cfg)
         candidates = [train_preset(cfg, base, p) for p in presets]
@@ -68,6 +69,20 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
     return written
 
 
+def _runs_here(target: str) -> None:
+    """This host times the bundles: a target whose runtime cannot run here is refused before any training."""
+    from edge_msd.bench.runtimes import BACKENDS
+    from edge_msd.config import load_target
+    from edge_msd.families import family_for
+
+    runtimes = family_for(load_target(target)).runtimes
+    reasons = [BACKENDS[r].unavailable_reason() for r in runtimes]
+    if all(reasons):
+        raise ConfigError(f"field 'target': {target} bundles run on {', '.join(runtimes)}, which cannot run "
+                          f"here ({'; '.join(r or '' for r in reasons)}); choose a target whose runtime does "
+                          "(onnx, tflite), or bench on the device and plot the reports with --reports")
+
+
 def _presets(cfg: SweepConfig) -> list[str]:
     """The presets to train: as given (all known, checked before any training), else every preset
     unless students were given."""
@@ -84,14 +99,14 @@ def _presets(cfg: SweepConfig) -> list[str]:
 
 def distill_base(cfg: SweepConfig) -> DistillConfig:
     """The distill settings every preset is trained with: ``--distill-config``, then the sweep's own
-    options; teacher, data and features as given, else as the ``--students`` record them, else the demo."""
+    options; teacher, data and features as given, else as recorded (``_default_lineage``), else the demo."""
     table: dict[str, Any] = {}
     source = "command line"
     if cfg.distill_config:
         data = load_toml(cfg.distill_config)
         table, source = dict(data.get("distill", data)), f"{cfg.distill_config} [distill]"
     given = {k: getattr(cfg, k) if getattr(cfg, k) is not None else table.get(k) for k in LINEAGE}
-    recorded = _recorded_lineage(cfg.students)
+    recorded = _default_lineage(cfg, given)
     lineage = {k: given[k] if given[k] is not None else recorded.get(k) for k in LINEAGE}
     own = lineage["data"] is not None or lineage["teacher"] not in (None, "demo")
     if lineage["data"] is None and own:
@@ -99,25 +114,47 @@ def distill_base(cfg: SweepConfig) -> DistillConfig:
     data = lineage["data"] or DEMO_DATA
     # With the user's own data and no teacher, distill takes the train cache's teacher; never the demo's.
     teacher = lineage["teacher"] if lineage["teacher"] is not None else ("demo" if not own else "")
-    overrides = {"teacher": teacher, "data": data, "features": lineage["features"] or str(paths.FEATURES)}
+    # Absolute, as students record it: a rerun that takes the root from their record is the same run.
+    features = str(Path(lineage["features"] or paths.FEATURES).resolve())
+    overrides = {"teacher": teacher, "data": data, "features": features}
     overrides |= {k: getattr(cfg, k) for k in ("steps", "seed") if getattr(cfg, k) is not None}
     return build_config(DistillConfig, {**table, **overrides}, source)
 
 
-def _recorded_lineage(students: list[str]) -> dict[str, str]:
+def _default_lineage(cfg: SweepConfig, given: dict[str, str | None]) -> dict[str, str]:
+    """Where teacher, data and features not given come from: the ``--students``' records; with none of
+    the three given, the students of an earlier sweep in ``--out``, else the folder's distilled student
+    (``runs/distill/student``), so that a sweep in the user's folder never falls back to the demo."""
+    if cfg.students:
+        return _recorded_lineage(cfg.students, "--students")
+    if any(v is not None for v in given.values()):
+        return {}
+    earlier = sorted(str(m.parent) for m in cfg.out_dir().glob(f"*/student/{MANIFEST}"))
+    distilled = paths.DISTILL / "student"
+    for folders, what in ((earlier, f"the students in {cfg.out}"),
+                          ([str(distilled)] if (distilled / MANIFEST).is_file() else [], str(distilled))):
+        recorded = _recorded_lineage(folders, what)
+        if recorded:
+            listed = ", ".join(f"{k} {v}" for k, v in recorded.items())
+            console.print(f"as {what} record: {listed} (--teacher, --data, --features to change)")
+            return recorded
+    return {}
+
+
+def _recorded_lineage(students: list[str], what: str) -> dict[str, str]:
     """Teacher, data and feature root the given student folders agree on (a disagreement is an error)."""
     out: dict[str, str] = {}
     for name in LINEAGE:
         values: dict[str, str] = {}
         for folder in students:
             if not Path(folder).is_dir():
-                raise ArtifactError(f"{folder}: student folder not found (--students)")
+                raise ArtifactError(f"{folder}: student folder not found ({what})")
             value = getattr(read_student_record(folder), name)
             if value:
                 values.setdefault(value, folder)
         if len(values) > 1:
             listed = "; ".join(f"{f}: {v}" for v, f in values.items())
-            raise ConfigError(f"--students record different {name} ({listed}); pass --{name}")
+            raise ConfigError(f"{what} record different {name} ({listed}); pass --{name}")
         if values:
             out[name] = next(iter(values))
     return out
@@ -143,7 +180,11 @@ def train_preset(cfg: SweepConfig, base: DistillConfig, preset: str) -> Candidat
         changed = ", ".join(_differences(saved, identity)) or "--force"
         console.print(f"{run_dir}: another run there ({changed}); training afresh")
     dcfg = replace(dcfg, resume=resume, force=not resume)
-    report = run_distill(dcfg)
+    try:
+        report = run_distill(dcfg)
+    except ConfigError as e:  # distill's messages name its own options; say where a sweep takes them
+        raise ConfigError(f"{preset}: {e} (a sweep distils with --teacher, --data, --features, --steps, "
+                          "--seed and the [distill] table of --distill-config FILE)") from e
     if report:
         console.print(distill_summary(report, dcfg))
     return Candidate(preset, student, run_dir)
