@@ -14,6 +14,9 @@ from edge_msd.teachers.features_config import feature_split_dir
 # Kept in step with edge_msd.distill.losses.LOSS_NAMES (checked by a test) without importing torch.
 KNOWN_LOSSES = ("contrastive", "feature", "similarity", "hard_negative", "clip", "affinity")
 DSMD_LOSSES = ["contrastive", "feature", "similarity", "hard_negative"]
+# Default: DSMD's four losses plus teacher-affinity mimicking (the image-text similarity structure of
+# the teacher), which the point-wise feature and cosine losses lack (README, Ablation).
+DEFAULT_LOSSES = [*DSMD_LOSSES, "affinity"]
 KNOWN_BALANCERS = ("dynamic", "fixed", "uncertainty")
 
 
@@ -39,7 +42,9 @@ class DistillConfig:
         "training-only linear adaptor bridges the two]",
     )
     init: str | None = field(None, help="start from this saved student folder instead of random weights")
-    losses: list[str] = field(DSMD_LOSSES, help=f"losses, comma-separated; known: {', '.join(KNOWN_LOSSES)}")
+    losses: list[str] = field(
+        DEFAULT_LOSSES, help=f"losses, comma-separated; known: {', '.join(KNOWN_LOSSES)}"
+    )
     temperature: float = field(0.07, help="temperature of contrastive distillation")
     margin: float = field(0.2, help="margin of hard-negative distillation")
     balancer: str = field("dynamic", help=f"loss balancer: {', '.join(KNOWN_BALANCERS)}")
@@ -62,9 +67,9 @@ class DistillConfig:
         "the crop changes size and position, which the demo's captions name (it cost ~3 points kept)",
     )
     ema_decay: float = field(
-        0.0,
+        0.99,
         help="EMA of the student's weights with this decay (warmed up); the EMA model is validated "
-        "and saved; 0: off",
+        "and saved; 0: off (the raw weights)",
     )
     eval_every: int = field(50, help="validate every N steps (and at the end)")
     ckpt_every: int = field(50, help="checkpoint every N steps (and at the end)")
