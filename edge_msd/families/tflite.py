@@ -43,6 +43,7 @@ from edge_msd.families.common.pt2e import (
     PT2EQuantizer,
     converted,
     finite_inputs,
+    float_mul,
     keep_float_filter,
     tag_adds,
 )
@@ -98,6 +99,14 @@ def tflite_io(path: Path) -> tuple[list[dict], list[dict], dict]:
     return inputs, [entry(d, d["name"]) for d in outs], quant
 
 
+def model_input(detail: dict, x: np.ndarray) -> np.ndarray:
+    """``x`` in the dtype of the input ``detail`` describes; int8 with its (scale, zero point)."""
+    if np.dtype(detail["dtype"]) == np.int8:
+        scale, zp = detail["quantization"]
+        x = np.clip(np.round(x / scale) + zp, -128, 127)
+    return x.astype(detail["dtype"])
+
+
 def run_tflite(path: Path, x: np.ndarray, interp: Any = None) -> np.ndarray:
     """Run a .tflite over any number of rows at its static batch; int8 I/O is quantized with each
     tensor's (scale, zero point), ``q = round(x / scale) + zero_point``, and dequantized back."""
@@ -105,10 +114,7 @@ def run_tflite(path: Path, x: np.ndarray, interp: Any = None) -> np.ndarray:
     i_det, o_det = interp.get_input_details()[0], interp.get_output_details()[0]
 
     def run(chunk: np.ndarray) -> np.ndarray:
-        if np.dtype(i_det["dtype"]) == np.int8:
-            scale, zp = i_det["quantization"]
-            chunk = np.clip(np.round(chunk / scale) + zp, -128, 127)
-        interp.set_tensor(i_det["index"], chunk.astype(i_det["dtype"]))
+        interp.set_tensor(i_det["index"], model_input(i_det, chunk))
         interp.invoke()
         y = interp.get_tensor(o_det["index"])
         if np.dtype(o_det["dtype"]) == np.int8:
@@ -133,8 +139,9 @@ class LiteRTQuantizer(PT2EQuantizer):
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
         class _Quantizer(PT2EQuantizer):
-            """litert-torch's quantizer, except that nodes inside ``keep_float`` modules and adds of an
-            infinite constant (the causal mask) stay float, and that residual adds are found."""
+            """litert-torch's quantizer, except that nodes inside ``keep_float`` modules, adds of an
+            infinite constant (the causal mask) and muls whose neighbours are float (``float_mul``) stay
+            float, and that residual adds are found."""
 
             # litert-torch 0.10's conv+BN QAT pattern export fails under torch 2.14 (it torch.export()s a
             # plain function); BN is folded into the convs before annotation instead (PT2EQuantizer).
@@ -142,7 +149,9 @@ class LiteRTQuantizer(PT2EQuantizer):
 
             def _annotate_all_static_patterns(self, model, quantization_config, filter_fn=None):  # noqa: ANN001
                 tag_adds(model)
-                keep = keep_float_filter(keep_float, lambda n: finite_inputs(n) and (filter_fn or bool)(n))
+                keep = keep_float_filter(
+                    keep_float, lambda n: finite_inputs(n) and not float_mul(n) and (filter_fn or bool)(n)
+                )
                 return super()._annotate_all_static_patterns(model, quantization_config, keep)
 
             def _annotate_all_dynamic_patterns(self, model, quantization_config, filter_fn=None):  # noqa: ANN001
