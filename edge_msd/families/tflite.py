@@ -5,9 +5,10 @@ weights per channel, activations per tensor; dynamic-range as fallback), by QAT 
 calibration set. They take and return int8 tensors: the manifest records each int8 tensor's (scale,
 zero point), and the runner (and the device) quantize inputs / dequantize outputs with them. Token
 inputs stay int32. The residual adds are int8 too (litert-torch's add annotator, once the adds carry
-the tag it looks for: ``tag_adds``); the final L2 norm stays float. The text tower's token-embedding
-table is int8 per row (``Int8Embedding``). The graph check lists the ops the XNNPACK delegate leaves to
-the interpreter.
+the tag it looks for: ``tag_adds``); muls whose neighbours are float stay float (``float_mul``: the
+attention's query scale, the text pooling's token mask), and so does the final L2 norm. The text
+tower's token-embedding table is int8 per row (``Int8Embedding``). The graph check lists the ops the
+XNNPACK delegate leaves to the interpreter.
 """
 
 from __future__ import annotations

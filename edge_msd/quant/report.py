@@ -56,13 +56,12 @@ def _torch_embed(tower: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> np
         return torch.cat([tower(x[s : s + batch]) for s in range(0, len(x), batch)]).float().numpy()
 
 
-def invoke_ms(
-    paths: list[Path], x: np.ndarray, threads: int = 1, rounds: int = 21, calls: int = 20
-) -> list[float]:
+def invoke_ms(paths: list[Path], x: np.ndarray, threads: int = 1, rounds: int = 400) -> list[float]:
     """Median time of one batch-1 ``invoke`` per .tflite in the LiteRT interpreter (XNNPACK), timed the same
     way for each: the input is set once beforehand in the model's own dtype (an int8 model's quantized with
-    its scale, as ``edge-msd bench`` does before its timed loop), and the models take turns round by round,
-    in alternating order, so that a change of load on the machine hits them alike."""
+    its scale, as ``edge-msd bench`` does before its timed loop), and the models take turns call by call, in
+    alternating order, so that other jobs on the machine hit them alike (timing blocks of calls instead
+    would let the slower model's longer blocks take more of the preemptions)."""
     interps = []
     for path in paths:
         it = interpreter(path, threads)
@@ -72,12 +71,10 @@ def invoke_ms(
         interps.append(it)
     times: list[list[float]] = [[] for _ in paths]
     for r in range(rounds):
-        order = range(len(paths)) if r % 2 == 0 else reversed(range(len(paths)))
-        for i in order:
+        for i in range(len(paths)) if r % 2 == 0 else reversed(range(len(paths))):
             t0 = time.perf_counter()
-            for _ in range(calls):
-                interps[i].invoke()
-            times[i].append((time.perf_counter() - t0) / calls * 1e3)
+            interps[i].invoke()
+            times[i].append((time.perf_counter() - t0) * 1e3)
     return [float(np.median(t)) for t in times]
 
 
