@@ -234,7 +234,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
         lines += [
             "",
-            f"{target} ({lat['variant']}) LiteRT batch 1, {lat['threads']} thread(s): {parts}; "
+            f"{target} ({lat['variant']}) LiteRT batch 1, {lat['threads']} thread(s), median invoke, "
+            f"fp32 and int8 alternating: {parts}; "
             f"both towers {lat['speedup_both_towers']:.2f}× faster in int8",
         ]
     return "\n".join(lines) + "\n"
