@@ -48,9 +48,11 @@ def _export(tmp_path, student_dir, target, precision=None, **kw):
 
 
 def _export_int8(tmp_path, student_dir, target, calibration, **kw):
-    """int8 without --quantized: the pipeline runs the quant stage's PTQ on a calibration set, then exports"""
+    """int8 without --quantized: the pipeline runs the quant stage's PTQ on a calibration set, then exports.
+    The parity probe is the whole tiny test split: on 8 images of this random student (reference R@1 22%)
+    one image's rank flipping under int8 noise moves ΔR@1 by 12.5 points with the cosines unchanged."""
     cfg = ExportConfig(target=target, student=str(student_dir), precision="int8", out=str(tmp_path / target),
-                       data=DATA, probe_images=8, calibration=str(calibration), **kw)
+                       data=DATA, probe_images=16, calibration=str(calibration), **kw)
     return export_target(cfg)
 
 

@@ -236,6 +236,65 @@ def test_tflite_residual_adds_run_in_int8(batches, tmp_path):
     assert cosine_to(tower(batches[0][1]).detach(), out) > 0.98
 
 
+def _ops_by_input_dtype(path: Path) -> dict[str, dict[str, int]]:
+    """{"float32"/"int8"/…: {op name: count}} by the dtype of each op's first input."""
+    from collections import Counter
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    dtypes = {d["index"]: np.dtype(d["dtype"]).name for d in interp.get_tensor_details()}
+    out: dict[str, Counter] = {}
+    for o in interp._get_ops_details():
+        if o["inputs"].size:
+            out.setdefault(dtypes[o["inputs"][0]], Counter())[o["op_name"]] += 1
+    return {k: dict(v) for k, v in out.items()}
+
+
+def test_tflite_text_tower_muls_stay_float_beside_float_ops(towers, batches, tmp_path):
+    """The text tower's muls stay float: the attention's query scale (the attention matmuls and softmax
+    are float) and the pooling's one-hot weights of the token ids (the projection and L2 norm are float).
+    In int8 each was a MUL wrapped in its own QUANTIZE/DEQUANTIZE ops; the int8 ops are the linears, the
+    residual and positional adds and the GELU, and the outputs match the simulated int8 graph."""
+    quantizer = quantizer_for(family("tflite").recipe)
+    prepared = quantizer.quantize(towers[1], batches[1])
+    path = tmp_path / "text.tflite"
+    quantizer.write(prepared, batches[1][0][:1], path)
+    ops = _ops_by_input_dtype(path)
+    # int8: 4 linears, 3 adds (2 residual, token + position); GELU (XNNPACK leaves it to the interpreter);
+    # the DEQUANTIZEs before each LayerNorm, q, k, v and the pooling; CAST of the int8 embedding rows
+    assert ops["int8"] == {"FULLY_CONNECTED": 4, "ADD": 3, "GELU": 1, "DEQUANTIZE": 6, "CAST": 1,
+                           "RESHAPE": 6, "SLICE": 3, "TRANSPOSE": 3}, ops["int8"]
+    # float, none of which XNNPACK takes in int8: 3 LayerNorms (2 MEAN, SQUARED_DIFFERENCE, ADD, RSQRT, SUB,
+    # 2 MUL, ADD each; the untrained unit scale and zero shift fold away), the attention (2 BATCH_MATMUL,
+    # the causal mask's ADD, SOFTMAX, the query scale's 2 MULs), the pooling (EQUAL, CUMSUM, 2 MUL, SUM),
+    # the text projection (FULLY_CONNECTED by a parameter matrix), the L2 norm (MUL, SUM, POW, MAXIMUM,
+    # DIV), the int8 table rows times their scales (MUL); QUANTIZE into the int8 linears and adds
+    assert ops["float32"] == {"MEAN": 6, "SQUARED_DIFFERENCE": 3, "RSQRT": 3, "SUB": 3, "ADD": 7, "MUL": 12,
+                              "BATCH_MATMUL": 2, "SOFTMAX": 1, "EQUAL": 1, "CUMSUM": 1, "SUM": 2,
+                              "FULLY_CONNECTED": 1, "POW": 1, "MAXIMUM": 1, "DIV": 1, "QUANTIZE": 4,
+                              "RESHAPE": 16, "TRANSPOSE": 3}, ops["float32"]
+    out = run_tflite(path, batches[1][1].numpy())
+    sim = quantizer.simulate(prepared)(batches[1][1]).detach()
+    assert cosine_to(sim, torch.from_numpy(out)) > 0.995
+    assert cosine_to(towers[1](batches[1][1]).detach(), torch.from_numpy(out)) > 0.98
+
+
+def test_float_mul_finds_scalings_and_integer_masks():
+    from edge_msd.families.common.pt2e import float_mul
+
+    class Pool(nn.Module):
+        def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            mask = (tokens == 7).to(torch.float32)
+            return (x * 0.5) * (x * x) * mask.unsqueeze(-1)
+
+    x, tokens = torch.randn(2, 4, 3), torch.tensor([[7, 1, 2, 3], [1, 7, 2, 3]], dtype=torch.int32)
+    gm = torch.export.export(Pool(), (x, tokens)).module()
+    muls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.mul.Tensor]
+    # by a number: float; x * x (both activations): int8; the product with the token mask: float
+    assert [float_mul(n) for n in muls] == [True, False, False, True]
+
+
 def test_int8_token_embedding_rows_scale_and_lookup():
     from edge_msd.families.common.embedding import Int8Embedding, int8_token_embedding
 

@@ -5,9 +5,10 @@ weights per channel, activations per tensor; dynamic-range as fallback), by QAT 
 calibration set. They take and return int8 tensors: the manifest records each int8 tensor's (scale,
 zero point), and the runner (and the device) quantize inputs / dequantize outputs with them. Token
 inputs stay int32. The residual adds are int8 too (litert-torch's add annotator, once the adds carry
-the tag it looks for: ``tag_adds``); the final L2 norm stays float. The text tower's token-embedding
-table is int8 per row (``Int8Embedding``). The graph check lists the ops the XNNPACK delegate leaves to
-the interpreter.
+the tag it looks for: ``tag_adds``); muls whose neighbours are float stay float (``float_mul``: the
+attention's query scale, the text pooling's token mask), and so does the final L2 norm. The text
+tower's token-embedding table is int8 per row (``Int8Embedding``). The graph check lists the ops the
+XNNPACK delegate leaves to the interpreter.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from edge_msd.families.common.pt2e import (
     PT2EQuantizer,
     converted,
     finite_inputs,
+    float_mul,
     keep_float_filter,
     tag_adds,
 )
@@ -98,6 +100,14 @@ def tflite_io(path: Path) -> tuple[list[dict], list[dict], dict]:
     return inputs, [entry(d, d["name"]) for d in outs], quant
 
 
+def model_input(detail: dict, x: np.ndarray) -> np.ndarray:
+    """``x`` in the dtype of the input ``detail`` describes; int8 with its (scale, zero point)."""
+    if np.dtype(detail["dtype"]) == np.int8:
+        scale, zp = detail["quantization"]
+        x = np.clip(np.round(x / scale) + zp, -128, 127)
+    return x.astype(detail["dtype"])
+
+
 def run_tflite(path: Path, x: np.ndarray, interp: Any = None) -> np.ndarray:
     """Run a .tflite over any number of rows at its static batch; int8 I/O is quantized with each
     tensor's (scale, zero point), ``q = round(x / scale) + zero_point``, and dequantized back."""
@@ -105,10 +115,7 @@ def run_tflite(path: Path, x: np.ndarray, interp: Any = None) -> np.ndarray:
     i_det, o_det = interp.get_input_details()[0], interp.get_output_details()[0]
 
     def run(chunk: np.ndarray) -> np.ndarray:
-        if np.dtype(i_det["dtype"]) == np.int8:
-            scale, zp = i_det["quantization"]
-            chunk = np.clip(np.round(chunk / scale) + zp, -128, 127)
-        interp.set_tensor(i_det["index"], chunk.astype(i_det["dtype"]))
+        interp.set_tensor(i_det["index"], model_input(i_det, chunk))
         interp.invoke()
         y = interp.get_tensor(o_det["index"])
         if np.dtype(o_det["dtype"]) == np.int8:
@@ -133,8 +140,9 @@ class LiteRTQuantizer(PT2EQuantizer):
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
         class _Quantizer(PT2EQuantizer):
-            """litert-torch's quantizer, except that nodes inside ``keep_float`` modules and adds of an
-            infinite constant (the causal mask) stay float, and that residual adds are found."""
+            """litert-torch's quantizer, except that nodes inside ``keep_float`` modules, adds of an
+            infinite constant (the causal mask) and muls whose neighbours are float (``float_mul``) stay
+            float, and that residual adds are found."""
 
             # litert-torch 0.10's conv+BN QAT pattern export fails under torch 2.14 (it torch.export()s a
             # plain function); BN is folded into the convs before annotation instead (PT2EQuantizer).
@@ -142,7 +150,9 @@ class LiteRTQuantizer(PT2EQuantizer):
 
             def _annotate_all_static_patterns(self, model, quantization_config, filter_fn=None):  # noqa: ANN001
                 tag_adds(model)
-                keep = keep_float_filter(keep_float, lambda n: finite_inputs(n) and (filter_fn or bool)(n))
+                keep = keep_float_filter(
+                    keep_float, lambda n: finite_inputs(n) and not float_mul(n) and (filter_fn or bool)(n)
+                )
                 return super()._annotate_all_static_patterns(model, quantization_config, keep)
 
             def _annotate_all_dynamic_patterns(self, model, quantization_config, filter_fn=None):  # noqa: ANN001

@@ -127,6 +127,41 @@ def finite_inputs(node: Any) -> bool:
     return True
 
 
+def float_mul(node: Any) -> bool:
+    """True for muls that int8 would only wrap in QUANTIZE/DEQUANTIZE ops, because what they feed stays
+    float: a scaling by one number (the attention's query scale, before the float attention matmul) and a
+    product with a mask computed from the integer inputs alone (the text pooling's one-hot weights of the
+    token ids, before the float projection)."""
+    if node.op != "call_function" or node.target != torch.ops.aten.mul.Tensor:
+        return False
+    return any(_one_number(arg) or _integer_derived(arg) for arg in node.args[:2])
+
+
+def _one_number(arg: Any) -> bool:
+    if not isinstance(arg, torch.fx.Node):
+        return isinstance(arg, int | float)
+    if arg.op != "get_attr":
+        return False
+    value = operator.attrgetter(arg.target)(arg.graph.owning_module)
+    return isinstance(value, torch.Tensor) and value.numel() == 1
+
+
+def _integer_derived(arg: Any) -> bool:
+    """Whether ``arg`` is computed from graph inputs that are all integer tensors (and constants)."""
+    if not isinstance(arg, torch.fx.Node):
+        return False
+    seen, stack, inputs = set(), [arg], []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            inputs.append(node.meta.get("val"))
+        stack.extend(node.all_input_nodes)
+    return bool(inputs) and all(isinstance(v, torch.Tensor) and not v.is_floating_point() for v in inputs)
+
+
 def tag_adds(model: torch.fx.GraphModule) -> None:
     """Record ``source_fn_stack`` on aten adds that lack it: litert-torch's add annotator finds adds by
     that tag, which non-strict ``torch.export`` leaves empty, so the residual adds stayed float."""
