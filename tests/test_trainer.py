@@ -98,7 +98,7 @@ def test_tiny_run_writes_student_metrics_plot_eval(features, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "losses" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
-    assert set(steps[0]["losses"]) == {"contrastive", "feature", "similarity", "hard_negative"}
+    assert set(steps[0]["losses"]) == {"contrastive", "hard_negative", "affinity"}
     assert set(steps[0]["weights"]) == set(steps[0]["losses"]) and steps[0]["samples_per_s"] > 0
     assert [r["step"] for r in records if "val" in r] == [3, 6]
     assert (tmp_path / "run" / "losses.png").stat().st_size > 1000

@@ -203,6 +203,7 @@ def run_qat(
         seed=cfg.seed,
         force=True,
         augment=False,
+        ema_decay=0.0,  # the fake-quant observers and scales are trained state, not weights to average
         out=str(cfg.out_dir().with_name(f".{cfg.out_dir().name}.train")),
     )
     infos: dict[str, Any] = {}
