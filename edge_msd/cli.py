@@ -211,7 +211,7 @@ def _quantize(cfg: QuantConfig, report: bool) -> None:
 @config_command(QuantConfig, section="quant")
 @click.option("--report", is_flag=True, help="then measure fp32 vs int8 recall (quant_report.json + table)")
 def qat_cmd(cfg: QuantConfig, report: bool) -> None:
-    """Quantization-aware fine-tuning per target (DSMD losses, fake quant), or --method ptq."""
+    """Quantization-aware fine-tuning per target (the distillation losses, fake quant), or --method ptq."""
     _quantize(cfg, report)
 
 

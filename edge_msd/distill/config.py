@@ -53,7 +53,7 @@ class DistillConfig:
     queue_size: int = field(
         4096, help="teacher-embedding queue length (negatives of contrastive distillation)"
     )
-    steps: int = field(900, help="optimizer steps (900: about 6 min of the demo, edge-s, on 2 CPU cores)")
+    steps: int = field(900, help="optimizer steps (900: about 5 min of the demo, edge-s, on 2 CPU cores)")
     batch_size: int = field(128, help="images per optimizer step, over all ranks and accumulation steps")
     captions_per_image: int = field(1, help="captions drawn per image per step")
     accum_steps: int = field(1, help="gradient accumulation: micro-batches per optimizer step")

@@ -14,9 +14,10 @@ Artifact (``runs/qat/<target>/``, kind ``edge-msd-quantized``)::
 
 QAT reuses the distillation trainer (``edge_msd.distill.trainer.train``): ``prepare_model`` swaps the
 student for fake-quant towers calibrated on the calibration set, ``on_step`` freezes observers and
-BatchNorm statistics at the recipe's milestones; the DSMD losses against the cached teacher
-embeddings are the trainer's own. A NaN step is skipped and counted by the trainer (too many in a row
-stop the run); the artifact is written only from finite weights, in a temp folder renamed at the end.
+BatchNorm statistics at the recipe's milestones; the distillation losses (distill's defaults) against
+the cached teacher embeddings are the trainer's own. A NaN step is skipped and counted by the trainer
+(too many in a row stop the run); the artifact is written only from finite weights, in a temp folder
+renamed at the end.
 """
 
 from __future__ import annotations
