@@ -2,7 +2,7 @@
 
     python tools/bench_distill.py latency   [--teacher demo] [--preset edge-s | --student DIR]
     python tools/bench_distill.py throughput [--steps 30] [--rounds 3] [--threads 1]
-    python tools/bench_distill.py ablation  [--steps 600] [--seeds 0,1,2] [--only 0,2] [--out runs/ablation]
+    python tools/bench_distill.py ablation  [--steps 900] [--seeds 0,1,2] [--only 0,2] [--out runs/ablation]
     python tools/bench_distill.py all
 
 Everything runs in one process so that ratios are measured side by side on the same machine state:
