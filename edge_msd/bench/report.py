@@ -275,12 +275,7 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
     points = []
     for name, r in zip(names, reports, strict=True):
         rec = (r.get("recall") or {}).get("eval") or (r.get("recall") or {}).get("probe")
-        p50 = [
-            m["latency_ms"].get("p50")
-            for t in r.get("towers", {}).values()
-            for m in t["measurements"]
-            if m.get("batch") == 1 and m.get("latency_ms", {}).get("p50") is not None
-        ]
+        p50 = [v for t in r.get("towers", {}) if (v := batch1_p50(r, t)) is not None]
         if rec and p50:
             points.append((name, sum(p50), rec["mean_R@1"]))
     if points:
@@ -297,6 +292,14 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def batch1_p50(report: dict[str, Any], tower: str) -> float | None:
+    """The tower's p50 latency at batch 1 in ``report``, or None where it was not measured."""
+    for m in report.get("towers", {}).get(tower, {}).get("measurements", []):
+        if m.get("batch") == 1 and (m.get("latency_ms") or {}).get("p50") is not None:
+            return float(m["latency_ms"]["p50"])
+    return None
 
 
 def _sustained_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], out: Path) -> Path | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_msd.artifacts import atomic_write_json, atomic_write_text
-from edge_msd.bench.report import load_report
+from edge_msd.bench.report import batch1_p50, load_report
 from edge_msd.bench.tables import markdown
 from edge_msd.errors import ArtifactError
 
@@ -36,13 +36,6 @@ class Point:
     on_front: bool = False
 
 
-def _batch1_p50(report: dict[str, Any], tower: str) -> float | None:
-    for m in report.get("towers", {}).get(tower, {}).get("measurements", []):
-        if m.get("batch") == 1 and (m.get("latency_ms") or {}).get("p50") is not None:
-            return float(m["latency_ms"]["p50"])
-    return None
-
-
 def point_from_report(report: dict[str, Any], path: str | Path, latency: str,
                       label: str | None = None) -> Point:
     """The point of one bench report; a report that cannot give one is an ArtifactError naming the file."""
@@ -53,7 +46,7 @@ def point_from_report(report: dict[str, Any], path: str | Path, latency: str,
     if not isinstance(recall, dict):
         raise ArtifactError(f"{path}: no recall on the eval set; benchmark a bundle with an evalset and "
                             "without --no-recall")
-    p50 = {t: _batch1_p50(report, t) for t in ("image", "text")}
+    p50 = {t: batch1_p50(report, t) for t in ("image", "text")}
     needed = ("image", "text") if latency == "image+text" else (latency,)
     missing = [t for t in needed if p50[t] is None]
     if missing:
