@@ -120,11 +120,15 @@ def finite_inputs(node: Any) -> bool:
     for arg in node.all_input_nodes:
         while arg.op == "call_function" and len(arg.all_input_nodes) == 1:  # casts, views, copies
             arg = arg.all_input_nodes[0]
-        if arg.op == "get_attr":
-            value = operator.attrgetter(arg.target)(node.graph.owning_module)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all():
-                return False
+        value = _constant(arg)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all():
+            return False
     return True
+
+
+def _constant(node: Any) -> Any:
+    """The value a ``get_attr`` node reads from its graph module; None for any other node."""
+    return operator.attrgetter(node.target)(node.graph.owning_module) if node.op == "get_attr" else None
 
 
 def float_mul(node: Any) -> bool:
@@ -140,9 +144,7 @@ def float_mul(node: Any) -> bool:
 def _one_number(arg: Any) -> bool:
     if not isinstance(arg, torch.fx.Node):
         return isinstance(arg, int | float)
-    if arg.op != "get_attr":
-        return False
-    value = operator.attrgetter(arg.target)(arg.graph.owning_module)
+    value = _constant(arg)
     return isinstance(value, torch.Tensor) and value.numel() == 1
 
 
