@@ -295,6 +295,31 @@ def test_float_mul_finds_scalings_and_integer_masks():
     assert [float_mul(n) for n in muls] == [True, False, False, True]
 
 
+def test_float_tflite_export_keeps_the_causal_mask_and_masks_stay_float(towers, batches, tmp_path):
+    """litert-torch rewrites a module's -inf buffers to -3.4e38 in place: the fp32 exporter converts a
+    copy, so a tower quantized later in the same process still has its -inf mask. Masks made of the
+    dtype's extreme (``finfo.min``, as many text towers build them) keep their add float too."""
+    from edge_msd.families.common.pt2e import finite_inputs
+    from edge_msd.families.tflite import convert_float
+
+    text = towers[1]
+    convert_float(text, batches[1][0][:1].numpy(), "fp32", tmp_path / "text.tflite")
+    assert torch.isneginf(text.attn_mask).any()
+
+    class Masked(nn.Module):
+        def __init__(self, fill: float):
+            super().__init__()
+            self.register_buffer("mask", torch.triu(torch.full((4, 4), fill), 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mask
+
+    for fill, int8_add in ((float("-inf"), False), (torch.finfo(torch.float32).min, False), (-1e4, True)):
+        gm = torch.export.export(Masked(fill), (torch.randn(4, 4),)).module()
+        add = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor)
+        assert finite_inputs(add) is int8_add, fill
+
+
 def test_int8_token_embedding_rows_scale_and_lookup():
     from edge_msd.families.common.embedding import Int8Embedding, int8_token_embedding
 

@@ -14,6 +14,7 @@ XNNPACK delegate leaves to the interpreter.
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import os
 import warnings
@@ -54,7 +55,10 @@ NP_DTYPES = {np.float32: "float32", np.int8: "int8", np.int32: "int32", np.uint8
              np.float16: "float16"}
 
 
-def _convert(module: torch.nn.Module, example: np.ndarray, precision: str, path: Path) -> None:
+def convert_float(module: torch.nn.Module, example: np.ndarray, precision: str, path: Path) -> None:
+    """Write ``module`` as an fp32 (or fp16-weight) .tflite. A copy is converted: litert-torch rewrites
+    ±inf in the module's buffers in place (the causal mask becomes ±3.4e38), which the caller's tower
+    must not see (a later int8 recipe would quantize that mask)."""
     import litert_torch
 
     kwargs = {}
@@ -66,7 +70,7 @@ def _convert(module: torch.nn.Module, example: np.ndarray, precision: str, path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            edge = litert_torch.convert(module, (torch.from_numpy(example),), **kwargs)
+            edge = litert_torch.convert(copy.deepcopy(module), (torch.from_numpy(example),), **kwargs)
         except Exception as e:  # the converter raises many types; its first line names the op
             raise ConfigError(f"TFLite conversion of {type(module).__name__} ({precision}) failed: "
                               f"{str(e).strip().splitlines()[0][:300]}") from e
@@ -226,7 +230,7 @@ class TFLiteFamily(Family):
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]
-        _convert(tower_module(req.student, tower), example, req.precision, path)
+        convert_float(tower_module(req.student, tower), example, req.precision, path)
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
         inputs, outputs, quant = tflite_io(folder / rel)

@@ -20,7 +20,7 @@ from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manife
 from edge_msd.errors import ArtifactError
 from edge_msd.eval.retrieval import first_images, retrieval_metrics
 from edge_msd.families.common.quantizer import file_size, quiet
-from edge_msd.families.tflite import interpreter, model_input
+from edge_msd.families.tflite import convert_float, interpreter, model_input
 from edge_msd.quant.config import QuantConfig
 from edge_msd.quant.pipeline import KIND, STATE_FILE, TOWERS, load_calibration
 from edge_msd.quant.recipes import quantizer_for, recipe_for_target
@@ -82,14 +82,12 @@ def _tflite_latency(
     s: Any, images: torch.Tensor, tokens: torch.Tensor, variant: str, files: dict[str, Path], threads: int
 ) -> dict[str, Any]:
     """fp32 .tflite (converted here from the float towers) vs the int8 artifact, same interpreter and run."""
-    import litert_torch
-
     lat = {}
     with tempfile.TemporaryDirectory() as tmp:
         for t, tower, x in (("image", s.image, images), ("text", s.text, tokens)):
             f32 = Path(tmp) / f"{t}.tflite"
             with quiet():
-                litert_torch.convert(tower.eval(), (x[:1],)).export(str(f32))
+                convert_float(tower.eval(), x[:1].numpy(), "fp32", f32)
             fp32_ms, int8_ms = invoke_ms([f32, files[t]], x.numpy(), threads=threads)
             lat[t] = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms}
     total32 = sum(v["fp32_ms"] for v in lat.values())

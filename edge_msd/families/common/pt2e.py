@@ -114,16 +114,21 @@ def keep_float_filter(keep_float: tuple[str, ...], filter_fn: Any = None) -> Any
 
 
 def finite_inputs(node: Any) -> bool:
-    """False for ops fed by a constant holding ±inf (the text tower's causal attention mask, through a
-    dtype cast): an int8 add annotator would give that add an int8 range, whose observer ignores inf, so
-    the mask would become 0 and the text tower would attend to future tokens."""
+    """False for ops fed by a mask constant, one holding ±inf or the dtype's extreme (the text tower's
+    causal attention mask, through a dtype cast; masks built from ``finfo.min``): an int8 add annotator
+    would give that add an int8 range, which either drops the mask (the observer ignores inf) or spends
+    every level on it, and the text tower would attend to future tokens or lose its activations."""
     for arg in node.all_input_nodes:
         while arg.op == "call_function" and len(arg.all_input_nodes) == 1:  # casts, views, copies
             arg = arg.all_input_nodes[0]
         value = _constant(arg)
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and _masking(value):
             return False
     return True
+
+
+def _masking(value: torch.Tensor) -> bool:
+    return bool(value.numel()) and not (value.abs() < torch.finfo(value.dtype).max).all()
 
 
 def _constant(node: Any) -> Any:
