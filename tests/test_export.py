@@ -88,6 +88,9 @@ def test_tflite_fp32_bundle_parity(tmp_path, student_dir):
     assert check["delegate"] == "XNNPACK" and check["image"]["not_delegated"].get("POW") == 1
     assert 0 < sum(check["image"]["not_delegated"].values()) < check["image"]["ops"]
     assert m["models"]["text"]["inputs"][0]["dtype"] == "int32"
+    # images enter NHWC, LiteRT's own layout (parity fed them NCHW through the runner)
+    image_in = m["models"]["image"]["inputs"][0]
+    assert image_in["layout"] == "NHWC" and image_in["shape"][1:] == [32, 32, 3], image_in
 
 
 def test_tflite_fp16_parity(tmp_path, student_dir):

@@ -230,8 +230,14 @@ def test_tflite_residual_adds_run_in_int8(batches, tmp_path):
     assert _float_ops(path) == ["DIV", "MAXIMUM", "MUL", "POW", "SUM"]
     from ai_edge_litert.interpreter import Interpreter
 
-    ops = [d["op_name"] for d in Interpreter(model_path=str(path))._get_ops_details()]
+    interp = Interpreter(model_path=str(path))
+    details = interp._get_ops_details()
+    ops = [d["op_name"] for d in details]
     assert ops.count("ADD") == 1 and ops.count("DEQUANTIZE") == 1 and "QUANTIZE" not in ops, ops
+    # the int8 image enters NHWC: the first conv reads it without a TRANSPOSE of the input
+    image = interp.get_input_details()[0]
+    assert list(image["shape"]) == [1, 32, 32, 3]
+    assert not [d for d in details if d["op_name"] == "TRANSPOSE" and image["index"] in d["inputs"]]
     out = torch.from_numpy(run_tflite(path, batches[0][1].numpy()))
     assert cosine_to(tower(batches[0][1]).detach(), out) > 0.98
 
