@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from edge_msd.config import build_config
 from edge_msd.data import open_dataset
 from edge_msd.distill import trainer as trainer_mod
+from edge_msd.distill.checkpoint import LAST_KEYS, load_checkpoint
 from edge_msd.distill.config import KNOWN_LOSSES, DistillConfig
 from edge_msd.distill.ema import student_ema, warmed_decay
 from edge_msd.distill.images import ImageStore
@@ -206,6 +207,36 @@ def test_existing_run_needs_resume_or_force(features, tmp_path):
         train(
             tiny_cfg(features, tmp_path / "r", steps=2, val_split=None, lr=0.5, resume=True), progress=False
         )
+
+
+def test_force_rerun_that_fails_before_training_keeps_the_old_run(features, tmp_path):
+    """--force clears the old run only once the new one can train: a rerun whose data or student
+    cannot be opened leaves the old checkpoints, metrics and config as they were."""
+    out = tmp_path / "r"
+    train(tiny_cfg(features, out, steps=2, eval_every=2), progress=False)
+    names = ("metrics.jsonl", "config.json", "config.toml", "checkpoints/last.pt", "checkpoints/best.pt")
+
+    def contents() -> dict[str, bytes | None]:
+        return {n: (out / n).read_bytes() if (out / n).is_file() else None for n in names}
+
+    kept = contents()
+    foreign = tmp_path / "feat"
+    foreign.mkdir()
+    (foreign / "train").symlink_to(features / "train")
+    build_feature_cache(TinyTeacher(seed=1), open_dataset(DATA, "val"), foreign / "val", progress=False)
+    with pytest.raises(ArtifactError, match="teacher"):  # the val cache fails when it is opened
+        train(tiny_cfg(foreign, out, steps=3, force=True), progress=False)
+    with pytest.raises(ConfigError, match="known: edge-xs"):
+        train(tiny_cfg(features, out, steps=3, preset="edge-q", force=True), progress=False)
+    assert contents() == kept
+    assert load_checkpoint(out / "checkpoints" / "last.pt", LAST_KEYS)["state"]["step"] == 2
+    assert load_checkpoint(out / "checkpoints" / "best.pt", ("model", "val"))["step"] == 2
+
+    train(tiny_cfg(features, out, steps=3, eval_every=3, force=True), progress=False)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "losses" in r] == [1, 2, 3]  # the old run's records are gone
+    assert json.loads((out / "config.json").read_text())["steps"] == 3
+    assert load_checkpoint(out / "checkpoints" / "best.pt", ("model", "val"))["step"] == 3
 
 
 def test_nan_step_skipped_and_counted(features, tmp_path, monkeypatch):

@@ -110,7 +110,11 @@ def load_state(module: Any, state: Any, path: Path, what: str) -> None:
         raise bad_checkpoint(path, f"its {what} does not fit this run ({_first_line(e)})") from None
 
 
-def prepare_out(cfg: DistillConfig, out: Path, rank: int) -> None:
+def check_out(cfg: DistillConfig, out: Path, rank: int) -> None:
+    """Refuse, before anything is opened or built, a run that cannot start in ``out``; changes nothing.
+
+    A resume needs a checkpoint made with the same settings; a fresh run needs --force where a run is.
+    """
     ckpt = out / CKPT_DIR / LAST
     saved_cfg = out / "config.json"
     if rank != 0:
@@ -131,10 +135,18 @@ def prepare_out(cfg: DistillConfig, out: Path, rank: int) -> None:
         raise ArtifactError(
             f"{out} already holds a run ({ckpt}); pass --resume to continue it or --force to start afresh"
         )
+
+
+def start_afresh(cfg: DistillConfig, out: Path) -> None:
+    """Clear the previous run's checkpoints and metrics and save this run's config (rank 0).
+
+    Called only once the new run has everything it needs to train, so a run that fails to start
+    leaves the previous one (checkpoints, metrics and the config they were made with) as it was.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / CKPT_DIR / LAST, out / CKPT_DIR / BEST, out / METRICS):
         stale.unlink(missing_ok=True)
-    atomic_write_json(saved_cfg, run_identity(cfg))
+    atomic_write_json(out / "config.json", run_identity(cfg))
     save_config(cfg, out / "config.toml")
 
 

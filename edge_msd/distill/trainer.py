@@ -47,13 +47,14 @@ from edge_msd.distill.checkpoint import (
     LAST,
     METRICS,
     PLOT,
+    check_out,
     load_checkpoint,
     load_state,
     own_rng,
-    prepare_out,
     restore,
     save_last,
     save_torch,
+    start_afresh,
     truncate_metrics,
 )
 from edge_msd.distill.config import DistillConfig
@@ -287,15 +288,19 @@ def prepare_run(
 ) -> _Run:
     """The run ``train`` starts its loop with: out folder, data, student, optimizer, losses, batches.
 
-    Public for the throughput benchmark, which trains the very same parts on tensors in memory.
+    The out folder is checked first; a fresh run clears the previous one there only at the end, once
+    all else is ready. Public for the throughput benchmark, which trains the same parts on tensors in memory.
     """
     rank, world = rank_world()
     micro = _micro_batch(cfg, world)
-    prepare_out(cfg, out, rank)
+    check_out(cfg, out, rank)
     if is_distributed():
         dist.barrier()
     data = _open_data(cfg, device)
-    return _setup(cfg, out, device, data, micro, student, prepare_model)
+    run = _setup(cfg, out, device, data, micro, student, prepare_model)
+    if rank == 0 and not cfg.resume:
+        start_afresh(cfg, out)
+    return run
 
 
 def _setup(
