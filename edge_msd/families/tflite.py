@@ -9,7 +9,7 @@ the tag it looks for: ``tag_adds``); muls whose neighbours are float stay float 
 attention's query scale, the text pooling's token mask), and so does the final L2 norm. The text
 tower's token-embedding table is int8 per row (``Int8Embedding``). The image tower takes NHWC images,
 LiteRT's own layout (``ChannelsLast``): an NCHW input costs a TRANSPOSE before the first conv, in int8
-about a tenth of the image tower's time. The graph check lists the ops the XNNPACK delegate leaves to the
+about 8% of the image tower's time. The graph check lists the ops the XNNPACK delegate leaves to the
 interpreter.
 """
 
@@ -209,7 +209,9 @@ class LiteRTQuantizer(PT2EQuantizer):
             raise QuantError(f"{path.name}: LiteRT int8 conversion failed: {first_line(e)}") from e
         kind = "dynamic-range" if meta["dynamic"] else "full-integer"
         io_ = io_entries(example, out_dim, int(example.shape[0]))
-        io_["inputs"][0].update(self._input_quant(path), **({"layout": "NHWC"} if example.ndim == 4 else {}))
+        io_["inputs"][0].update(self._input_quant(path))
+        if example.ndim == 4:
+            io_["inputs"][0]["layout"] = "NHWC"
         return {"format": "tflite", "precision": "int8", "quantization": kind, **io_}
 
     @staticmethod
