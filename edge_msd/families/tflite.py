@@ -209,19 +209,19 @@ class LiteRTQuantizer(PT2EQuantizer):
             raise QuantError(f"{path.name}: LiteRT int8 conversion failed: {first_line(e)}") from e
         kind = "dynamic-range" if meta["dynamic"] else "full-integer"
         io_ = io_entries(example, out_dim, int(example.shape[0]))
-        io_["inputs"][0].update(self._input_quant(path))
-        if example.ndim == 4:
-            io_["inputs"][0]["layout"] = "NHWC"
+        io_["inputs"][0].update(self._written_input(path))
         return {"format": "tflite", "precision": "int8", "quantization": kind, **io_}
 
     @staticmethod
-    def _input_quant(path: Path) -> dict[str, Any]:
-        """The int8 model may take an int8 input: record its (scale, zero point) for the runtime."""
-        d = interpreter(path).get_input_details()[0]
-        scale, zero = d["quantization"]
-        if np.dtype(d["dtype"]) == np.int8:
-            return {"dtype": "int8", "quantization": {"scale": float(scale), "zero_point": int(zero)}}
-        return {}
+    def _written_input(path: Path) -> dict[str, Any]:
+        """What the written model says of its input, as bundles record it (``tflite_io``): its layout, and
+        an int8 input's dtype and (scale, zero point) for the runtime."""
+        inputs, _, quant = tflite_io(path)
+        first = inputs[0]
+        out = {"layout": first["layout"]} if "layout" in first else {}
+        if first["dtype"] == "int8":
+            out |= {"dtype": "int8", "quantization": quant[first["name"]]}
+        return out
 
     def run(self, path: Path, x: np.ndarray) -> np.ndarray:
         return run_tflite(path, x)
