@@ -11,7 +11,7 @@ from export_helpers import make_tiny_student, tiny_dataset
 from edge_msd.config import load_target
 from edge_msd.delegation import coreml_findings, tensorrt_findings
 from edge_msd.families.common.base import ExportRequest
-from edge_msd.students.towers import load_student
+from edge_msd.students.towers import load_student_towers
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,8 @@ def student_dir(tmp_path_factory) -> Path:
 
 def _check(family, target: str, student_dir: Path, folder: Path) -> tuple[dict, list[str]]:
     profile = load_target(target)
-    entries = family.export(ExportRequest(load_student(student_dir), profile, profile.precision), folder)
+    request = ExportRequest(load_student_towers(student_dir), profile, profile.precision)
+    entries = family.export(request, folder)
     lines: list[str] = []
     return family.check_graph(profile, entries, folder, lines.append), lines
 

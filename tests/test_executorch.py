@@ -16,7 +16,7 @@ from edge_msd.families import family  # noqa: E402
 from edge_msd.families.common.quantizer import cosine_to  # noqa: E402
 from edge_msd.pipeline import export_target  # noqa: E402
 from edge_msd.quant.recipes import quantizer_for  # noqa: E402
-from edge_msd.students.towers import load_student  # noqa: E402
+from edge_msd.students.towers import load_student_towers  # noqa: E402
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
 
@@ -79,7 +79,7 @@ def test_int8_pte_by_ptq_keeps_recall_of_fp32(tmp_path, student_dir, fp32_bundle
 
 
 def test_qat_hooks_train_and_freeze_then_lower(tmp_path, student_dir):
-    student = load_student(student_dir)
+    student = load_student_towers(student_dir)
     quantizer = quantizer_for(family("executorch").recipe)
     x = torch.randn(4, 3, 32, 32)
     prepared = quantizer.quantize(student.image, [x], qat=True, n_steps=4)

@@ -14,7 +14,7 @@ from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.export.bundle import ExportConfig, export_bundle
 from edge_msd.families.common.base import ExportRequest
 from edge_msd.pipeline import export_target
-from edge_msd.students.towers import load_student
+from edge_msd.students.towers import load_student_towers
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def student_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def student(student_dir):
-    return load_student(student_dir)
+    return load_student_towers(student_dir)
 
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"  # real drawn scenes at the tiny student's size
@@ -288,7 +288,7 @@ def test_profile_missing_and_wrong_field(tmp_path):
 def test_not_a_student_folder(tmp_path):
     (tmp_path / "open_clip_config.json").write_text("{}")
     with pytest.raises(ArtifactError, match="open_clip_model.safetensors is missing"):
-        load_student(tmp_path)
+        load_student_towers(tmp_path)
 
 
 def test_export_loads_a_student_only_with_verified_hashes(tmp_path, student_dir):
@@ -300,7 +300,7 @@ def test_export_loads_a_student_only_with_verified_hashes(tmp_path, student_dir)
     weights = copy / "open_clip_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ArtifactError, match="open_clip_model.safetensors"):
-        load_student(copy)
+        load_student_towers(copy)
 
 
 def test_existing_output_refused(tmp_path, student_dir):

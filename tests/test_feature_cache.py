@@ -19,7 +19,8 @@ from edge_msd.cli import main
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.errors import ArtifactError, BadSampleError, ConfigError
 from edge_msd.teachers.base import Teacher
-from edge_msd.teachers.cache import FeatureCache, build_feature_cache, rank_device
+from edge_msd.teachers.cache import FeatureCache, build_feature_cache
+from edge_msd.torchrun import rank_device
 
 
 class TinyTeacher(torch.nn.Module):

@@ -11,11 +11,13 @@ PACKAGE = Path(edge_msd.__file__).parent
 
 # Shared modules every stage may import: configs, artifacts, errors, paths, the lineage records, the
 # family registry (stdlib only), the numpy-only retrieval metrics, and the torch-free bundle rules
-# that ship to the device inside the benchmark binary and are applied by the host alike.
+# that ship to the device inside the benchmark binary and are applied by the host alike. The torchrun
+# plumbing (rank device, process group, barrier, broadcast) is shared too: the feature pass (teachers,
+# stage 2) and training (distill, stage 3) both run under torchrun, and it knows no pipeline stage.
 BASE = {
     "edge_msd", "edge_msd.config", "edge_msd.artifacts", "edge_msd.errors", "edge_msd.paths",
     "edge_msd.lineage", "edge_msd.delegation", "edge_msd.quiet", "edge_msd.families", "edge_msd.eval",
-    "edge_msd.bench.integrity", "edge_msd.bench.signing",
+    "edge_msd.bench.integrity", "edge_msd.bench.signing", "edge_msd.torchrun",
 }
 # Pipeline stages in order (data → teachers → distill → quant → export → bench); a module may import its
 # own stage and earlier ones. Students are made by distill; the family modules (float export and int8

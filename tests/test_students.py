@@ -13,7 +13,7 @@ from PIL import Image
 from edge_msd.artifacts import read_manifest
 from edge_msd.cli import main
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.students import create_student, list_presets, load_student, save_student, tower_params
+from edge_msd.students import create_student, list_presets, load_open_clip_student, save_student, tower_params
 
 
 def test_presets_grow_and_build():
@@ -59,7 +59,7 @@ def test_save_then_plain_open_clip_load_gives_same_embeddings(tmp_path, preset, 
     with torch.no_grad():
         assert torch.equal(plain.encode_image(x), model.encode_image(x))
         assert torch.equal(plain.encode_text(tokens), model.encode_text(tokens))
-    loaded = load_student(out)
+    loaded = load_open_clip_student(out)
     assert loaded.preset == preset
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_text(loaded.tokenizer(["a cat"])),
@@ -72,7 +72,7 @@ def test_tampered_student_refused(tmp_path):
     cfg["model_cfg"]["embed_dim"] = 999
     (out / "open_clip_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="open_clip_config.json"):
-        load_student(out)
+        load_open_clip_student(out)
 
 
 def test_students_table():

@@ -23,7 +23,7 @@ from edge_msd.distill.run import evaluate_model, write_eval
 from edge_msd.distill.schedule import Schedule
 from edge_msd.distill.trainer import train
 from edge_msd.errors import ArtifactError, BadSampleError, ConfigError
-from edge_msd.students import create_student, load_student
+from edge_msd.students import create_student, load_open_clip_student
 from edge_msd.teachers.cache import build_feature_cache
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
@@ -103,7 +103,7 @@ def test_tiny_run_writes_student_metrics_plot_eval(features, tmp_path):
     assert set(steps[0]["weights"]) == set(steps[0]["losses"]) and steps[0]["samples_per_s"] > 0
     assert [r["step"] for r in records if "val" in r] == [3, 6]
     assert (tmp_path / "run" / "losses.png").stat().st_size > 1000
-    loaded = load_student(tmp_path / "run" / "student")
+    loaded = load_open_clip_student(tmp_path / "run" / "student")
     assert loaded.model.text_projection.shape[1] == 16  # the adaptor is training-only
     assert res.best_val_rsum is not None and res.val["rsum"] == res.best_val_rsum
 
@@ -192,7 +192,7 @@ def test_ema_model_embeds_like_a_model_loaded_with_its_weights():
 def test_ema_run_saves_the_averaged_weights(features, tmp_path):
     res = train(tiny_cfg(features, tmp_path / "e", ema_decay=0.9, val_split=None), progress=False)
     last = torch.load(tmp_path / "e" / "checkpoints" / "last.pt", weights_only=True)
-    saved = load_student(tmp_path / "e" / "student").model.state_dict()
+    saved = load_open_clip_student(tmp_path / "e" / "student").model.state_dict()
     ema_weights = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(saved[k], ema_weights[k]) for k in saved)
     assert any(not torch.equal(saved[k], last["model"][k]) for k in saved)  # not the raw weights
@@ -349,7 +349,7 @@ def test_two_process_gloo_run_matches_one_process(features, tmp_path):
     val_cache = json.loads((two_features / "val" / "manifest.json").read_text())
     assert val_cache["build"]["world_size"] == 2
     assert _shard_bytes(two_features / "val") == _shard_bytes(features / "val")
-    two = load_student(tmp_path / "two" / "student").model.state_dict()
+    two = load_open_clip_student(tmp_path / "two" / "student").model.state_dict()
     for k, v in one.model.state_dict().items():
         assert torch.allclose(v, two[k], atol=1e-5, rtol=1e-4), k
 

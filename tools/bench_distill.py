@@ -26,7 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from edge_msd.distill.config import DSMD_LOSSES, DistillConfig
 from edge_msd.distill.run import count_params, write_eval
 from edge_msd.distill.trainer import train
-from edge_msd.students import create_student, load_student, preset_config, student_transform, tower_params
+from edge_msd.students import (
+    create_student,
+    load_open_clip_student,
+    preset_config,
+    student_transform,
+    tower_params,
+)
 
 
 def _median_ms(fn, reps: int = 200, warmup: int = 20) -> float:
@@ -65,7 +71,7 @@ def latency(teacher_spec: str, preset: str, student_dir: str | None, reps: int) 
     image, caption = ds.load_image(0), ds.captions[0]
     teacher = load_teacher(teacher_spec)
     if student_dir:
-        st = load_student(student_dir)
+        st = load_open_clip_student(student_dir)
         student, s_pre, s_tok, name = st.model, st.preprocess, st.tokenizer, f"student {st.preset}"
     else:
         import open_clip

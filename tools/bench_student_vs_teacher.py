@@ -284,13 +284,13 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from edge_msd.students import load_student
+    from edge_msd.students import load_open_clip_student
     from edge_msd.teachers import load_teacher
 
     teacher = load_teacher(args.teacher)
     teacher_dir = teacher_onnx(teacher, Path(args.teacher_onnx))
     src = student_source(args)
-    student_model = load_student(src.folder).model if src.folder is not None else None
+    student_model = load_open_clip_student(src.folder).model if src.folder is not None else None
     inputs = model_inputs(teacher, src.bundle, args.images)
 
     results = {}

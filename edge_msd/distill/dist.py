@@ -5,50 +5,16 @@ need the global batch, so each rank gathers the others' embeddings (:func:`gathe
 its own rows keep their gradient) and computes the whole loss, then backprops ``loss * world``:
 DDP's mean over ranks of those gradients equals the gradient one process computes on the global
 batch. Only detached tensors cross ranks outside DDP (teacher rows, image ids, loss values).
+Joining the process group, the rank's device, barrier and broadcast are ``edge_msd.torchrun``.
 """
 
 from __future__ import annotations
-
-import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-
-def is_distributed() -> bool:
-    """True when a process group with more than one rank is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside ``torch.distributed``."""
-    if is_distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Join the torchrun process group if launched by torchrun; True if this call created it.
-
-    The rank's GPU is made current first, so NCCL's collectives never all land on ``cuda:0``.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def broadcast_from_rank0(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (a picklable Python value), so that all ranks decide alike."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+from edge_msd.torchrun import is_distributed, rank_world
 
 
 @torch.no_grad()

@@ -90,7 +90,7 @@ def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
 def evaluate_model(model_spec: str, data: str, split: str, batch_size: int = 256) -> dict:
     """Retrieval metrics (+ zero-shot accuracy with class labels) of a teacher spec or student folder."""
     from edge_msd.data import open_dataset
-    from edge_msd.students import load_student
+    from edge_msd.students import load_open_clip_student
 
     dataset = open_dataset(data, split)
     path = Path(model_spec)
@@ -99,7 +99,7 @@ def evaluate_model(model_spec: str, data: str, split: str, batch_size: int = 256
         and (path / "manifest.json").is_file()
         and _is_student(path)
     ):
-        st = load_student(path)
+        st = load_open_clip_student(path)
         to_uint8, mean, std = split_preprocess(st.preprocess)
         images = decode_images(dataset, np.arange(dataset.n_images), to_uint8)
         tokens = st.tokenizer(list(dataset.captions)).long()
@@ -113,12 +113,13 @@ def evaluate_model(model_spec: str, data: str, split: str, batch_size: int = 256
         kind, params = f"student ({st.preset})", count_params(st.model)
     else:
         from edge_msd.teachers import load_teacher
+        from edge_msd.teachers.encode import embed_dataset, embed_texts
 
         teacher = load_teacher(model_spec)
-        img, txt = _teacher_embed(teacher, dataset, batch_size)
+        img, txt = embed_dataset(teacher, dataset, batch_size)
 
         def encode_texts(texts: list[str]) -> np.ndarray:
-            return _teacher_texts(teacher, texts, batch_size)
+            return embed_texts(teacher, texts, batch_size)
 
         kind, params = "teacher", count_params(teacher)
     out = {
@@ -137,29 +138,9 @@ def evaluate_model(model_spec: str, data: str, split: str, batch_size: int = 256
 
 def _is_student(path: Path) -> bool:
     from edge_msd.artifacts import read_manifest
+    from edge_msd.lineage import STUDENT_KIND
 
-    return read_manifest(path).get("kind") == "student"
-
-
-@torch.no_grad()
-def _teacher_texts(teacher: Any, texts: list[str], batch: int) -> np.ndarray:
-    return torch.cat(
-        [
-            teacher.encode_text(teacher.tokenize(texts[s : s + batch])).float()
-            for s in range(0, len(texts), batch)
-        ]
-    ).numpy()
-
-
-@torch.no_grad()
-def _teacher_embed(teacher: Any, dataset: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    img = []
-    for s in range(0, dataset.n_images, batch):
-        x = torch.stack(
-            [teacher.preprocess(dataset.load_image(i)) for i in range(s, min(s + batch, dataset.n_images))]
-        )
-        img.append(teacher.encode_image(x).float())
-    return torch.cat(img).numpy(), _teacher_texts(teacher, list(dataset.captions), batch)
+    return read_manifest(path).get("kind") == STUDENT_KIND
 
 
 def print_eval(result: dict) -> None:

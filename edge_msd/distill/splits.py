@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from edge_msd.distill.config import DistillConfig
-from edge_msd.distill.dist import broadcast_from_rank0, rank_world
 from edge_msd.distill.images import ImageStore, console
 from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.torchrun import broadcast_from_rank0, rank_world
 
 
 @dataclass

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from edge_msd.config import config_to_dict
@@ -63,9 +62,6 @@ from edge_msd.distill.dist import (
     average_batchnorm_stats,
     data_parallel,
     gather_with_local_grad,
-    init_distributed,
-    is_distributed,
-    rank_world,
     sync_batchnorm,
 )
 from edge_msd.distill.ema import student_ema
@@ -76,7 +72,14 @@ from edge_msd.distill.schedule import Batches, lr_factor, param_groups
 from edge_msd.distill.splits import SplitData, open_split, resolve_teacher
 from edge_msd.distill.validation import plot_metrics, validate
 from edge_msd.errors import ConfigError, EdgeMSDError
-from edge_msd.students import create_student, load_student, preset_config, save_student, student_transform
+from edge_msd.students import (
+    create_student,
+    load_open_clip_student,
+    preset_config,
+    save_student,
+    student_transform,
+)
+from edge_msd.torchrun import barrier, is_distributed, process_group, rank_device, rank_world
 
 
 class NonFiniteLossError(EdgeMSDError):
@@ -104,8 +107,6 @@ class TrainResult:
 
 def _device(cfg: DistillConfig) -> torch.device:
     """This process's device: under torchrun, ``cuda`` is the rank's own ``cuda:LOCAL_RANK``."""
-    from edge_msd.teachers.cache import rank_device
-
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"field 'device': {cfg.device} asked for but CUDA is not available")
     return torch.device(rank_device(cfg.device))
@@ -149,12 +150,8 @@ def train(
     cfg.validate()
     out = Path(out_dir) if out_dir is not None else cfg.out_dir()
     device = _device(cfg)
-    created_pg = init_distributed(device)
-    try:
+    with process_group(device):
         return _train(cfg, out, device, student, prepare_model, on_step, progress)
-    finally:
-        if created_pg:
-            dist.destroy_process_group()
 
 
 def _student_and_adaptor(
@@ -162,7 +159,7 @@ def _student_and_adaptor(
 ) -> tuple[nn.Module, nn.Module]:
     """The student to train (given, ``cfg.init`` or a fresh preset) + adaptor from its width to t_dim."""
     if student is None and cfg.init:
-        loaded = load_student(cfg.init)
+        loaded = load_open_clip_student(cfg.init)
         if loaded.preset != cfg.preset:
             raise ConfigError(
                 f"field 'init': {cfg.init} is a {loaded.preset} student but preset is {cfg.preset}"
@@ -294,8 +291,7 @@ def prepare_run(
     rank, world = rank_world()
     micro = _micro_batch(cfg, world)
     check_out(cfg, out, rank)
-    if is_distributed():
-        dist.barrier()
+    barrier()
     data = _open_data(cfg, device)
     run = _setup(cfg, out, device, data, micro, student, prepare_model)
     if rank == 0 and not cfg.resume:
@@ -489,8 +485,8 @@ def _finish(run: _Run, save: bool) -> TrainResult:
     best_path = out / CKPT_DIR / BEST
     if run.ema is not None:
         run.model.load_state_dict(run.ema.module.state_dict())
-    if data.val is not None and is_distributed():
-        dist.barrier()  # rank 0 has written best.pt
+    if data.val is not None:
+        barrier()  # rank 0 has written best.pt
     if data.val is not None and best_path.is_file():
         best = load_checkpoint(best_path, ("model", "val"))
         load_state(run.model, best["model"], best_path, "model")

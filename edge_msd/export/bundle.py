@@ -46,7 +46,7 @@ from edge_msd.export.parity import parity_report
 from edge_msd.families import family_for
 from edge_msd.families.common.base import TOWERS, ExportRequest, Family
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, file_size
-from edge_msd.students.towers import Student, load_student
+from edge_msd.students.towers import Student, load_student_towers
 
 console = Console(stderr=True)
 
@@ -164,7 +164,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
     art_manifest = read_quantized(Path(cfg.quantized), profile, exporter) if cfg.quantized else None
     student_dir = (Path(cfg.student) if cfg.student else
                    Path(art_manifest["student"]["source"]) if art_manifest else cfg.student_dir())
-    student = load_student(student_dir)
+    student = load_student_towers(student_dir)
     cfg = cfg.resolved(student_dir, need_data=dataset is None)
     if profile.resolution != "student" and tuple(student.preprocess.size) != (profile.resolution,) * 2:
         raise ConfigError(f"{profile.source}: resolution {profile.resolution} differs from the student's "

@@ -40,7 +40,7 @@ from edge_msd.quant.calibration import (
 )
 from edge_msd.quant.config import QuantConfig
 from edge_msd.quant.recipes import quantizer_for, recipe_for_target
-from edge_msd.students.towers import ImageTower, TextTower, load_student
+from edge_msd.students.towers import ImageTower, TextTower, load_student_towers
 
 KIND = QUANTIZED_KIND
 TOWERS = ("image", "text")
@@ -257,7 +257,7 @@ def quantize_student(cfg: QuantConfig) -> Path:
     out = cfg.out_dir()
     if out.exists() and not cfg.force:
         raise QuantError(f"{out} already exists; pass --force to replace it")
-    student = load_student(cfg.student)
+    student = load_student_towers(cfg.student)
     calib = load_calibration(cfg, student)
     if cfg.method == "qat":
         model, infos = run_qat(cfg, quantizer, student, calib)

@@ -170,10 +170,10 @@ def quant_report(
     threads: int = 1,
 ) -> dict[str, Any]:
     """Measure every target's fp32 / PTQ / QAT rows; writes ``quant_report.json`` and ``.md`` in ``out``."""
-    from edge_msd.students.towers import load_student
+    from edge_msd.students.towers import load_student_towers
 
     out = Path(out)
-    s = load_student(student)
+    s = load_student_towers(student)
     images, tokens, cap_img = eval_set = eval_inputs(data, split, s, n_images)
     fp32 = {"image": _torch_embed(s.image, images), "text": _torch_embed(s.text, tokens)}
     fp32_row = {"variant": "fp32", "measured_with": "torch fp32",

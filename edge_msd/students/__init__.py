@@ -6,7 +6,7 @@ from edge_msd.students.presets import (
     create_student,
     describe_presets,
     list_presets,
-    load_student,
+    load_open_clip_student,
     preset_config,
     save_student,
     student_transform,
@@ -15,6 +15,7 @@ from edge_msd.students.presets import (
 )
 
 __all__ = [
-    "DEFAULT_PRESET", "LoadedStudent", "create_student", "describe_presets", "list_presets", "load_student",
-    "preset_config", "save_student", "student_transform", "tower_flops", "tower_params",
+    "DEFAULT_PRESET", "LoadedStudent", "create_student", "describe_presets", "list_presets",
+    "load_open_clip_student", "preset_config", "save_student", "student_transform", "tower_flops",
+    "tower_params",
 ]

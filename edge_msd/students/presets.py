@@ -163,7 +163,7 @@ class LoadedStudent:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def load_student(path: str | Path, verify: bool = True) -> LoadedStudent:
+def load_open_clip_student(path: str | Path, verify: bool = True) -> LoadedStudent:
     """Load a saved student (checking its manifest and file hashes) through plain open_clip."""
     path = Path(path)
     if not path.is_dir():

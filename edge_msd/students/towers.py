@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_msd.errors import ConfigError
-from edge_msd.students.presets import WEIGHTS_FILE
-from edge_msd.students.presets import load_student as load_verified
+from edge_msd.students.presets import WEIGHTS_FILE, load_open_clip_student
 
 
 class ExplicitSelfAttention(nn.Module):
@@ -189,11 +188,11 @@ class Student:
     sha256: str
 
 
-def load_student(folder: str | Path) -> Student:
+def load_student_towers(folder: str | Path) -> Student:
     """A student folder as two exportable towers (explicit attention, module docstring), loaded by
-    ``edge_msd.students.load_student``: its manifest and sha256s are verified before anything is read."""
+    ``load_open_clip_student``: its manifest and sha256s are verified before anything is read."""
     folder = Path(folder)
-    loaded = load_verified(folder)
+    loaded = load_open_clip_student(folder)
     model = loaded.model
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"] if isinstance(cfg["size"], list | tuple) else (cfg["size"], cfg["size"])

@@ -58,6 +58,7 @@ def load_demo_teacher(device: str = "cpu") -> Teacher:
     """The demo teacher from paths.demo_teacher_dir(), its files checked against its manifest."""
     from edge_msd.artifacts import read_manifest, verify_files
     from edge_msd.paths import demo_teacher_dir
+    from edge_msd.teachers.demo_config import KIND
     from edge_msd.teachers.open_clip_teacher import load_local_dir
 
     folder = demo_teacher_dir()
@@ -66,7 +67,7 @@ def load_demo_teacher(device: str = "cpu") -> Teacher:
             f"the demo teacher is not built yet ({folder} has no manifest.json): "
             "run `edge-msd teacher fit` first (a few minutes on a CPU)"
         )
-    verify_files(folder, read_manifest(folder, kind="edge-msd-demo-teacher"))
+    verify_files(folder, read_manifest(folder, kind=KIND))
     return load_local_dir("demo", folder, device)
 
 

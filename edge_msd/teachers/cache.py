@@ -61,7 +61,9 @@ from edge_msd.config import save_config
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.errors import ArtifactError, BadSampleError, ConfigError, DataError, EdgeMSDError
 from edge_msd.teachers.base import Teacher
+from edge_msd.teachers.encode import embed_images, embed_texts, teacher_device
 from edge_msd.teachers.features_config import FeaturesConfig
+from edge_msd.torchrun import barrier, broadcast_from_rank0, process_group, rank_device, rank_world
 
 KIND = "edge-msd-features"
 FORMAT = 1
@@ -84,61 +86,6 @@ def features_from_config(cfg: FeaturesConfig) -> Path:
         teacher, dataset, cfg.out_dir(), batch_size=cfg.batch_size, shard_size=cfg.shard_size,
         skip_bad=cfg.skip_bad, num_workers=cfg.num_workers, force=cfg.force, config=cfg,
     )
-
-
-# ---- distributed -----------------------------------------------------------------------------
-
-
-def rank_device(device: str) -> str:
-    """The device of this process; ``auto`` is CUDA when present, else the CPU.
-
-    Under torchrun a CUDA device means this rank's ``cuda:LOCAL_RANK``, made current, so that no rank
-    (and no NCCL collective) lands on another rank's GPU.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not device.startswith("cuda") or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("cuda", f"cuda:{local}"):
-        raise ConfigError(f"field 'device': {device} under torchrun, where rank {local} uses cuda:{local}; "
-                          "pass --device cuda or auto")
-    torch.cuda.set_device(local)
-    return f"cuda:{local}"
-
-
-class _Dist:
-    """Rank, world size and collectives; a no-op for one process."""
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.owned = False
-        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Launched by torchrun but nobody set up the group yet: do it here, and tear it down after.
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.owned = True
-        self.active = dist.is_initialized()
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
 
 
 # ---- building --------------------------------------------------------------------------------
@@ -253,17 +200,6 @@ def _write_shard(out: Path, kind: str, k: int, start: int, rows: np.ndarray, ski
     atomic_write_json(_done_path(out, kind, k), record)
 
 
-def _teacher_device(teacher: Teacher) -> torch.device:
-    """Where the teacher computes: its ``device`` attribute, else its parameters', else the CPU."""
-    dev = getattr(teacher, "device", None)
-    if dev is not None:
-        return torch.device(dev)
-    if isinstance(teacher, torch.nn.Module):
-        for p in teacher.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
 def _check_embeddings(emb: np.ndarray, n: int, dim: int, teacher_id: str, what: str) -> None:
     if emb.shape != (n, dim):
         raise ArtifactError(f"teacher {teacher_id} returned {what} embeddings of shape {emb.shape}, "
@@ -346,15 +282,16 @@ def build_feature_cache(
         raise ConfigError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
     out = Path(out_dir)
     ident = _identity(teacher.id, teacher.embed_dim, dataset, shard_size)
-    dist = _Dist()
-    try:
+    with process_group(teacher_device(teacher)):
+        rank, world = rank_world()
         status: tuple[bool, EdgeMSDError | None] = (False, None)
-        if dist.rank == 0:
+        if rank == 0:
             try:
                 status = (_prepare_dir(out, ident, dataset, force), None)
             except EdgeMSDError as e:
                 status = (False, e)
-        finished, error = dist.broadcast(status)  # also the barrier: nobody starts before the dir is set up
+        # also the barrier: nobody starts before the dir is set up
+        finished, error = broadcast_from_rank0(status)
         if error is not None:
             raise error
         if finished:
@@ -363,25 +300,22 @@ def build_feature_cache(
         n_shards = {"image": math.ceil(dataset.n_images / shard_size),
                     "text": math.ceil(dataset.n_captions / shard_size)}
         units = [(kind, k) for kind in MODALITIES for k in range(n_shards[kind])]
-        mine = units[dist.rank::dist.world]
-        todo = [(kind, k) for kind, k in mine if not _is_done(out, kind, k)]
-        show = progress and dist.rank == 0
+        todo = [(kind, k) for kind, k in units[rank::world] if not _is_done(out, kind, k)]
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-        with Progress(*columns, console=_console, disable=not show) as bar, torch.inference_mode():
+        with Progress(*columns, console=_console, disable=not (progress and rank == 0)) as bar, \
+                torch.inference_mode():
             _embed_images(teacher, dataset, out, [k for kind, k in todo if kind == "image"], shard_size,
-                          batch_size, skip_bad, num_workers, bar, dist)
+                          batch_size, skip_bad, num_workers, bar)
             _embed_texts(teacher, dataset, out, [k for kind, k in todo if kind == "text"], shard_size,
-                         batch_size, bar, dist)
-        dist.barrier()
-        if dist.rank == 0:
+                         batch_size, bar)
+        barrier()
+        if rank == 0:
             _finish(out, ident, n_shards, dataset, config, dict(
                 batch_size=batch_size, shard_size=shard_size, skip_bad=skip_bad, num_workers=num_workers,
-                world_size=dist.world))
-        dist.barrier()
+                world_size=world))
+        barrier()
         return out
-    finally:
-        dist.close()
 
 
 def write_feature_cache(
@@ -419,11 +353,15 @@ def write_feature_cache(
     return out
 
 
+def _task_name(what: str) -> str:
+    rank, world = rank_world()
+    return f"{what} (rank {rank}/{world})" if world > 1 else what
+
+
 def _embed_images(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards: list[int], shard_size: int,
-                  batch_size: int, skip_bad: bool, num_workers: int, bar: Progress, dist: _Dist) -> None:
-    dim, device = int(teacher.embed_dim), _teacher_device(teacher)
-    task = bar.add_task(f"images (rank {dist.rank}/{dist.world})" if dist.world > 1 else "images",
-                        total=_rows_in(shards, shard_size, dataset.n_images))
+                  batch_size: int, skip_bad: bool, num_workers: int, bar: Progress) -> None:
+    dim = int(teacher.embed_dim)
+    task = bar.add_task(_task_name("images"), total=_rows_in(shards, shard_size, dataset.n_images))
     batches = _ShardBatches(shards, shard_size, dataset.n_images, batch_size)
     loader = torch.utils.data.DataLoader(_ImageLoader(dataset, teacher), batch_sampler=batches,
                                          collate_fn=_collate, num_workers=num_workers)
@@ -444,8 +382,7 @@ def _embed_images(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards
                                      "pass --skip-bad to skip such images)", image_index=i)
             skipped.append({"image_index": i, "key": dataset.image_keys[i], "reason": reason})
         if good:
-            x = torch.stack([t for _, t in good]).to(device)
-            emb = teacher.encode_image(x).float().cpu().numpy()
+            emb = embed_images(teacher, [t for _, t in good])
             _check_embeddings(emb, len(good), dim, teacher.id, "image")
             rows[[i - start for i, _ in good]] = emb.astype(np.float16)
         bar.advance(task, len(batch))
@@ -455,20 +392,14 @@ def _embed_images(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards
 
 
 def _embed_texts(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards: list[int], shard_size: int,
-                 batch_size: int, bar: Progress, dist: _Dist) -> None:
-    dim, device = int(teacher.embed_dim), _teacher_device(teacher)
-    task = bar.add_task(f"captions (rank {dist.rank}/{dist.world})" if dist.world > 1 else "captions",
-                        total=_rows_in(shards, shard_size, dataset.n_captions))
+                 batch_size: int, bar: Progress) -> None:
+    task = bar.add_task(_task_name("captions"), total=_rows_in(shards, shard_size, dataset.n_captions))
     for k in shards:
         start, stop = k * shard_size, min((k + 1) * shard_size, dataset.n_captions)
-        rows = np.zeros((stop - start, dim), np.float16)
-        for batch in _batches(start, stop, batch_size):
-            tokens = teacher.tokenize([dataset.captions[j] for j in batch]).to(device)
-            emb = teacher.encode_text(tokens).float().cpu().numpy()
-            _check_embeddings(emb, len(batch), dim, teacher.id, "text")
-            rows[batch[0] - start: batch[-1] - start + 1] = emb.astype(np.float16)
-            bar.advance(task, len(batch))
-        _write_shard(out, "text", k, start, rows, [])
+        emb = embed_texts(teacher, dataset.captions[start:stop], batch_size,
+                          on_batch=lambda n: bar.advance(task, n))
+        _check_embeddings(emb, stop - start, int(teacher.embed_dim), teacher.id, "text")
+        _write_shard(out, "text", k, start, emb.astype(np.float16), [])
 
 
 def _finish(out: Path, ident: dict, n_shards: dict[str, int], dataset: ImageTextDataset, config: Any,

@@ -28,10 +28,11 @@ from rich.progress import track
 from edge_msd.artifacts import atomic_dir, atomic_write_json, sha256_file, write_manifest
 from edge_msd.config import config_to_dict, save_config
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.teachers.demo_config import DemoTeacherConfig
+from edge_msd.teachers.demo_config import KIND, DemoTeacherConfig
+from edge_msd.teachers.encode import embed_dataset, embed_texts
 from edge_msd.teachers.open_clip_teacher import load_local_dir, set_offline
 
-KIND = "edge-msd-demo-teacher"
+MODEL_NAME = "edge-msd-demo-teacher"  # the open_clip model config the fit registers and builds
 TIMM_NAME = "tf_efficientnet_lite0"  # TF "SAME" padding and BN eps 1e-3, like the TF-trained weights
 # The weights were trained on (x - 127) / 128 of 0..255 pixels; as open_clip mean/std on 0..1 pixels:
 MEAN = (127 / 255,) * 3
@@ -127,7 +128,7 @@ def build_model(cfg: DemoTeacherConfig, work: Path) -> torch.nn.Module:
     # module names as RoBERTa, whose entry has them.
     arch_dict["bert"]["config_names"].setdefault("layer_attr", "layer")
     arch_dict["bert"]["config_names"].setdefault("token_embeddings_attr", "embeddings")
-    config_path = work / "edge-msd-demo-teacher.json"
+    config_path = work / f"{MODEL_NAME}.json"
     config_path.write_text(json.dumps(model_config(cfg, str(minilm_dir()))["model_cfg"]))
     open_clip.add_model_config(config_path)
     torch.manual_seed(cfg.seed)
@@ -135,7 +136,7 @@ def build_model(cfg: DemoTeacherConfig, work: Path) -> torch.nn.Module:
     hf_logging.set_verbosity_error()  # its load report lists MiniLM's unused pooler, which is expected
     hf_logging.disable_progress_bar()  # and a "Loading weights" bar for a load that takes no time
     try:
-        model = open_clip.create_model("edge-msd-demo-teacher", pretrained_text=True, device="cpu")
+        model = open_clip.create_model(MODEL_NAME, pretrained_text=True, device="cpu")
     finally:
         hf_logging.set_verbosity(verbosity)
         if progress:
@@ -280,28 +281,6 @@ def train_heads(
 # ---- evaluation -----------------------------------------------------------------------------------
 
 
-def _encode(
-    teacher: Any, dataset: Any, texts: list[str], batch: int = BATCH
-) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's embeddings of every image of ``dataset`` and of ``texts``."""
-    imgs = []
-    for s in range(0, dataset.n_images, batch):
-        x = torch.stack(
-            [teacher.preprocess(dataset.load_image(i)) for i in range(s, min(s + batch, dataset.n_images))]
-        )
-        imgs.append(teacher.encode_image(x).numpy())
-    return np.concatenate(imgs), _encode_texts(teacher, texts, batch)
-
-
-def _encode_texts(teacher: Any, texts: list[str], batch: int = BATCH) -> np.ndarray:
-    return np.concatenate(
-        [
-            teacher.encode_text(teacher.tokenize(texts[s : s + batch])).numpy()
-            for s in range(0, len(texts), batch)
-        ]
-    )
-
-
 def attribute_probe(teacher: Any, dataset: Any, image_emb: np.ndarray, n_images: int) -> dict[str, Any]:
     """What the teacher tells apart: image vs. its caption and a twin with one attribute changed.
 
@@ -316,7 +295,7 @@ def attribute_probe(teacher: Any, dataset: Any, image_emb: np.ndarray, n_images:
     twins = [dataset.counterfactuals(i) for i in range(n)]
     kinds = [k for k in twins[0] if k != "original"] if twins else []
     texts = [t["original"] for t in twins] + [t[k] for t in twins for k in kinds]
-    img, txt = image_emb[:n], _encode_texts(teacher, texts)
+    img, txt = image_emb[:n], embed_texts(teacher, texts, BATCH)
     orig, var = txt[:n], txt[n:].reshape(n, len(kinds), -1)
     n_obj = (
         np.asarray([len(dataset.scenes[i].objects) for i in range(n)]) if hasattr(dataset, "scenes") else None
@@ -388,7 +367,7 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
     train, test = open_dataset(cfg.dataset, "train"), open_dataset(cfg.dataset, "test")
     with atomic_dir(out, force=True) as tmp:
         model = build_model(cfg, tmp)
-        (tmp / "edge-msd-demo-teacher.json").unlink()
+        (tmp / f"{MODEL_NAME}.json").unlink()
         tokenizer = _tokenizer(minilm_dir(), cfg.context_length)
         t1 = time.perf_counter()
         feats = cache_image_features(model, train, cfg)
@@ -398,7 +377,7 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
         history = train_heads(model.to(cfg.device), feats, states, masks, train.caption_image_index, cfg)
         t4 = time.perf_counter()
         teacher = _save_teacher(tmp, model, cfg)
-        test_emb = _encode(teacher, test, test.captions)
+        test_emb = embed_dataset(teacher, test, BATCH)
         metrics = evaluate(teacher, test, test_emb, cfg.probe_images)
         t5 = time.perf_counter()
         timing = {"build_s": t1 - t0, "image_features_s": t2 - t1, "text_features_s": t3 - t2,
@@ -460,7 +439,7 @@ def train_embeddings(
         return torch.cat(out).numpy()
 
     img = head(feats, model.visual.head)
-    txt = _encode_texts(teacher, captions) if unlocked_layers else head(states, model.text.proj)
+    txt = embed_texts(teacher, captions, BATCH) if unlocked_layers else head(states, model.text.proj)
     return img, txt
 
 

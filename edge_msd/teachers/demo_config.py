@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
 
+KIND = "edge-msd-demo-teacher"  # the demo teacher folder's manifest kind (read without loading torch)
+
 
 @dataclass
 class DemoTeacherConfig:
