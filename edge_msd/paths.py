@@ -34,6 +34,8 @@ def demo_teacher_dir() -> Path:
 RUNS = Path("runs")
 FEATURES = RUNS / "features"  # FEATURES / <split>
 DISTILL = RUNS / "distill"  # student/, eval.json, metrics.jsonl, losses.png, checkpoints/
+STUDENT_FOLDER = "student"  # where a distill run (DISTILL, a sweep's preset) saves its student
+STUDENT = DISTILL / STUDENT_FOLDER  # the student every later verb defaults to
 QAT = RUNS / "qat"  # QAT / <target>
 CALIBRATION = RUNS / "calibration"  # CALIBRATION / <data>.json  (edge_msd.lineage.calibration_path)
 EXPORT = RUNS / "export"  # EXPORT / <target>  (a deploy bundle)

@@ -97,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
         t = _stage(f"3. export --target {target}")
         out = paths.EXPORT / target
         if cfg.force or not _valid_bundle(out, verify_bundle):
-            ecfg = ExportConfig(target=target, student=str(distill_dir / "student"), precision="",
+            ecfg = ExportConfig(target=target, student=str(paths.STUDENT), precision="",
                                 out=str(out), force=True)
             summary(export_target(ecfg), str(out))
         else:

@@ -18,7 +18,7 @@ from edge_msd import paths
     "--targets", default="tflite,jetson,coreml,executorch", show_default=True, help="comma-separated targets"
 )
 @click.option(
-    "--student", default=str(paths.DISTILL / "student"), show_default=True, help="fp32 student folder"
+    "--student", default=str(paths.STUDENT), show_default=True, help="fp32 student folder"
 )
 @click.option(
     "--calibration",

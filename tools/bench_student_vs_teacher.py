@@ -35,14 +35,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_msd import paths  # noqa: E402
-from edge_msd.artifacts import read_manifest, sha256_file  # noqa: E402
+from edge_msd.artifacts import TOWERS, read_manifest, sha256_file  # noqa: E402
 from edge_msd.bench import sysinfo  # noqa: E402
 from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs  # noqa: E402
 from edge_msd.bench.runtimes import OnnxRuntimeBackend, Session  # noqa: E402
 from edge_msd.bench.timing import latency_stats, time_loop  # noqa: E402
 from edge_msd.eval.retrieval import first_images  # noqa: E402
 
-TOWERS = ("image", "text")
 WHO = ("teacher", "student")
 WEIGHTS = "open_clip_model.safetensors"
 
@@ -89,7 +88,7 @@ def student_source(args: argparse.Namespace) -> StudentSource:
         from edge_msd.students import create_student, save_student
 
         root = paths.BENCH / f"random-{args.preset}"
-        folder = root / "student"
+        folder = root / paths.STUDENT_FOLDER
         # Saved afresh each time (seed 0: the same bytes, so the export is reused) so that an edited
         # preset is never timed from a stale folder; the data spec names the images to time with.
         torch.manual_seed(0)
@@ -228,7 +227,7 @@ def recall_ratio(eval_path: Path, src: StudentSource) -> tuple[float | None, str
         f"recall (mean of i2t/t2i R@1, {ev.get('data', '?')} [{ev.get('split', '?')}], {eval_path}): "
         f"teacher {t:.2f}, student {s:.2f}"
     )
-    evaluated = eval_path.parent / "student" / WEIGHTS
+    evaluated = eval_path.parent / paths.STUDENT_FOLDER / WEIGHTS
     if not evaluated.is_file() or sha256_file(evaluated) != src.bundle.manifest["student"]["sha256"]:
         line += f" — WARNING: {eval_path} evaluated another student than the bundle's"
     return s / t if t else None, line
@@ -269,7 +268,7 @@ def main() -> None:
     p.add_argument("--teacher", default="demo", help="teacher spec (edge_msd.teachers.load_teacher)")
     p.add_argument("--teacher-onnx", default=str(paths.BENCH / "teacher-onnx"), help="teacher export cache")
     p.add_argument("--bundle", default=str(paths.EXPORT / "onnx"), help="student ONNX deploy bundle")
-    p.add_argument("--student", default=str(paths.DISTILL / "student"), help="student folder, if no bundle")
+    p.add_argument("--student", default=str(paths.STUDENT), help="student folder, if no bundle")
     p.add_argument("--preset", default=None, help="time a RANDOM-WEIGHT student of this preset instead")
     p.add_argument("--eval", default=str(paths.DISTILL / "eval.json"), help="eval.json with the recall")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads, same for every model")

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_msd.artifacts import TOWERS
 from edge_msd.bench.integrity import check_bundle
 from edge_msd.errors import ArtifactError
 
-TOWERS = ("image", "text")
 # Model formats by file suffix; a TensorRT engine (.plan) is built on the device, next to the ONNX.
 FORMATS = {
     ".onnx": "onnx",

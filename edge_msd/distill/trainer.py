@@ -38,6 +38,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from edge_msd import paths
 from edge_msd.config import config_to_dict
 from edge_msd.distill.balancer import make_balancer
 from edge_msd.distill.checkpoint import (
@@ -511,7 +512,7 @@ def _finish(run: _Run, save: bool) -> TrainResult:
             teacher_id, val_metrics = data.teacher_id, run.val
             result.student_dir = save_student(
                 run.model,
-                out / "student",
+                out / paths.STUDENT_FOLDER,
                 cfg.preset,
                 extra_manifest={
                     "distill_config": config_to_dict(cfg),

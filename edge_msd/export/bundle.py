@@ -26,6 +26,7 @@ from rich.console import Console
 
 from edge_msd.artifacts import (
     MANIFEST,
+    TOWERS,
     atomic_dir,
     atomic_writer,
     file_hashes,
@@ -44,7 +45,7 @@ from edge_msd.eval.retrieval import first_images
 from edge_msd.export.config import ExportConfig
 from edge_msd.export.parity import parity_report
 from edge_msd.families import family_for
-from edge_msd.families.common.base import TOWERS, ExportRequest, Family
+from edge_msd.families.common.base import ExportRequest, Family
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, file_size
 from edge_msd.students.towers import Student, load_student_towers
 

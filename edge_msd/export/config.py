@@ -17,7 +17,7 @@ class ExportConfig:
 
     target: str = field("tflite", help="target profile: jetson | coreml | tflite | onnx | a profile .toml")
     student: str | None = field(
-        None, help="float student [default: the --quantized artifact's student, else runs/distill/student]"
+        None, help=f"float student [default: the --quantized artifact's student, else {paths.STUDENT}]"
     )
     quantized: str | None = field(
         None, help="quantized artifact to ship (`edge-msd qat`/`ptq` output, e.g. runs/qat/tflite); int8"
@@ -52,7 +52,7 @@ class ExportConfig:
         return Path(self.out) if self.out else paths.EXPORT / Path(self.target).stem
 
     def student_dir(self) -> Path:
-        return Path(self.student) if self.student else paths.DISTILL / "student"
+        return Path(self.student) if self.student else paths.STUDENT
 
     def resolved(self, student_dir: Path, need_data: bool = True) -> ExportConfig:
         """Unset data, split and calibration from what the student at ``student_dir`` recorded;

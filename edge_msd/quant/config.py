@@ -20,7 +20,7 @@ class QuantConfig:
 
     target: str = field("tflite", help="target profile (targets/<name>.toml) whose recipe to use")
     method: str = field("qat", help="qat (fine-tune with fake quantization) or ptq (calibration only)")
-    student: str = field(str(paths.DISTILL / "student"), help="distilled student folder")
+    student: str = field(str(paths.STUDENT), help="distilled student folder")
     calibration: str | None = field(
         None,
         help="calibration-set manifest [default: runs/calibration/<data>.json, from `edge-msd calibrate`]",
@@ -78,7 +78,7 @@ class CalibrateConfig:
     """``edge-msd calibrate``: (re)build a calibration-set manifest."""
 
     student: str = field(
-        str(paths.DISTILL / "student"), help="student whose data and train split are the defaults"
+        str(paths.STUDENT), help="student whose data and train split are the defaults"
     )
     data: str | None = field(None, help="dataset spec [default: the student's]")
     split: str | None = field(None, help="split to draw from [default: the student's train split]")

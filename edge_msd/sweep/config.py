@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_msd import paths
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
 
@@ -31,7 +32,7 @@ class SweepConfig:
     )
     data: str | None = field(
         None, help="dataset spec [default: as the --students record it; with none of teacher, data and "
-        "features given, as the students already in --out, else runs/distill/student, record it; "
+        f"features given, as the students already in --out, else {paths.STUDENT}, record it; "
         "else the demo's]"
     )
     features: str | None = field(

@@ -124,13 +124,13 @@ def distill_base(cfg: SweepConfig) -> DistillConfig:
 def _default_lineage(cfg: SweepConfig, given: dict[str, str | None]) -> dict[str, str]:
     """Where teacher, data and features not given come from: the ``--students``' records; with none of
     the three given, the students of an earlier sweep in ``--out``, else the folder's distilled student
-    (``runs/distill/student``), so that a sweep in the user's folder never falls back to the demo."""
+    (``paths.STUDENT``), so that a sweep in the user's folder never falls back to the demo."""
     if cfg.students:
         return _recorded_lineage(cfg.students, "--students")
     if any(v is not None for v in given.values()):
         return {}
     earlier = sorted(str(m.parent) for m in cfg.out_dir().glob(f"*/student/{MANIFEST}"))
-    distilled = paths.DISTILL / "student"
+    distilled = paths.STUDENT
     for folders, what in ((earlier, f"the students in {cfg.out}"),
                           ([str(distilled)] if (distilled / MANIFEST).is_file() else [], str(distilled))):
         recorded = _recorded_lineage(folders, what)
@@ -169,7 +169,7 @@ def train_preset(cfg: SweepConfig, base: DistillConfig, preset: str) -> Candidat
     dcfg = replace(base, preset=preset, out=str(run_dir), resume=False, force=False)
     dcfg.validate()
     identity = run_identity(dcfg)
-    student = run_dir / "student"
+    student = run_dir / paths.STUDENT_FOLDER
     console.rule(f"[bold]{preset}")
     if not cfg.force and not _differences(_json(student / MANIFEST).get("distill_config"), identity):
         console.print(f"{student}: trained with these settings, reused (--force to retrain)")

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from edge_msd.artifacts import TOWERS
 from edge_msd.config import TargetProfile
 from edge_msd.errors import ConfigError
 from edge_msd.families.common.quantizer import Quantizer, Recipe
 from edge_msd.students.towers import Student
 
 Runner = Callable[[np.ndarray], np.ndarray]
-TOWERS = ("image", "text")
 INPUT_NAMES = {"image": "image", "text": "tokens"}
 OUTPUT_NAME = "embedding"
 
