@@ -195,16 +195,18 @@ def calibrate_cmd(cfg: CalibrateConfig) -> None:
 def _quantize(cfg: QuantConfig, report: bool) -> None:
     from edge_msd.quant.pipeline import quantize_student
 
-    cfg = cfg.resolved()
-    out = quantize_student(cfg)
+    out = quantize_student(cfg)  # fills its config from the student's record
     click.echo(f"{out}: {cfg.method} int8 student for target {cfg.target!r}")
     if report:
+        from edge_msd.artifacts import read_manifest
         from edge_msd.lineage import read_student_record
+        from edge_msd.quant.pipeline import KIND
         from edge_msd.quant.report import quant_report
 
+        used = read_manifest(out, KIND)["config"]  # the data and calibration set it was quantized on
         test_split = read_student_record(cfg.student).split("test", "test")
-        click.echo(quant_report([cfg.target], student=cfg.student, calibration=cfg.calibration, data=cfg.data,
-                                split=test_split, out=out.parent)["markdown"])
+        click.echo(quant_report([cfg.target], student=cfg.student, calibration=used["calibration"],
+                                data=used["data"], split=test_split, out=out.parent)["markdown"])
 
 
 @main.command("qat")

@@ -40,22 +40,25 @@ class DemoConfig:
 
 def export_target(cfg: ExportConfig, dataset: Any = None) -> dict:
     """``edge-msd export``: int8 without ``--quantized`` runs post-training quantization (the quant
-    stage, on the calibration set) into a temp folder first, and ships that; returns the manifest."""
+    stage, on the calibration set) into a temp folder first, and ships that; returns the manifest.
+
+    Each stage fills its own config from the student's record once: the quant stage the data and
+    calibration set it calibrates on (the same fill step export's own config takes), export the rest."""
+    from edge_msd.artifacts import read_manifest
     from edge_msd.export.bundle import export_bundle, export_precision
 
     if cfg.quantized or export_precision(cfg, load_target(cfg.target)) != "int8":
         return export_bundle(cfg, dataset)
     from edge_msd.quant.config import QuantConfig
-    from edge_msd.quant.pipeline import quantize_student
+    from edge_msd.quant.pipeline import KIND, quantize_student
 
-    student_dir = Path(cfg.student) if cfg.student else cfg.student_dir()
-    resolved = cfg.resolved(student_dir, need_data=dataset is None)
     with tempfile.TemporaryDirectory(prefix="edge-msd-ptq-") as d:
-        console.print(f"int8 without --quantized: running post-training quantization (PTQ) for {cfg.target}, "
-                      f"calibrated on {resolved.calibration} of data {resolved.data!r}")
-        qcfg = QuantConfig(target=cfg.target, method="ptq", student=str(student_dir),
-                           calibration=resolved.calibration, data=resolved.data, out=f"{d}/ptq")
+        console.print(f"int8 without --quantized: running post-training quantization (PTQ) for {cfg.target}")
+        qcfg = QuantConfig(target=cfg.target, method="ptq", student=str(cfg.student_dir()),
+                           calibration=cfg.calibration, data=cfg.data, out=f"{d}/ptq")
         art = quantize_student(qcfg)
+        used = read_manifest(art, KIND)["config"]
+        console.print(f"calibrated on {used['calibration']} of data {used['data']!r}")
         return export_bundle(cfg, dataset, made_for_export=art)
 
 

@@ -349,3 +349,31 @@ def test_defaults_come_from_the_student_record(tmp_path, monkeypatch):
         CalibrateConfig(student="old").resolved()
     cfg = CalibrateConfig(student="old", data="csv:/data/pairs.csv").resolved()
     assert (cfg.split, cfg.out) == ("train", "runs/calibration/csv-pairs.json")
+
+
+def test_one_record_written_and_read_fills_every_later_config(tmp_path, monkeypatch):
+    """The student record goes to a manifest and back unchanged, and the one fill step gives export, quant,
+    calibrate and eval the same recorded data, splits and feature root (what the user gave wins)."""
+    from edge_msd.artifacts import write_manifest
+    from edge_msd.distill.config import EvalConfig
+    from edge_msd.export.config import ExportConfig
+    from edge_msd.lineage import STUDENT_KIND, StudentRecord, read_student_record
+    from edge_msd.quant.config import CalibrateConfig, QuantConfig
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "s"
+    record = StudentRecord(folder, data="csv:/d/pairs.csv", features=str(tmp_path / "f"), teacher="demo",
+                           teacher_id="demo|sha256:ab", splits={"train": "tr", "val": "", "test": "te"})
+    folder.mkdir()
+    write_manifest(folder, STUDENT_KIND, config=None, **record.to_manifest())
+    assert read_student_record(folder) == record
+    assert StudentRecord.from_manifest(folder, {"kind": STUDENT_KIND}) == StudentRecord(folder)
+    cal = "runs/calibration/csv-pairs.json"
+    ex = ExportConfig(student=str(folder)).resolved(folder)
+    assert (ex.data, ex.split, ex.calibration) == ("csv:/d/pairs.csv", "te", cal)
+    q = QuantConfig(student=str(folder), method="ptq").resolved()
+    assert (q.data, q.features, q.calibration) == ("csv:/d/pairs.csv", str(tmp_path / "f"), cal)
+    c = CalibrateConfig(student=str(folder), split="mine").resolved()
+    assert (c.data, c.split, c.features, c.out) == ("csv:/d/pairs.csv", "mine", str(tmp_path / "f"), cal)
+    e = EvalConfig(model=str(folder), data="csv:/other.csv").resolved()
+    assert (e.data, e.split) == ("csv:/other.csv", "te")

@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_msd import paths
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
-from edge_msd.lineage import DEMO_DATA, read_student_record
+from edge_msd.lineage import DEMO_DATA, fill_from_record, read_student_record
 from edge_msd.teachers.features_config import feature_split_dir
 
 # Kept in step with edge_msd.distill.losses.LOSS_NAMES (checked by a test) without importing torch.
@@ -155,10 +155,7 @@ class EvalConfig:
         """Unset data and split from the student folder's record (a teacher records no data: only the
         demo teacher has a default, the demo's data)."""
         if Path(str(self.model)).is_dir():
-            record = read_student_record(str(self.model))
-            data, split = self.data or record.need_data(), self.split or record.split("test", "test")
-        elif self.data or self.model == "demo":
-            data, split = self.data or DEMO_DATA, self.split or "test"
-        else:
-            raise ConfigError(f"field 'data': required to evaluate teacher {self.model!r}; pass --data SPEC")
-        return replace(self, data=data, split=split)
+            return fill_from_record(self, read_student_record(str(self.model)))
+        if self.data or self.model == "demo":
+            return replace(self, data=self.data or DEMO_DATA, split=self.split or "test")
+        raise ConfigError(f"field 'data': required to evaluate teacher {self.model!r}; pass --data SPEC")

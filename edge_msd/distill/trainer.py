@@ -73,6 +73,7 @@ from edge_msd.distill.schedule import Batches, lr_factor, param_groups
 from edge_msd.distill.splits import SplitData, open_split, resolve_teacher
 from edge_msd.distill.validation import plot_metrics, validate
 from edge_msd.errors import ConfigError, EdgeMSDError
+from edge_msd.lineage import StudentRecord
 from edge_msd.students import (
     create_student,
     load_open_clip_student,
@@ -509,24 +510,15 @@ def _finish(run: _Run, save: bool) -> TrainResult:
     if rank_world()[0] == 0:
         plot_metrics(out / METRICS, out / PLOT)
         if save:
-            teacher_id, val_metrics = data.teacher_id, run.val
-            result.student_dir = save_student(
-                run.model,
-                out / paths.STUDENT_FOLDER,
-                cfg.preset,
-                extra_manifest={
-                    "distill_config": config_to_dict(cfg),
-                    "teacher_id": teacher_id,
-                    "steps": state["step"],
-                    "skipped_steps": state["skipped"],
-                    "best_val": val_metrics,
-                    # what later stages default to (edge_msd.lineage)
-                    "data": cfg.data,
-                    "teacher": cfg.teacher,
-                    "features": str(Path(cfg.features).resolve()),
-                    "splits": {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split},
-                },
-            )
+            folder = out / paths.STUDENT_FOLDER
+            # what later stages default to
+            record = StudentRecord(folder, data=cfg.data, features=str(Path(cfg.features).resolve()),
+                                   teacher=cfg.teacher, teacher_id=data.teacher_id,
+                                   splits={"train": cfg.train_split, "val": cfg.val_split,
+                                           "test": cfg.test_split})
+            result.student_dir = save_student(run.model, folder, cfg.preset, extra_manifest={
+                "distill_config": config_to_dict(cfg), "steps": state["step"],
+                "skipped_steps": state["skipped"], "best_val": run.val, **record.to_manifest()})
     return result
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_msd import paths
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
-from edge_msd.lineage import calibration_path, read_student_record
+from edge_msd.lineage import fill_from_record, read_student_record
 
 
 @dataclasses.dataclass
@@ -57,11 +57,4 @@ class ExportConfig:
     def resolved(self, student_dir: Path, need_data: bool = True) -> ExportConfig:
         """Unset data, split and calibration from what the student at ``student_dir`` recorded;
         ``need_data`` False when the caller brings its own probe/eval dataset."""
-        record = read_student_record(student_dir)
-        data = self.data or (record.need_data() if need_data else record.data)
-        return dataclasses.replace(
-            self,
-            data=data,
-            split=self.split or record.split("test", "test"),
-            calibration=self.calibration or (str(calibration_path(data)) if data else None),
-        )
+        return fill_from_record(self, read_student_record(student_dir), need_data=need_data)

@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_msd import paths
 from edge_msd.config import field
 from edge_msd.errors import ConfigError
-from edge_msd.lineage import calibration_path, data_slug, read_student_record
+from edge_msd.lineage import calibration_out, fill_from_record, read_student_record
 from edge_msd.teachers.features_config import feature_split_dir
 
 MIN_SAMPLES = 32  # below this the activation ranges of a per-tensor int8 model are noise
@@ -64,13 +64,10 @@ class QuantConfig:
         """Unset data, features and calibration filled from what the student recorded (never the demo's,
         unless the student was distilled on it)."""
         record = read_student_record(self.student)
-        data = self.data or record.need_data()
-        features = self.features or record.features or str(paths.FEATURES)
-        if self.method == "qat":  # a split folder given for the root: say so now, not after calibration
-            feature_split_dir(features, record.split("train", "train"), "--features")
-        return dataclasses.replace(
-            self, data=data, features=features, calibration=self.calibration or str(calibration_path(data))
-        )
+        cfg = fill_from_record(self, record)
+        if cfg.method == "qat":  # a split folder given for the root: say so now, not after calibration
+            feature_split_dir(cfg.features, record.split("train", "train"), "--features")
+        return cfg
 
 
 @dataclasses.dataclass
@@ -96,12 +93,5 @@ class CalibrateConfig:
     def resolved(self) -> CalibrateConfig:
         """Unset data, split and features from the student's record; ``out`` where the quantizing verbs
         look."""
-        record = read_student_record(self.student)
-        data = self.data or record.need_data()
-        return dataclasses.replace(
-            self,
-            data=data,
-            split=self.split or record.split("train", "train"),
-            features=self.features or record.features or str(paths.FEATURES),
-            out=self.out or str(paths.CALIBRATION / f"{data_slug(data)}.json"),
-        )
+        cfg = fill_from_record(self, read_student_record(self.student), split_role="train")
+        return dataclasses.replace(cfg, out=self.out or str(calibration_out(cfg.data)))

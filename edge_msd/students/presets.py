@@ -25,10 +25,10 @@ from torch import nn
 
 from edge_msd.artifacts import atomic_dir, read_manifest, verify_files, write_manifest
 from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.lineage import STUDENT_KIND
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 DEFAULT_PRESET = "edge-s"
-STUDENT_KIND = "student"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 # The text tower uses open_clip's SimpleTokenizer with the BPE vocabulary bundled in open_clip:
