@@ -102,12 +102,18 @@ def onnx_opset(model: Any) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def ort_runner(path: Path, batch: int, threads: int = 1) -> Runner:
-    """ONNX Runtime on the CPU, run in chunks of a static ``batch`` (-1: all rows at once)."""
+def ort_runner(path: Path, batch: int, threads: int = 1, *, fuse_qdq: bool = True) -> Runner:
+    """ONNX Runtime on the CPU, run in chunks of a static ``batch`` (-1: all rows at once).
+
+    ``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear pairs as the float ops they define (basic
+    graph optimizations only): ORT's fused int8 kernels on x86 CPUs without VNNI multiply u8×s8 pairs
+    with 16-bit saturation, which is neither the fake-quant reference nor what TensorRT computes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not fuse_qdq:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: run_batched(lambda c: sess.run(None, {name: c})[0], x, batch)

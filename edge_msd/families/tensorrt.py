@@ -234,7 +234,7 @@ class ModeloptQuantizer(Quantizer):
         }
 
     def run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        return ort_runner(path, -1, threads=torch.get_num_threads())(x)
+        return ort_runner(path, -1, threads=torch.get_num_threads(), fuse_qdq=False)(x)
 
 
 class TensorRTFamily(OnnxFamily):
