@@ -9,12 +9,12 @@ import pytest
 import torch
 from export_helpers import make_tiny_student, tiny_dataset
 
-from edge_msd.config import load_target
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.export.bundle import ExportConfig, export_bundle
 from edge_msd.families.common.base import ExportRequest
 from edge_msd.pipeline import export_target
 from edge_msd.students.towers import load_student
+from edge_msd.targets import load_target
 
 
 @pytest.fixture(scope="module")

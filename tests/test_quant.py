@@ -129,7 +129,7 @@ def test_recipe_chosen_by_target_and_missing_recipe_error(tmp_path):
     assert recipe_for_target("coreml").backend == "coreml"
     with pytest.raises(ConfigError, match="'onnx'.*no int8 quantization recipe"):
         recipe_for_target("onnx")
-    from edge_msd.config import load_target
+    from edge_msd.targets import load_target
 
     profile = load_target("tflite")
     tuned = replace(profile, options={"quant": {"keep_float": ["visual.conv1"], "allow_fallback": True}})

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from edge_msd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edge_msd.config import TargetProfile
     from edge_msd.families.common.base import Family
+    from edge_msd.targets import TargetProfile
 
 
 def names() -> tuple[str, ...]:
