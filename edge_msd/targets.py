@@ -16,19 +16,12 @@ from typing import TYPE_CHECKING, Any
 from edge_msd.bench.options import ProfileBench
 from edge_msd.config import build_config, field, load_toml
 from edge_msd.errors import ConfigError
-from edge_msd.families import family, names
+from edge_msd.families import FamilyOptions, family, names
 
 if TYPE_CHECKING:
     from edge_msd.families.common.base import Family
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclasses.dataclass
-class FamilyOptions:
-    """The ``[options]`` of a profile; each family subclasses it with its own typed fields."""
-
-    quant: dict = field({}, help="[options.quant]: tuning of the family's int8 recipe (quant.recipes)")
 
 
 @dataclasses.dataclass

@@ -92,7 +92,7 @@ class ProfileBench:
     profile loader types it (edge_msd.targets); the bundle manifest records it as ``target.bench``."""
 
     runtime: str | None = _opt(None, f"runtime of the target's files: {', '.join(RUNTIMES)} (else auto)")
-    warmup: int = _opt(10, "untimed warm-up iterations after the first inference")
+    warmup: int | None = _opt(None, "untimed warm-up iterations after the first inference (else 10)")
     iterations: int | None = _opt(None, "timed iterations per measurement (else 100 unless duration)")
     duration: float | None = _opt(None, "seconds of timed iterations per measurement")
     threads: int = _opt(0, "CPU threads of the runtime (0: the runtime's default)")
@@ -100,7 +100,7 @@ class ProfileBench:
     def __post_init__(self) -> None:
         if self.runtime is not None and self.runtime not in RUNTIMES:
             raise ValueError(f"field 'runtime' is {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")
-        if self.warmup < 0 or self.threads < 0:
+        if (self.warmup is not None and self.warmup < 0) or self.threads < 0:
             raise ValueError("fields 'warmup' and 'threads' must be ≥ 0")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"field 'iterations' must be ≥ 1, got {self.iterations}")

@@ -37,9 +37,9 @@ def profile_defaults(target: dict[str, Any]) -> dict[str, Any]:
     and its typed ``[bench]`` table (``ProfileBench``: runtime, warmup, iterations, duration, threads
     with 0 = runtime default)."""
     bench = ProfileBench.from_manifest(target.get("bench") or {}, "bundle manifest")
-    out: dict[str, Any] = {"warmup": bench.warmup}
-    for name, value in (("runtime", bench.runtime), ("iters", bench.iterations), ("duration", bench.duration),
-                        ("threads", bench.threads or None)):
+    out: dict[str, Any] = {}
+    for name, value in (("runtime", bench.runtime), ("warmup", bench.warmup), ("iters", bench.iterations),
+                        ("duration", bench.duration), ("threads", bench.threads or None)):
         if value is not None:
             out[name] = value
     if target.get("batch_sizes"):
@@ -111,7 +111,7 @@ class _Run:
             self.iters, self.duration = defaults.get("iters"), defaults.get("duration")
             if self.iters is None and self.duration is None:
                 self.iters = 100
-        self.warmup = opts.warmup if opts.warmup is not None else defaults["warmup"]
+        self.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 10)
         self.options = {
             "provider": opts.provider,
             "compute_units": opts.compute_units,

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from edge_msd import __version__
 from edge_msd.config import field
 from edge_msd.delegation import check_towers, coreml_findings
 from edge_msd.errors import ArtifactError, ConfigError, QuantError
+from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -53,7 +54,9 @@ from edge_msd.families.common.quantizer import (
     set_submodule,
 )
 from edge_msd.students.towers import Student, explicit_attention
-from edge_msd.targets import FamilyOptions, TargetProfile
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")  # coremltools' ct.ComputeUnit
 

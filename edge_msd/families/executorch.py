@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from edge_msd.config import field
 from edge_msd.errors import ConfigError, QuantError
+from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -36,7 +37,9 @@ from edge_msd.families.common.base import (
 )
 from edge_msd.families.common.pt2e import PT2EQuantizer, converted, finite_inputs, keep_float_filter
 from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
-from edge_msd.targets import FamilyOptions, TargetProfile
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 DELEGATES = ("xnnpack", "coreml")
 ET_DTYPES = {6: "float32", 3: "int32", 4: "int64", 1: "int8", 0: "uint8", 5: "float16"}  # ScalarType ids

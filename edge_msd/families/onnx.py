@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from edge_msd.config import field
 from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -23,7 +24,9 @@ from edge_msd.families.common.base import (
     run_batched,
     tower_module,
 )
-from edge_msd.targets import FamilyOptions, TargetProfile
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16"}
 

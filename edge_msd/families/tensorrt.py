@@ -14,7 +14,7 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,7 +42,9 @@ from edge_msd.families.common.quantizer import (
 )
 from edge_msd.families.onnx import OnnxFamily, OnnxOptions, check_onnx, export_onnx, onnx_opset, ort_runner
 from edge_msd.students.towers import explicit_attention
-from edge_msd.targets import TargetProfile
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 # ONNX ops the TensorRT 8.6/10 ONNX parser imports (onnx-tensorrt operators.md), those that matter here.
 TRT_OPS = frozenset([

@@ -22,7 +22,7 @@ import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,7 +50,9 @@ from edge_msd.families.common.pt2e import (
     tag_adds,
 )
 from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
-from edge_msd.targets import TargetProfile
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 NP_DTYPES = {np.float32: "float32", np.int8: "int8", np.int32: "int32", np.uint8: "uint8",
              np.float16: "float16"}

@@ -18,14 +18,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_msd.errors import ConfigError
+from edge_msd.families import FamilyOptions
 from edge_msd.families.common.quantizer import Quantizer, Recipe
 from edge_msd.students.towers import Student
-from edge_msd.targets import FamilyOptions, TargetProfile
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 Runner = Callable[[np.ndarray], np.ndarray]
 TOWERS = ("image", "text")
