@@ -619,6 +619,8 @@ def test_profile_bench_runtime_is_applied_unless_an_option_is_given(tmp_path):
     opts = {"bundle": str(b), "out": str(tmp_path / "r.json"), "cold": False, "vendor": False}
     with pytest.raises(ConfigError, match="runtime litert runs tflite models, but this bundle has image: on"):
         run_bench(BenchOptions(**opts))
+    with pytest.raises(ConfigError, match=r"litert is the target profile's \[bench\] runtime; --runtime"):
+        run_bench(BenchOptions(**opts))
     assert run_bench(BenchOptions(**opts, runtime="auto"))["runtime"]["name"] == "onnxruntime"
 
 

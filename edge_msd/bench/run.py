@@ -331,7 +331,14 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
         Path(opts.engine_dir) if opts.engine_dir else None,
     )
     # the option, else the runtime the target profile names, else the first installed one that fits
-    backend = select_backend(opts.runtime or profile_defaults(bundle.target).get("runtime", "auto"), files)
+    profile_runtime = None if opts.runtime else profile_defaults(bundle.target).get("runtime")
+    try:
+        backend = select_backend(opts.runtime or profile_runtime or "auto", files)
+    except EdgeMSDError as e:
+        if profile_runtime is None:
+            raise
+        raise type(e)(f"{e} ({profile_runtime} is the target profile's [bench] runtime; --runtime chooses "
+                      "another)") from e
     out = Path(opts.out) if opts.out else default_out(opts, bundle, backend)
     run = _Run(opts, bundle, backend, files, out, echo)
     echo(f"edge-msd bench: {bundle.root} with {backend.name} {run.report['runtime']['version']} → {out}")
