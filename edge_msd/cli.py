@@ -232,7 +232,7 @@ def targets_cmd() -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
-    from edge_msd.config import known_targets, load_target
+    from edge_msd.targets import known_targets, load_target
 
     # target names are what users type: never broken over lines
     table = Table(Column("target", no_wrap=True), "exporter", "precision", "batch", "resolution",

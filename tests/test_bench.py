@@ -607,6 +607,46 @@ def test_profile_threads_are_capped_in_a_run(bundle, tmp_path, monkeypatch, caps
     assert "exceeds the 1 usable CPU cores" in format_table(report)
 
 
+def test_profile_bench_runtime_is_applied_unless_an_option_is_given(tmp_path):
+    bench = {"warmup": 0, "iterations": 2, "runtime": "onnxruntime"}
+    target = {"name": "onnx", "batch_sizes": [1], "bench": bench}
+    b = make_bundle(tmp_path / "ort", target=target)
+    report = run_bench(BenchOptions(bundle=str(b), out=str(tmp_path / "r.json"), cold=False, vendor=False))
+    assert report["runtime"]["name"] == "onnxruntime" and report["settings"]["warmup"] == 0
+    # a profile naming a runtime that cannot run these files: the profile's choice is what is refused
+    target = {**target, "bench": {**bench, "runtime": "litert"}}
+    b = make_bundle(tmp_path / "lite", target=target)
+    opts = {"bundle": str(b), "out": str(tmp_path / "r.json"), "cold": False, "vendor": False}
+    with pytest.raises(ConfigError, match="runtime litert runs tflite models, but this bundle has image: on"):
+        run_bench(BenchOptions(**opts))
+    with pytest.raises(ConfigError, match=r"litert is the target profile's \[bench\] runtime; --runtime"):
+        run_bench(BenchOptions(**opts))
+    assert run_bench(BenchOptions(**opts, runtime="auto"))["runtime"]["name"] == "onnxruntime"
+
+
+def test_manifest_bench_table_is_typed(tmp_path):
+    with pytest.raises(ArtifactError, match="target.bench has unknown field.*iter; known: duration"):
+        profile_defaults({"bench": {"iter": 5}})
+    with pytest.raises(ArtifactError, match="target.bench: field 'runtime' is 'tpu'; expected one of tens"):
+        profile_defaults({"bench": {"runtime": "tpu"}})
+
+
+def test_runtime_help_lists_every_runtime():
+    from click.testing import CliRunner
+
+    from edge_msd.bench.__main__ import _parser
+    from edge_msd.bench.options import RUNTIMES
+    from edge_msd.cli import main
+
+    assert tuple(runtimes.BACKENDS) == RUNTIMES  # each runtime name has its runner, in `auto` order
+    text = CliRunner().invoke(main, ["bench", "--help"], terminal_width=200).output
+    line = next(row for row in text.splitlines() if "--runtime" in row)
+    pyz_help = next(a.help for a in _parser()._actions if "--runtime" in a.option_strings)
+    for name in ("auto", *runtimes.BACKENDS):
+        assert name in line and name in pyz_help, name
+    assert "executorch" in line
+
+
 def test_stability_warnings():
     from edge_msd.bench.timing import stability_warnings
 

@@ -19,7 +19,7 @@ from edge_msd.artifacts import atomic_write_json
 from edge_msd.bench import sysinfo, vendor
 from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs
 from edge_msd.bench.coldstart import cold_start
-from edge_msd.bench.options import BenchOptions
+from edge_msd.bench.options import BenchOptions, ProfileBench
 from edge_msd.bench.placement import unavailable
 from edge_msd.bench.report import SCHEMA, format_table
 from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
@@ -33,25 +33,17 @@ PLACEMENT_CALLS = 10  # profiled calls for per-op times
 
 
 def profile_defaults(target: dict[str, Any]) -> dict[str, Any]:
-    """Benchmark defaults from the bundle's target profile (targets/*.toml): ``batch_sizes`` and the
-    ``[bench]`` table (warmup, iterations, duration, threads with 0 = runtime default)."""
-    bench = target.get("bench") or {}
+    """Benchmark defaults (named as the options) from the bundle's target profile: its ``batch_sizes``
+    and its typed ``[bench]`` table (``ProfileBench``: runtime, warmup, iterations, duration, threads
+    with 0 = runtime default)."""
+    bench = ProfileBench.from_manifest(target.get("bench") or {}, "bundle manifest")
     out: dict[str, Any] = {}
-    for key, name in (
-        ("iterations", "iters"),
-        ("iters", "iters"),
-        ("duration", "duration"),
-        ("warmup", "warmup"),
-    ):
-        if key in bench:
-            out[name] = bench[key]
-    if bench.get("threads"):
-        out["threads"] = int(bench["threads"])
-    batch = target.get("batch_sizes") or bench.get("batch_sizes")
-    if isinstance(batch, int):
-        batch = [batch]
-    if batch:
-        out["batch"] = sorted({int(b) for b in batch})
+    for name, value in (("runtime", bench.runtime), ("warmup", bench.warmup), ("iters", bench.iterations),
+                        ("duration", bench.duration), ("threads", bench.threads or None)):
+        if value is not None:
+            out[name] = value
+    if target.get("batch_sizes"):
+        out["batch"] = sorted({int(b) for b in target["batch_sizes"]})
     return out
 
 
@@ -119,7 +111,7 @@ class _Run:
             self.iters, self.duration = defaults.get("iters"), defaults.get("duration")
             if self.iters is None and self.duration is None:
                 self.iters = 100
-        self.warmup = opts.warmup if opts.warmup is not None else int(defaults.get("warmup", 10))
+        self.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 10)
         self.options = {
             "provider": opts.provider,
             "compute_units": opts.compute_units,
@@ -338,7 +330,15 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
         {t: bundle.model(t) for t in opts.towers},
         Path(opts.engine_dir) if opts.engine_dir else None,
     )
-    backend = select_backend(opts.runtime, files)
+    # the option, else the runtime the target profile names, else the first installed one that fits
+    profile_runtime = None if opts.runtime else profile_defaults(bundle.target).get("runtime")
+    try:
+        backend = select_backend(opts.runtime or profile_runtime or "auto", files)
+    except EdgeMSDError as e:
+        if profile_runtime is None:
+            raise
+        raise type(e)(f"{e} ({profile_runtime} is the target profile's [bench] runtime; --runtime chooses "
+                      "another)") from e
     out = Path(opts.out) if opts.out else default_out(opts, bundle, backend)
     run = _Run(opts, bundle, backend, files, out, echo)
     echo(f"edge-msd bench: {bundle.root} with {backend.name} {run.report['runtime']['version']} → {out}")

@@ -36,7 +36,6 @@ from edge_msd.artifacts import (
 )
 from edge_msd.bench.integrity import KIND, SCHEMA, SIGNATURE, Verified, bundle_digest, check_bundle
 from edge_msd.bench.signing import write_signature
-from edge_msd.config import TargetProfile, load_target
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.distill.images import split_preprocess
 from edge_msd.errors import ArtifactError, ConfigError
@@ -47,6 +46,7 @@ from edge_msd.families import family_for
 from edge_msd.families.common.base import TOWERS, ExportRequest, Family
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, file_size
 from edge_msd.students.towers import Student, load_student
+from edge_msd.targets import TargetProfile, load_target
 
 console = Console(stderr=True)
 
@@ -153,11 +153,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
     out = cfg.out_dir()
     if out.exists() and not cfg.force:
         raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    exporter = family_for(profile)
-    runtime = profile.bench.get("runtime")
-    if runtime and runtime not in exporter.runtimes:
-        raise ConfigError(f"{profile.source}: [bench] runtime {runtime!r} cannot run {exporter.name} files; "
-                          f"expected one of {', '.join(exporter.runtimes)}")
+    exporter = family_for(profile)  # the profile was checked against it (runtime, precisions) when loaded
     if precision == "int8" and not (cfg.quantized or made_for_export):
         raise ConfigError(f"target {profile.name}: int8 ships a quantized artifact; make one with "
                           f"`edge-msd ptq --target {profile.name}` (or qat) and pass it as --quantized")

@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from edge_msd.bench.integrity import ENGINES_JSON, check_bundle, engine_file, timing_cache_file
-from edge_msd.config import TargetProfile
+from edge_msd.bench.integrity import (
+    DEFAULT_TIMING_CACHE,
+    ENGINES_JSON,
+    check_bundle,
+    engine_file,
+    timing_cache_file,
+)
+from edge_msd.config import build_config, field
 from edge_msd.delegation import TRT_MATRIX, check_towers, tensorrt_findings
 from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
-from edge_msd.families.common.base import ExportRequest
 from edge_msd.families.common.embedding import per_row_int8
 from edge_msd.families.common.quantizer import (
     Quantizer,
@@ -34,8 +40,11 @@ from edge_msd.families.common.quantizer import (
     matches,
     quiet,
 )
-from edge_msd.families.onnx import OnnxFamily, check_onnx, export_onnx, onnx_opset, ort_runner
+from edge_msd.families.onnx import OnnxFamily, OnnxOptions, check_onnx, export_onnx, onnx_opset, ort_runner
 from edge_msd.students.towers import explicit_attention
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 # ONNX ops the TensorRT 8.6/10 ONNX parser imports (onnx-tensorrt operators.md), those that matter here.
 TRT_OPS = frozenset([
@@ -237,9 +246,23 @@ class ModeloptQuantizer(Quantizer):
         return ort_runner(path, -1, threads=torch.get_num_threads(), fuse_qdq=False)(x)
 
 
+@dataclass
+class TensorRTOptions(OnnxOptions):
+    """``[options]`` of a tensorrt profile: the ONNX export here and the engine build on the device."""
+
+    opset: int = field(17, help="ONNX opset (TensorRT 8.6/10 parse opset 17 fully)")
+    workspace_mib: int = field(2048, help="builder workspace in MiB")
+    dla_core: int = field(-1, help="DLA core to build for (0 or 1 on Orin AGX/NX), -1 for the GPU only")
+    gpu_fallback: bool = field(True, help="layers the DLA cannot run go to the GPU")
+    timing_cache: str = field(DEFAULT_TIMING_CACHE, help="timing cache file, relative to the bundle")
+    fp32_layers: list[str] = field(["LayerNorm", "Softmax"], help="layers kept fp32 in fp16/int8 engines")
+
+
 class TensorRTFamily(OnnxFamily):
     name = "tensorrt"
     runtimes = ("tensorrt",)
+    float_precisions = ("fp32", "fp16")
+    options = TensorRTOptions
     recipe = Recipe(
         name="tensorrt-int8-qdq",
         exporter="tensorrt",
@@ -250,13 +273,6 @@ class TensorRTFamily(OnnxFamily):
     )
     quantizer = ModeloptQuantizer
     dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the int8 Q/DQ ONNX
-
-    def opset(self, profile: TargetProfile) -> int:
-        return int(profile.options.get("opset", 17))
-
-    def check(self, req: ExportRequest) -> None:
-        if req.precision not in ("fp32", "fp16"):
-            raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
         entry = super().describe(folder, rel, tower, precision, profile)
@@ -289,10 +305,10 @@ def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int
     except ImportError as e:
         raise EdgeMSDError("TensorRT is not installed: build-engine runs on the Jetson, where JetPack ships "
                            "the tensorrt Python module") from e
-    opts = target.get("options", {})
+    opts = build_config(TensorRTOptions, target.get("options", {}), f"{bundle}: manifest target.options")
     precision = precision or manifest["models"]["image"]["precision"]
-    workspace_mib = workspace_mib or int(opts.get("workspace_mib", 2048))
-    dla_core = int(opts.get("dla_core", -1)) if dla_core is None else dla_core
+    workspace_mib = workspace_mib or opts.workspace_mib
+    dla_core = opts.dla_core if dla_core is None else dla_core
     timing_cache = timing_cache or bundle / timing_cache_file(manifest)  # confined by check_bundle
     bmin, bopt, bmax = (lambda b: (min(b), sorted(b)[len(b) // 2], max(b)))(target["batch_sizes"])
     logger = trt.Logger(trt.Logger.WARNING)
@@ -312,7 +328,7 @@ def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int
             config.set_flag(trt.BuilderFlag.FP16)
             # LayerNorm/Softmax overflow in fp16: keep them fp32 (explicit precision constraints)
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            keep = tuple(opts.get("fp32_layers", ["LayerNorm", "Softmax"]))
+            keep = tuple(opts.fp32_layers)
             for i in range(network.num_layers):
                 layer = network.get_layer(i)
                 if any(k.lower() in (layer.name + str(layer.type)).lower() for k in keep):
@@ -322,7 +338,7 @@ def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int
         if dla_core >= 0:
             config.default_device_type = trt.DeviceType.DLA
             config.DLA_core = dla_core
-            if opts.get("gpu_fallback", True):
+            if opts.gpu_fallback:
                 config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
         cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache = config.create_timing_cache(cache_bytes)

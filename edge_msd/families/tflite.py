@@ -22,13 +22,12 @@ import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from edge_msd.config import TargetProfile
 from edge_msd.delegation import DELEGATE_OP, executed_ops
 from edge_msd.errors import ConfigError, QuantError
 from edge_msd.families.common.base import (
@@ -37,7 +36,6 @@ from edge_msd.families.common.base import (
     ExportRequest,
     Family,
     Runner,
-    check_static_float,
     example_inputs,
     io_entry,
     run_batched,
@@ -52,6 +50,9 @@ from edge_msd.families.common.pt2e import (
     tag_adds,
 )
 from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 NP_DTYPES = {np.float32: "float32", np.int8: "int8", np.int32: "int32", np.uint8: "uint8",
              np.float16: "float16"}
@@ -251,9 +252,7 @@ class TFLiteFamily(Family):
         scheme="PT2E full-integer int8; weights per-channel symmetric, activations per-tensor (histogram)",
     )
     quantizer = LiteRTQuantizer
-
-    def check(self, req: ExportRequest) -> None:
-        check_static_float(req, self.name)
+    float_precisions = ("fp32", "fp16")  # fp16: fp16 weights; static batch (XNNPACK plans static shapes)
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]

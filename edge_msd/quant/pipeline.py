@@ -247,7 +247,8 @@ def quantize_student(cfg: QuantConfig) -> Path:
     """PTQ or QAT of ``cfg.student`` for ``cfg.target``; writes and returns the quantized artifact."""
     from safetensors.torch import save_file
 
-    from edge_msd.config import config_to_dict, load_target
+    from edge_msd.config import config_to_dict
+    from edge_msd.targets import load_target
 
     cfg.validate()
     cfg = cfg.resolved()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edge_msd.bench.options import RUNTIMES
 from edge_msd.bench.runtimes.base import Backend, RuntimeMissing, Session
 from edge_msd.bench.runtimes.coreml import CoreMlBackend
 from edge_msd.bench.runtimes.executorch import ExecuTorchBackend
@@ -36,9 +37,13 @@ __all__ = [
     "select_backend",
 ]
 
-# Preference for `auto`: the device's native runtime first, the generic one last.
+# Keyed by runtime name, in the order `auto` tries them (RUNTIMES, the one list of runtime names).
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (TensorRtBackend, CoreMlBackend, LiteRtBackend, ExecuTorchBackend, OnnxRuntimeBackend)
+    b.name: b
+    for b in sorted(
+        (TensorRtBackend, CoreMlBackend, LiteRtBackend, ExecuTorchBackend, OnnxRuntimeBackend),
+        key=lambda b: RUNTIMES.index(b.name),
+    )
 }
 ALIASES = {
     "ort": "onnxruntime",
