@@ -20,11 +20,11 @@ import pytest
 
 from edge_msd.artifacts import atomic_write_json, file_hashes
 from edge_msd.bench import runtimes, sysinfo
-from edge_msd.bench.bundle import open_bundle, preprocess_images
 from edge_msd.bench.options import BenchOptions
 from edge_msd.bench.report import SCHEMA, format_table, load_report, merge_reports
 from edge_msd.bench.run import embed, profile_defaults, run_bench
 from edge_msd.bench.timing import Deadline, Timing, latency_stats, time_loop
+from edge_msd.contract.reading import open_bundle, preprocess_images
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.eval.retrieval import retrieval_metrics
 

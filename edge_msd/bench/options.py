@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from edge_msd.contract.format import RUNTIMES
 from edge_msd.errors import ConfigError
 
 
@@ -22,7 +23,7 @@ class BenchOptions:
     """Options of ``edge-msd bench`` and of the benchmark binary (one definition for both)."""
 
     bundle: str = _opt("runs/export/onnx", "deploy bundle folder (what `edge-msd export` wrote)")
-    runtime: str = _opt("auto", "auto | onnxruntime | litert | tensorrt | coreml")
+    runtime: str = _opt("auto", " | ".join(("auto", *RUNTIMES)))
     provider: str = _opt(
         "cpu",
         "ONNX Runtime execution provider(s), comma-separated: cpu, cuda, tensorrt, "

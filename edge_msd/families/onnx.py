@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from edge_msd.config import TargetProfile
+from edge_msd.contract.numerics import run_batched
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.families.common.base import (
     INPUT_NAMES,
@@ -19,7 +20,6 @@ from edge_msd.families.common.base import (
     Runner,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 

@@ -36,7 +36,8 @@ __all__ = [
     "select_backend",
 ]
 
-# Preference for `auto`: the device's native runtime first, the generic one last.
+# One backend per runtime of the bundle format (edge_msd.contract.format.RUNTIMES), in that order:
+# the preference for `auto`, the device's native runtime first, the generic one last.
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b for b in (TensorRtBackend, CoreMlBackend, LiteRtBackend, ExecuTorchBackend, OnnxRuntimeBackend)
 }
