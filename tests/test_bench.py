@@ -20,11 +20,11 @@ import pytest
 
 from edge_msd.artifacts import atomic_write_json, file_hashes
 from edge_msd.bench import runtimes, sysinfo
-from edge_msd.bench.bundle import open_bundle, preprocess_images
 from edge_msd.bench.options import BenchOptions
 from edge_msd.bench.report import SCHEMA, format_table, load_report, merge_reports
 from edge_msd.bench.run import embed, profile_defaults, run_bench
 from edge_msd.bench.timing import Deadline, Timing, latency_stats, time_loop
+from edge_msd.contract.reading import open_bundle, preprocess_images
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.eval.retrieval import retrieval_metrics
 
@@ -1082,7 +1082,10 @@ def test_pyz_help_and_contents(pyz, tmp_path):
         "__main__.py",
         "edge_msd/__init__.py",
         "edge_msd/bench/run.py",
+        "edge_msd/bench/engine.py",
         "edge_msd/eval/retrieval.py",
+        *(f"edge_msd/contract/{m}.py" for m in ("__init__", "format", "integrity", "signing", "reading",
+                                                  "numerics")),
     } <= names
     assert not any(n.startswith(("edge_msd/distill", "edge_msd/export", "edge_msd/teachers")) for n in names)
     r = subprocess.run(
@@ -1176,3 +1179,44 @@ def test_pyz_sigterm_writes_partial_report(pyz, bundle, tmp_path):
     assert p.returncode == 130, err
     report = load_report(out)
     assert report["partial"] and report["interrupted"] == "Ctrl-C"
+
+
+# ---- the TensorRT engine build (device side, torch-free) --------------------------------------
+
+NO_TORCH = "import sys\nfor m in ('torch', 'open_clip', 'tensorrt'):\n    sys.modules[m] = None\n"
+
+
+def _jetson_bundle(root: Path) -> Path:
+    target = {"name": "jetson-orin", "exporter": "tensorrt", "batch_sizes": [1, 4], "options": {}}
+    return make_bundle(root / "jetson", target=target)
+
+
+def test_build_engine_refuses_another_exporter(bundle):
+    from edge_msd.bench.engine import build_engines
+
+    with pytest.raises(ConfigError, match="built for exporter None, not tensorrt"):
+        build_engines(bundle)
+
+
+def test_build_engine_command_needs_no_torch(tmp_path):
+    """`edge-msd build-engine` with torch and open_clip unimportable gets as far as TensorRT, which is
+    missing here (blocked too, so that the test means the same on a machine that has it)."""
+    b = _jetson_bundle(tmp_path)
+    code = NO_TORCH + f"from edge_msd.cli import main\nmain(['build-engine', {str(b)!r}])\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: TensorRT is not installed" in r.stderr, r.stderr
+
+
+def test_pyz_builds_engines_without_torch(pyz, tmp_path):
+    b = _jetson_bundle(tmp_path)
+    env = _clean_env(tmp_path)
+    (tmp_path / "poison" / "tensorrt.py").write_text("raise ImportError('no TensorRT here')\n")
+    run = [sys.executable, "-S", str(pyz), "build-engine"]
+    r = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "--workspace-mib" in r.stdout and "--dla-core" in r.stdout, r.stderr
+    r = subprocess.run([*run, str(b), "--precision", "fp16"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and "error: TensorRT is not installed" in r.stderr, r.stderr
+    assert not (b / "models" / "image.plan").exists()

@@ -192,8 +192,8 @@ def test_build_engine_without_tensorrt_says_so(tmp_path, student_dir):
         pytest.skip("TensorRT is installed")
     except ImportError:
         pass
+    from edge_msd.bench.engine import build_engines
     from edge_msd.errors import EdgeMSDError
-    from edge_msd.families.tensorrt import build_engines
 
     m = _export(tmp_path, student_dir, "jetson")
     assert m["parity"]["passed"] and m["target"]["exporter"] == "tensorrt"
@@ -239,8 +239,8 @@ def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
     """Every export option can come from a file ([export] table); the command line wins."""
     from click.testing import CliRunner
 
-    from edge_msd.bench.integrity import bundle_digest
     from edge_msd.cli import main
+    from edge_msd.contract.integrity import bundle_digest
 
     conf = tmp_path / "export.toml"
     conf.write_text(f'[export]\ntarget = "onnx"\nstudent = "{student_dir}"\ndata = "{DATA}"\n'

@@ -4,6 +4,7 @@ run in a circle (read from the source, ast)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import edge_msd
@@ -12,14 +13,20 @@ PACKAGE = Path(edge_msd.__file__).parent
 
 # Shared modules every stage may import: configs, target profiles (the families are found through the
 # registry, itself stdlib only), artifacts, errors, paths, the lineage records, the family registry, the
-# numpy-only retrieval metrics, and the torch-free bundle rules that ship to the device inside the
-# benchmark binary and are applied by the host alike; the benchmark's options with the typed [bench]
-# table of a profile are among them (stdlib only: the profile loader types [bench] with them).
+# numpy-only retrieval metrics, and the bundle contract (its format, rules, signatures, reading and shared
+# numerics): torch-free, it ships to the device inside the benchmark binary and is applied by the host
+# alike. The benchmark's options with the typed [bench] table of a profile are among them (stdlib only:
+# the profile loader types [bench] with them).
 BASE = {
     "edge_msd", "edge_msd.config", "edge_msd.targets", "edge_msd.artifacts", "edge_msd.errors",
     "edge_msd.paths", "edge_msd.lineage", "edge_msd.delegation", "edge_msd.quiet", "edge_msd.families",
-    "edge_msd.eval", "edge_msd.bench.integrity", "edge_msd.bench.signing", "edge_msd.bench.options",
+    "edge_msd.eval", "edge_msd.contract", "edge_msd.bench.options",
 }
+# The bottom of the house: what the contract itself may import (the stdlib-only foundations), and the
+# only third-party packages it may name: numpy, and cryptography where a signature key is used.
+CONTRACT = "edge_msd.contract"
+CONTRACT_DEPS = {"edge_msd", "edge_msd.errors", "edge_msd.artifacts"}
+CONTRACT_THIRD_PARTY = {"numpy", "cryptography"}
 # Pipeline stages in order (data → teachers → distill → quant → export → bench); a module may import its
 # own stage and earlier ones. Students are made by distill; the family modules (float export and int8
 # recipe of one device family) sit between distill and the quant and export stages that both use them.
@@ -199,3 +206,31 @@ def test_the_circle_check_sees_module_level_imports_only():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
     assert import_cycles(graph) == [["a", "b", "c", "a"], ["e", "e"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def foreign_imports(tree: ast.AST) -> set[str]:
+    """Top-level names of the packages a file imports that are neither the stdlib nor edge_msd."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"edge_msd"}
+
+
+def test_the_contract_is_the_bottom_layer():
+    """edge_msd.contract imports only itself, the stdlib-only foundations, numpy (and cryptography)."""
+    files = sorted((PACKAGE / "contract").rglob("*.py"))
+    assert {p.stem for p in files} >= {"__init__", "format", "integrity", "signing", "reading", "numerics"}
+    violations = []
+    for path in files:
+        module = module_name(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for dep in sorted(imported(tree, module, path.name == "__init__.py")):
+            if dep not in CONTRACT_DEPS and dep != CONTRACT and not dep.startswith(CONTRACT + "."):
+                violations.append(f"{module} imports {dep}")
+        violations += [f"{module} imports {p}" for p in sorted(foreign_imports(tree) - CONTRACT_THIRD_PARTY)]
+    assert not violations, "the contract reaches above the bottom layer:\n" + "\n".join(violations)
+    assert rank("edge_msd.contract.integrity") == 0
+    assert rank("edge_msd.bench.engine") == STAGES["edge_msd.bench"]

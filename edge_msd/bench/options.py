@@ -9,11 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from edge_msd.contract.format import RUNTIMES
 from edge_msd.errors import ArtifactError, ConfigError
-
-# The device-side runners (edge_msd/bench/runtimes/<name>.py), in the order ``--runtime auto`` tries them:
-# the device's native runtime first, the generic one last.
-RUNTIMES = ("tensorrt", "coreml", "litert", "executorch", "onnxruntime")
 
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002

@@ -17,7 +17,6 @@ import numpy as np
 from edge_msd import __version__
 from edge_msd.artifacts import atomic_write_json
 from edge_msd.bench import sysinfo, vendor
-from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs
 from edge_msd.bench.coldstart import cold_start
 from edge_msd.bench.options import BenchOptions, ProfileBench
 from edge_msd.bench.placement import unavailable
@@ -25,6 +24,9 @@ from edge_msd.bench.report import SCHEMA, format_table
 from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
 from edge_msd.bench.sustained import sustained
 from edge_msd.bench.timing import Deadline, Stop, Timing, time_loop
+from edge_msd.contract.format import EVALSET, PROBE
+from edge_msd.contract.numerics import row_cosine, run_batched
+from edge_msd.contract.reading import Bundle, open_bundle, tower_inputs
 from edge_msd.errors import ConfigError, EdgeMSDError
 from edge_msd.eval.retrieval import retrieval_metrics
 
@@ -59,25 +61,18 @@ def _pool(x: np.ndarray, batch: int, size: int, session: Session) -> list[Any]:
 
 def embed(session: Session, x: np.ndarray, batch: int, deadline: Deadline) -> np.ndarray:
     """Embeddings of all rows with a session of fixed batch: the last chunk is padded, then cut."""
-    out = []
-    for s in range(0, len(x), batch):
+
+    def step(chunk: np.ndarray) -> np.ndarray:
         if deadline.passed():
             raise Stop
-        chunk = x[s : s + batch]
-        real = len(chunk)
-        if real < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-        out.append(
-            np.asarray(session.run(session.prepare(chunk)), dtype=np.float32).reshape(batch, -1)[:real]
-        )
-    return np.concatenate(out)
+        return np.asarray(session.run(session.prepare(chunk)), dtype=np.float32).reshape(batch, -1)
+
+    return run_batched(step, x, batch)
 
 
 def parity(device: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Per-row cosine similarity between embeddings made here and the PyTorch student's."""
-    a = device / np.maximum(np.linalg.norm(device, axis=1, keepdims=True), 1e-12)
-    b = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-    cos = (a * b).sum(axis=1)
+    cos = row_cosine(device, reference)
     return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "n": int(len(cos))}
 
 
@@ -226,7 +221,7 @@ class _Run:
         """Time every batch size, then embed the eval and probe sets with the last session."""
         data = evalset or probe
         if data is None:
-            raise EdgeMSDError(f"{self.bundle.root}: neither evalset.npz nor probe.npz: no inputs to time")
+            raise EdgeMSDError(f"{self.bundle.root}: neither {EVALSET} nor {PROBE}: no inputs to time")
         x = tower_inputs(self.bundle, tower, data)
         emb: dict[str, np.ndarray] = {}
         session = None
@@ -283,8 +278,8 @@ class _Run:
         return out
 
     def execute(self, deadline: Deadline) -> None:
-        evalset = self.bundle.load_npz("evalset.npz") if self.opts.recall else None
-        probe = self.bundle.load_npz("probe.npz")
+        evalset = self.bundle.load_npz(EVALSET) if self.opts.recall else None
+        probe = self.bundle.load_npz(PROBE)
         embs = {}
         for tower in self.towers:
             embs[tower] = self.tower(tower, evalset, probe, deadline)

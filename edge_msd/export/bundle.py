@@ -34,8 +34,20 @@ from edge_msd.artifacts import (
     sha256_file,
     verify_files,
 )
-from edge_msd.bench.integrity import KIND, SCHEMA, SIGNATURE, Verified, bundle_digest, check_bundle
-from edge_msd.bench.signing import write_signature
+from edge_msd.contract.format import (
+    EVALSET,
+    KIND,
+    PROBE,
+    SCHEMA,
+    SIGNATURE,
+    TARGET_TOML,
+    TOKENIZER_DIR,
+    TOKENIZER_JSON,
+    TOWERS,
+    model_file,
+)
+from edge_msd.contract.integrity import Verified, bundle_digest, check_bundle
+from edge_msd.contract.signing import write_signature
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.distill.images import split_preprocess
 from edge_msd.errors import ArtifactError, ConfigError
@@ -43,7 +55,7 @@ from edge_msd.eval.retrieval import first_images
 from edge_msd.export.config import ExportConfig
 from edge_msd.export.parity import parity_report
 from edge_msd.families import family_for
-from edge_msd.families.common.base import TOWERS, ExportRequest, Family
+from edge_msd.families.common.base import ExportRequest, Family
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, file_size
 from edge_msd.students.towers import Student, load_student
 from edge_msd.targets import TargetProfile, load_target
@@ -89,7 +101,7 @@ def write_tokenizer(student: Student, folder: Path) -> dict:
     meta = {"vocab": vocab.name, "context_length": student.context_length, "clean": "lower",
             "sot_token": student.tokenizer.sot_token_id, "eot_token": student.tokenizer.eot_token_id,
             "source": f"open_clip {open_clip.__version__} SimpleTokenizer"}
-    (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2))
+    (folder / TOKENIZER_JSON).write_text(json.dumps(meta, indent=2))
     return {"dir": folder.name, **{k: meta[k] for k in ("context_length", "sot_token", "eot_token")}}
 
 
@@ -117,7 +129,7 @@ def ship_quantized(exporter: Family, art: Path, manifest: dict, folder: Path, st
     models, towers = {}, {}
     for tower in TOWERS:
         entry = manifest["towers"][tower]
-        rel = f"models/{tower}.{exporter.ext}"
+        rel = model_file(tower, exporter.ext)
         exporter.ship(art / entry["file"], folder / rel, tower, student, profile)
         models[tower] = exporter.describe(folder, rel, tower, "int8", profile)
         if "delegation" in entry:  # what the delegate took, known only when the quantizer lowered it
@@ -188,10 +200,10 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
             with console.status(f"exporting {student.name} for {profile.name} ({precision})"):
                 models = exporter.export(ExportRequest(student, profile, precision), tmp)
         export_s = time.perf_counter() - t0
-        tokenizer = write_tokenizer(student, tmp / "tokenizer")
-        shutil.copyfile(profile.source, tmp / "target.toml")
-        np.savez(tmp / "probe.npz", **probe, image_emb=ref["image"], text_emb=ref["text"])
-        np.savez(tmp / "evalset.npz", **evalset)
+        tokenizer = write_tokenizer(student, tmp / TOKENIZER_DIR)
+        shutil.copyfile(profile.source, tmp / TARGET_TOML)
+        np.savez(tmp / PROBE, **probe, image_emb=ref["image"], text_emb=ref["text"])
+        np.savez(tmp / EVALSET, **evalset)
         parity = run_parity(exporter, models, tmp, student, probe, ref, profile.parity[precision])
         for entry in models.values():
             entry["size_bytes"] = file_size(tmp / entry["file"])

@@ -27,6 +27,7 @@ from torch import nn
 
 from edge_msd import __version__
 from edge_msd.config import field
+from edge_msd.contract.numerics import run_batched
 from edge_msd.delegation import check_towers, coreml_findings
 from edge_msd.errors import ArtifactError, ConfigError, QuantError
 from edge_msd.families import FamilyOptions
@@ -38,7 +39,6 @@ from edge_msd.families.common.base import (
     Runner,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 from edge_msd.families.common.embedding import int8_token_embedding

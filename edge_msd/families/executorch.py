@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from edge_msd.config import field
+from edge_msd.contract.numerics import run_batched
 from edge_msd.errors import ConfigError, QuantError
 from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
@@ -32,7 +33,6 @@ from edge_msd.families.common.base import (
     Runner,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 from edge_msd.families.common.pt2e import PT2EQuantizer, converted, finite_inputs, keep_float_filter

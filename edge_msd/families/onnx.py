@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edge_msd.config import field
+from edge_msd.contract.numerics import run_batched
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
@@ -21,7 +22,6 @@ from edge_msd.families.common.base import (
     Runner,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_msd.contract.numerics import dequantize, quantize, run_batched
 from edge_msd.delegation import DELEGATE_OP, executed_ops
 from edge_msd.errors import ConfigError, QuantError
 from edge_msd.families.common.base import (
@@ -38,7 +39,6 @@ from edge_msd.families.common.base import (
     Runner,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 from edge_msd.families.common.pt2e import (
@@ -132,8 +132,7 @@ def model_input(detail: dict, x: np.ndarray) -> np.ndarray:
     if x.ndim == 4 and list(detail["shape"][1:]) == [x.shape[2], x.shape[3], x.shape[1]]:
         x = x.transpose(0, 2, 3, 1)
     if np.dtype(detail["dtype"]) == np.int8:
-        scale, zp = detail["quantization"]
-        x = np.clip(np.round(x / scale) + zp, -128, 127)
+        x = quantize(x, *detail["quantization"])
     return x.astype(detail["dtype"])
 
 
@@ -148,8 +147,7 @@ def run_tflite(path: Path, x: np.ndarray, interp: Any = None) -> np.ndarray:
         interp.invoke()
         y = interp.get_tensor(o_det["index"])
         if np.dtype(o_det["dtype"]) == np.int8:
-            scale, zp = o_det["quantization"]
-            return (y.astype(np.float32) - zp) * np.float32(scale)
+            return dequantize(y, *o_det["quantization"])
         return y.astype(np.float32)
 
     return run_batched(run, x, int(i_det["shape"][0]))

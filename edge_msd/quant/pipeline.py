@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from edge_msd.artifacts import atomic_dir, write_manifest
+from edge_msd.contract.format import TOWERS
 from edge_msd.errors import ConfigError, DataError, QuantError
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, Quantizer, Recipe, cosine_to
 from edge_msd.quant.calibration import (
@@ -43,7 +44,6 @@ from edge_msd.quant.recipes import quantizer_for, recipe_for_target
 from edge_msd.students.towers import ImageTower, TextTower, load_student
 
 KIND = QUANTIZED_KIND
-TOWERS = ("image", "text")
 STATE_FILE = "quantized_state.safetensors"  # safetensors: reading it back cannot run code
 
 

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest, verify_files
+from edge_msd.contract.format import TOWERS
 from edge_msd.errors import ArtifactError
 from edge_msd.eval.retrieval import first_images, retrieval_metrics
 from edge_msd.families.common.quantizer import file_size, quiet
 from edge_msd.families.tflite import convert_float, interpreter, model_input
 from edge_msd.quant.config import QuantConfig
-from edge_msd.quant.pipeline import KIND, STATE_FILE, TOWERS, load_calibration
+from edge_msd.quant.pipeline import KIND, STATE_FILE, load_calibration
 from edge_msd.quant.recipes import quantizer_for, recipe_for_target
 
 

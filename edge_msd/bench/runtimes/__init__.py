@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge_msd.bench.options import RUNTIMES
 from edge_msd.bench.runtimes.base import Backend, RuntimeMissing, Session
 from edge_msd.bench.runtimes.coreml import CoreMlBackend
 from edge_msd.bench.runtimes.executorch import ExecuTorchBackend
 from edge_msd.bench.runtimes.litert import LiteRtBackend, LiteRtSession
 from edge_msd.bench.runtimes.onnxruntime import OnnxRuntimeBackend, OrtSession
 from edge_msd.bench.runtimes.tensorrt import TensorRtBackend
+from edge_msd.contract.format import RUNTIMES
 from edge_msd.errors import ConfigError
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "select_backend",
 ]
 
-# Keyed by runtime name, in the order `auto` tries them (RUNTIMES, the one list of runtime names).
+# Keyed by runtime name, in the order `auto` tries them (RUNTIMES of the bundle format, the one list).
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
     for b in sorted(

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_msd.contract.format import TOWERS, model_file
+from edge_msd.contract.numerics import Runner
 from edge_msd.errors import ConfigError
 from edge_msd.families import FamilyOptions
 from edge_msd.families.common.quantizer import Quantizer, Recipe
@@ -30,8 +31,6 @@ from edge_msd.students.towers import Student
 if TYPE_CHECKING:
     from edge_msd.targets import TargetProfile
 
-Runner = Callable[[np.ndarray], np.ndarray]
-TOWERS = ("image", "text")
 INPUT_NAMES = {"image": "image", "text": "tokens"}
 OUTPUT_NAME = "embedding"
 
@@ -77,7 +76,7 @@ class Family(ABC):
         self.check(req)
         entries = {}
         for tower in TOWERS:
-            rel = f"models/{tower}.{self.ext}"
+            rel = model_file(tower, self.ext)
             (out_dir / "models").mkdir(parents=True, exist_ok=True)
             found = self.write(req, tower, out_dir / rel) or {}
             entries[tower] = {**self.describe(out_dir, rel, tower, req.precision, req.profile), **found}
@@ -118,17 +117,3 @@ def example_inputs(student: Student, batch: int) -> dict[str, np.ndarray]:
 
 def tower_module(student: Student, tower: str):
     return student.image if tower == "image" else student.text
-
-
-def run_batched(fn: Runner, x: np.ndarray, batch: int) -> np.ndarray:
-    """Run a static-batch model over any number of rows (the last chunk padded by repetition)."""
-    if batch <= 0:
-        return fn(x)
-    outs = []
-    for s in range(0, len(x), batch):
-        chunk = x[s : s + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        outs.append(fn(chunk)[:n])
-    return np.concatenate(outs)
