@@ -8,8 +8,8 @@ from typing import Any
 from edge_msd.artifacts import MANIFEST
 
 __all__ = [
-    "DEFAULT_TIMING_CACHE", "ENGINE_DEFAULTS", "ENGINES_JSON", "EVALSET", "FORMATS", "KIND", "MANIFEST", "PROBE",
-    "RUNTIMES",
+    "DEFAULT_TIMING_CACHE", "ENGINE_DEFAULTS", "ENGINES_JSON", "EVALSET", "FORMATS", "KIND", "MANIFEST",
+    "PROBE", "RUNTIMES",
     "SCHEMA", "SIGNATURE", "TABLES", "TARGET_TOML", "TOKENIZER_DIR", "TOKENIZER_JSON", "TOWERS", "at",
     "engine_file", "model_file", "timing_cache_file",
 ]
