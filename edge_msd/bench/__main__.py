@@ -21,6 +21,7 @@ from edge_msd.bench.engine import build_engines
 from edge_msd.bench.options import BenchOptions
 from edge_msd.bench.run import print_report, run_bench
 from edge_msd.errors import EdgeMSDError
+from edge_msd.quiet import known_noise_hidden
 
 EXIT_ERROR, EXIT_TIME_LIMIT, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         "130 Ctrl-C (partial report). TensorRT engines: edge-msd-bench build-engine BUNDLE (--help).",
     )
     p.add_argument("--version", action="version", version=f"edge-msd-bench {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show the runtime's own log lines (e.g. LiteRT's delegate creation)")
     hints = typing.get_type_hints(BenchOptions)
     for f in dataclasses.fields(BenchOptions):
         opt = "--" + f.name.replace("_", "-")
@@ -90,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["build-engine"]:
         return build_engine_main(argv[1:])
-    opts = BenchOptions(**vars(_parser().parse_args(argv)))
+    args = vars(_parser().parse_args(argv))
+    verbose = args.pop("verbose")
+    opts = BenchOptions(**args)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        report = run_bench(opts)
+        with known_noise_hidden(not verbose):
+            report = run_bench(opts)
     except EdgeMSDError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR

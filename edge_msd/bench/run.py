@@ -29,6 +29,7 @@ from edge_msd.contract.numerics import row_cosine, run_batched
 from edge_msd.contract.reading import Bundle, open_bundle, tower_inputs
 from edge_msd.errors import ConfigError, EdgeMSDError
 from edge_msd.eval.retrieval import retrieval_metrics
+from edge_msd.quiet import third_party_output_hidden
 
 MAX_SAMPLES_KEPT = 20000  # raw latencies kept in the report for distribution plots
 PLACEMENT_CALLS = 10  # profiled calls for per-op times
@@ -175,9 +176,11 @@ class _Run:
 
     def load(self, tower: str, batch: int) -> tuple[Session, float]:
         path = self.files[tower][self._format(tower)]
-        t0 = time.perf_counter_ns()
-        session = self.backend().load(self.bundle.model(tower), path, self.threads, batch, self.options)
-        return session, (time.perf_counter_ns() - t0) / 1e6
+        with third_party_output_hidden():  # runtimes log from C++ as they build (XNNPACK, TensorRT)
+            t0 = time.perf_counter_ns()
+            session = self.backend().load(self.bundle.model(tower), path, self.threads, batch, self.options)
+            load_ms = (time.perf_counter_ns() - t0) / 1e6
+        return session, load_ms
 
     def measure(self, tower: str, x: np.ndarray, batch: int, deadline: Deadline) -> Session:
         """One (tower, batch) measurement; its entry is in the report even if cut short."""

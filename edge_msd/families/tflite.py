@@ -104,8 +104,9 @@ def interpreter(path: Path, threads: int = 1) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=str(path), num_threads=threads)
-    interp.allocate_tensors()
+    with quiet():  # LiteRT logs its delegate's creation from C++
+        interp = Interpreter(model_path=str(path), num_threads=threads)
+        interp.allocate_tensors()
     return interp
 
 
@@ -230,8 +231,9 @@ def litert_leftovers(model: Path) -> dict[str, Any]:
     """Ops count and the op types XNNPACK leaves to the interpreter, for one .tflite model."""
     from ai_edge_litert import interpreter as tfl
 
-    interp = tfl.Interpreter(model_path=str(model), num_threads=1)
-    interp.allocate_tensors()
+    with quiet():
+        interp = tfl.Interpreter(model_path=str(model), num_threads=1)
+        interp.allocate_tensors()
     ops = interp._get_ops_details()
     ran = executed_ops(ops, [d["index"] for d in interp.get_output_details()])
     left = collections.Counter(o["op_name"] for o in ops if o["index"] in ran)

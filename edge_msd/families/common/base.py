@@ -25,7 +25,7 @@ from edge_msd.contract.format import TOWERS, model_file
 from edge_msd.contract.numerics import Runner
 from edge_msd.errors import ConfigError
 from edge_msd.families import FamilyOptions
-from edge_msd.families.common.quantizer import Quantizer, Recipe
+from edge_msd.families.common.quantizer import Quantizer, Recipe, quiet
 from edge_msd.students.towers import Student
 
 if TYPE_CHECKING:
@@ -78,8 +78,10 @@ class Family(ABC):
         for tower in TOWERS:
             rel = model_file(tower, self.ext)
             (out_dir / "models").mkdir(parents=True, exist_ok=True)
-            found = self.write(req, tower, out_dir / rel) or {}
-            entries[tower] = {**self.describe(out_dir, rel, tower, req.precision, req.profile), **found}
+            with quiet():  # converters and runtimes print progress and C++ logs
+                found = self.write(req, tower, out_dir / rel) or {}
+                entry = self.describe(out_dir, rel, tower, req.precision, req.profile)
+            entries[tower] = {**entry, **found}
         return entries
 
     def ship(self, src: Path, dest: Path, tower: str, student: Student, profile: TargetProfile) -> None:
