@@ -89,7 +89,9 @@ def parity(device: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "n": int(len(cos))}
 
 
-def eval_subset(evalset: dict[str, np.ndarray], limit: int | None) -> tuple[dict[str, np.ndarray], dict | None]:
+def eval_subset(
+    evalset: dict[str, np.ndarray], limit: int | None
+) -> tuple[dict[str, np.ndarray], dict | None]:
     """The first ``limit`` images of the eval set with all their captions, and what was kept of how many
     (None: the whole set). Captions index images, so the subset keeps recall's definition."""
     cap = evalset["caption_image_index"]
