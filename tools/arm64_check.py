@@ -482,9 +482,8 @@ def arm_side(checks: list[Check], root: Path, pyz: Path, eval_limit: int | None,
         for v in sorted({c.venv for c in checks}):
             t0 = time.perf_counter()
             errors[v] = ensure_venv(chroot.run, str(IN_ROOT / f"venv-{v}"), VENVS[v], fresh)
-            echo(
-                f"aarch64 venv {v}: {'ready' if not errors[v] else errors[v]} ({time.perf_counter() - t0:.0f} s)"
-            )
+            state = errors[v] or "ready"
+            echo(f"aarch64 venv {v}: {state} ({time.perf_counter() - t0:.0f} s)")
         for c in checks:
             dest = work / "bundles" / c.bundle.name
             if dest.exists():
