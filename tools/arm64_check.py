@@ -193,8 +193,8 @@ def ensure_root(cache: Path, echo) -> Path:
     if recorded != meta or not tarball.is_file():
         if recorded is not None and recorded != meta:
             echo(f"cached root is {recorded.get('release')} {recorded.get('packages')}: rebuilding")
-        if not shutil.which("mmdebstrap"):
-            apt_install(["mmdebstrap"])
+        if not (shutil.which("mmdebstrap") and shutil.which("arch-test")):
+            apt_install(["mmdebstrap", "arch-test"])  # arch-test: mmdebstrap's check of foreign arches
         cache.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         tmp = tarball.with_suffix(".tmp.tar")
