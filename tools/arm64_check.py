@@ -275,7 +275,8 @@ class Chroot:
             "PIP_DEFAULT_TIMEOUT": "180",
         }
         env.update({k: v for k, v in os.environ.items() if k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")})
-        return sh(["chroot", str(self.root), *cmd], env=env, timeout=timeout)
+        chroot = shutil.which("chroot") or "/usr/sbin/chroot"  # found on the host's PATH, not the root's
+        return sh([chroot, str(self.root), *cmd], env=env, timeout=timeout)
 
 
 # ---- venvs and runs, the same on both sides ----------------------------------------------------------
