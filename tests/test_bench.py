@@ -79,23 +79,30 @@ def _reference(kind: str, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
     return _normalise(raw.astype(np.float32))
 
 
+PRE = {
+    "size": [H, W],
+    "resize": "bicubic",
+    "crop": "center",
+    "color_order": "RGB",
+    "scale": 1 / 255,
+    "mean": MEAN,
+    "std": STD,
+    "layout": "NCHW",
+}
+
+
+def _weights(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The image and text towers' weights of ``make_bundle`` (its first draws from ``rng``)."""
+    return rng.normal(size=(3 * H * W, DIM)), rng.normal(size=(VOCAB, DIM))
+
+
 def make_bundle(root: Path, n_images: int = 12, caps_per_image: int = 2, target: dict | None = None) -> Path:
     rng = np.random.default_rng(0)
     (root / "models").mkdir(parents=True)
-    w_img = rng.normal(size=(3 * H * W, DIM))
-    w_txt = rng.normal(size=(VOCAB, DIM))
+    w_img, w_txt = _weights(rng)
     _tower_graph("image", w_img, root / "models" / "image.onnx")
     _tower_graph("text", w_txt, root / "models" / "text.onnx")
-    pre = {
-        "size": [H, W],
-        "resize": "bicubic",
-        "crop": "center",
-        "color_order": "RGB",
-        "scale": 1 / 255,
-        "mean": MEAN,
-        "std": STD,
-        "layout": "NCHW",
-    }
+    pre = PRE
     for name in ("probe", "evalset"):
         images = rng.integers(0, 256, size=(n_images, H, W, 3), dtype=np.uint8)
         tokens = rng.integers(0, VOCAB, size=(n_images * caps_per_image, CTX)).astype(np.int32)
@@ -394,6 +401,32 @@ def test_bench_run_measures_recall_and_parity(bundle, tmp_path, capsys):
         assert cold["peak_inference_mb"] >= cold["footprint_mb"] - 1
     assert report["settings"]["threads_choice"]["source"] == "--threads"
     assert "op placement" in table and "cold start" in table and "CPUExecutionProvider" in table
+
+
+def test_eval_limit_benches_the_first_images_and_their_captions(bundle, tmp_path):
+    """Recall on the first 5 images of 12 with their captions equals recall of those rows alone; the report
+    records the limit and the tables call that recall a subset."""
+    report = run_bench(_opts(bundle, tmp_path / "r.json", batch=[1], eval_limit=5, cold=False, vendor=False))
+    ev = np.load(bundle / "evalset.npz")
+    keep = np.flatnonzero(ev["caption_image_index"] < 5)
+    w_img, w_txt = _weights(np.random.default_rng(0))
+    img = _reference("image", w_img, preprocess_images(ev["images"][:5], PRE))
+    txt = _reference("text", w_txt, ev["tokens"][keep])
+    rec = report["recall"]["eval"]
+    want = retrieval_metrics(img, txt, ev["caption_image_index"][keep])
+    assert {k: rec[k] for k in want} == want
+    assert rec["subset"] == {"n_images": 5, "of_images": 12, "n_texts": 10, "of_texts": 24}
+    assert report["settings"]["eval_limit"] == 5 and "subset" not in report["recall"]["probe"]
+    assert "recall eval subset (first 5 of 12 images) (5 images, 10 texts)" in format_table(report)
+    merged = merge_reports([tmp_path / "r.json"], tmp_path / "merged")
+    assert "| eval subset (first 5 of 12 images) |" in merged["markdown"].read_text()
+
+
+def test_eval_limit_at_or_above_the_set_is_the_whole_set_and_below_one_is_refused(bundle, tmp_path):
+    report = run_bench(_opts(bundle, tmp_path / "r.json", batch=[1], eval_limit=50, cold=False, vendor=False))
+    assert report["recall"]["eval"]["n_images"] == 12 and "subset" not in report["recall"]["eval"]
+    with pytest.raises(ConfigError, match="--eval-limit must be ≥ 1 image, got 0"):
+        run_bench(_opts(bundle, tmp_path / "r0.json", eval_limit=0))
 
 
 def test_profile_defaults_from_target():
@@ -1096,6 +1129,7 @@ def test_pyz_help_and_contents(pyz, tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 0 and "--bundle" in r.stdout and "--time-limit" in r.stdout
+    assert "--eval-limit" in r.stdout  # the binary takes every option of `edge-msd bench`
 
 
 def test_pyz_runs_a_bundle_in_a_clean_env(pyz, bundle, tmp_path):

@@ -55,6 +55,10 @@ class BenchOptions:
     )
     pool: int = _opt(8, "distinct input batches rotated during timing")
     recall: bool = _opt(True, "compute Recall@1/5/10 on the bundle's evalset and parity on its probe set")
+    eval_limit: int | None = _opt(
+        None, "recall on the first N images of the evalset and their captions only (slow devices, "
+        "emulation); the report and tables label that recall as a subset"
+    )
     time_limit: float | None = _opt(None, "stop after this many seconds and write a partial report")
     sustained: float | None = _opt(
         None, "then run this many seconds more per tower and report p50 per time window (throttling)"
@@ -76,6 +80,8 @@ class BenchOptions:
             raise ConfigError(f"--duration must be > 0, got {self.duration}")
         if self.sustained is not None and self.sustained <= 0:
             raise ConfigError(f"--sustained must be > 0 seconds, got {self.sustained}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"--eval-limit must be ≥ 1 image, got {self.eval_limit}")
         if (self.warmup is not None and self.warmup < 0) or self.pool < 1:
             raise ConfigError("--warmup must be ≥ 0 and --pool ≥ 1")
         unknown = sorted(set(self.towers) - {"image", "text"})

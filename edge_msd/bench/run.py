@@ -28,7 +28,7 @@ from edge_msd.contract.format import EVALSET, PROBE
 from edge_msd.contract.numerics import row_cosine, run_batched
 from edge_msd.contract.reading import Bundle, open_bundle, tower_inputs
 from edge_msd.errors import ConfigError, EdgeMSDError
-from edge_msd.eval.retrieval import retrieval_metrics
+from edge_msd.eval.retrieval import first_images, retrieval_metrics
 from edge_msd.quiet import third_party_output_hidden
 
 MAX_SAMPLES_KEPT = 20000  # raw latencies kept in the report for distribution plots
@@ -75,6 +75,20 @@ def parity(device: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Per-row cosine similarity between embeddings made here and the PyTorch student's."""
     cos = row_cosine(device, reference)
     return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "n": int(len(cos))}
+
+
+def eval_subset(
+    evalset: dict[str, np.ndarray], limit: int | None
+) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The first ``limit`` images of the eval set with all their captions, and what was kept of how many
+    (None: the whole set). Captions index images, so the subset keeps recall's definition."""
+    cap = evalset["caption_image_index"]
+    n_all = len(evalset["images"])
+    if limit is None or limit >= n_all:
+        return evalset, None
+    n, caps = first_images(cap, n_all, limit)
+    subset = {k: v[:n] if k == "images" else v[caps] for k, v in evalset.items()}  # the rest: per caption
+    return subset, {"n_images": n, "of_images": n_all, "n_texts": len(caps), "of_texts": len(cap)}
 
 
 class _Run:
@@ -152,6 +166,7 @@ class _Run:
                 "warmup": self.warmup,
                 "pool": opts.pool,
                 "time_limit_s": opts.time_limit,
+                "eval_limit": opts.eval_limit,
                 "towers": list(self.towers),
             },
             "environment": sysinfo.environment(versions, self.threads),
@@ -282,6 +297,9 @@ class _Run:
 
     def execute(self, deadline: Deadline) -> None:
         evalset = self.bundle.load_npz(EVALSET) if self.opts.recall else None
+        subset = None
+        if evalset is not None:
+            evalset, subset = eval_subset(evalset, self.opts.eval_limit)
         probe = self.bundle.load_npz(PROBE)
         embs = {}
         for tower in self.towers:
@@ -296,6 +314,8 @@ class _Run:
                     recall[name] = retrieval_metrics(
                         embs["image"][name], embs["text"][name], d["caption_image_index"]
                     )
+            if subset and "eval" in recall:
+                recall["eval"]["subset"] = subset  # recall of the first images only: not the set's recall
             if probe is not None and "image_emb" in probe:
                 ref = retrieval_metrics(probe["image_emb"], probe["text_emb"], probe["caption_image_index"])
                 recall["probe_reference"] = ref
