@@ -25,7 +25,6 @@ from edge_msd import __version__
 from edge_msd.errors import ArtifactError, StorageError, storage_message
 
 MANIFEST = "manifest.json"
-TOWERS = ("image", "text")  # the towers of every student artifact: quantized, bundle, bench report
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -234,7 +234,7 @@ def targets_cmd() -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
-    from edge_msd.config import known_targets, load_target
+    from edge_msd.targets import known_targets, load_target
 
     # target names are what users type: never broken over lines
     table = Table(Column("target", no_wrap=True), "exporter", "precision", "batch", "resolution",
@@ -294,7 +294,7 @@ def bundle_verify_cmd(path: str, expect_digest: str | None, public_key: str | No
 def bundle_keygen_cmd(private_key: str, public_key: str | None) -> None:
     """Make an Ed25519 key pair for signing bundles: PRIVATE_KEY (PEM, mode 0600; keep it secret) and its
     public key (PEM; give it to the devices)."""
-    from edge_msd.bench.signing import generate_keys
+    from edge_msd.contract.signing import generate_keys
 
     private = Path(private_key)
     public = Path(public_key or private.with_name(private.name.removesuffix(".pem") + ".pub.pem"))
@@ -315,17 +315,21 @@ def bundle_sign_cmd(bundle: str, private_key: str) -> None:
     click.echo(f"signed: {bundle} (digest {sig['digest']}, key {sig['key_id']})")
 
 
+from edge_msd.bench.engine import OPTIONS as ENGINE_OPTIONS  # noqa: E402  (torch-free)
+from edge_msd.bench.engine import build_engines  # noqa: E402
+
+
 @main.command("build-engine")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--precision", default=None, help="fp32 | fp16 | int8 [default: the bundle's]")
-@click.option("--workspace-mib", type=int, default=None, help="builder workspace [default: the profile's]")
-@click.option("--dla-core", type=int, default=None, help="DLA core (-1: GPU only) [default: the profile's]")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="timing cache file")
+@click.option("--precision", default=None, help=ENGINE_OPTIONS["precision"][1])
+@click.option("--workspace-mib", type=int, default=None, help=ENGINE_OPTIONS["workspace_mib"][1])
+@click.option("--dla-core", type=int, default=None, help=ENGINE_OPTIONS["dla_core"][1])
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help=ENGINE_OPTIONS["timing_cache"][1])
 def build_engine_cmd(bundle: str, precision: str | None, workspace_mib: int | None, dla_core: int | None,
                      timing_cache: str | None) -> None:
-    """Build TensorRT engines (models/*.plan) for a jetson bundle; run this on the Jetson."""
-    from edge_msd.families.tensorrt import build_engines
-
+    """Build TensorRT engines (models/*.plan) for a jetson bundle; run this on the Jetson (torch-free: the
+    benchmark binary does the same with `python3 edge-msd-bench.pyz build-engine BUNDLE`)."""
     built = build_engines(Path(bundle), precision, workspace_mib, dla_core,
                           Path(timing_cache) if timing_cache else None)
     for tower, plan in built.items():

@@ -59,6 +59,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if base is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -193,89 +197,4 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # ---- stage configs ------------------------------------------------------------------------
 # Each stage's dataclass is defined in its own package (edge_msd/<stage>/config.py) with
 # ``field(..., help=...)`` and an optional ``validate()``; this module holds the machinery.
-# Target profiles (targets/*.toml) are loaded by ``load_target`` below.
-
-
-# ---- target profiles ----------------------------------------------------------------------
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclasses.dataclass
-class TargetProfile:
-    """A device profile (targets/<name>.toml): which exporter, precision, shapes and checks to use."""
-
-    name: str = field(help="profile name (the file stem)")
-    exporter: str = field(help="target family (edge_msd/families/<name>.py): onnx, tensorrt, coreml, ...")
-    precision: str = field(help="default precision")
-    precisions: list[str] = field(help="precisions this target accepts")
-    resolution: int | str = field(help='image size in pixels, or "student" for the student\'s own')
-    batch_sizes: list[int] = field(help="batch sizes to benchmark (and TensorRT's min/opt/max profile)")
-    dynamic_batch: bool = field(help="export a dynamic batch dimension (else static at batch_sizes[0])")
-    parity: dict = field(help="[parity.<precision>] min_cos, max_delta_r1 (percentage points)")
-    description: str = field("", help="one line shown by `edge-msd targets`")
-    options: dict = field({}, help="exporter-specific settings ([options] table)")
-    bench: dict = field({}, help="benchmark defaults ([bench] table)")
-    source: str = field("", help="file the profile was read from (filled in by load_target)")
-
-    def validate(self) -> None:
-        where = self.source or self.name
-        for name in ("parity", "options", "bench"):
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"{where}: field '{name}' must be a table")
-        from edge_msd.families import names
-
-        if self.exporter not in names():
-            raise ConfigError(f"{where}: field 'exporter' is {self.exporter!r}; expected one of {names()}")
-        for p in [*self.precisions, self.precision]:
-            if p not in PRECISIONS:
-                raise ConfigError(f"{where}: field 'precisions' has {p!r}; expected one of {PRECISIONS}")
-        if self.precision not in self.precisions:
-            raise ConfigError(f"{where}: field 'precision' {self.precision!r} is not in precisions")
-        if isinstance(self.resolution, str) and self.resolution != "student":
-            raise ConfigError(f"{where}: field 'resolution' must be an int or \"student\"")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ConfigError(f"{where}: field 'batch_sizes' must list positive ints")
-        for p in self.precisions:
-            t = self.parity.get(p)
-            if not isinstance(t, dict) or set(t) != {"min_cos", "max_delta_r1"}:
-                raise ConfigError(f"{where}: field 'parity.{p}' must be a table with min_cos, max_delta_r1")
-
-
-def targets_dirs() -> list[Path]:
-    """Where target names are looked up: ./targets first (a user's own devices), then the shipped ones."""
-    from edge_msd.paths import shipped
-
-    return [Path.cwd() / "targets", shipped("targets")]
-
-
-def known_targets() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in reversed(targets_dirs()):
-        found.update({p.stem: p for p in sorted(d.glob("*.toml"))})
-    return dict(sorted(found.items()))
-
-
-def load_target(name_or_path: str | Path) -> TargetProfile:
-    """Load a target profile by name (targets/<name>.toml) or path; ``alias = "other"`` follows a link."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        known = known_targets()
-        if str(name_or_path) not in known:
-            raise ConfigError(f"unknown target {str(name_or_path)!r}; known: {', '.join(known) or 'none'}")
-        path = known[str(name_or_path)]
-    data = load_toml(path)
-    if "alias" in data:
-        if set(data) != {"alias"}:
-            raise ConfigError(f"{path}: an alias profile holds only field 'alias'")
-        if data["alias"] == path.stem:
-            raise ConfigError(f"{path}: field 'alias' points at itself")
-        return load_target(data["alias"])
-    missing = [f.name for f in dataclasses.fields(TargetProfile)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in data and f.name != "name"]
-    if missing:
-        raise ConfigError(f"{path}: missing field(s) {', '.join(missing)}")
-    if not (isinstance(data.get("resolution"), int | str) and not isinstance(data.get("resolution"), bool)):
-        raise ConfigError(f"{path}: field 'resolution' must be an int or \"student\"")
-    values = {"name": path.stem, **data, "source": str(path)}
-    return build_config(TargetProfile, values, str(path))
+# Target profiles (targets/*.toml) are typed and loaded by edge_msd.targets.

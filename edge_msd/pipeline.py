@@ -18,8 +18,9 @@ from typing import Any
 from rich.console import Console
 
 from edge_msd import paths
-from edge_msd.config import field, load_target
+from edge_msd.config import field
 from edge_msd.export.config import ExportConfig
+from edge_msd.targets import load_target
 
 console = Console()
 

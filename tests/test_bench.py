@@ -20,11 +20,11 @@ import pytest
 
 from edge_msd.artifacts import atomic_write_json, file_hashes
 from edge_msd.bench import runtimes, sysinfo
-from edge_msd.bench.bundle import open_bundle, preprocess_images
 from edge_msd.bench.options import BenchOptions
 from edge_msd.bench.report import SCHEMA, format_table, load_report, merge_reports
 from edge_msd.bench.run import embed, profile_defaults, run_bench
 from edge_msd.bench.timing import Deadline, Timing, latency_stats, time_loop
+from edge_msd.contract.reading import open_bundle, preprocess_images
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.eval.retrieval import retrieval_metrics
 
@@ -79,23 +79,30 @@ def _reference(kind: str, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
     return _normalise(raw.astype(np.float32))
 
 
+PRE = {
+    "size": [H, W],
+    "resize": "bicubic",
+    "crop": "center",
+    "color_order": "RGB",
+    "scale": 1 / 255,
+    "mean": MEAN,
+    "std": STD,
+    "layout": "NCHW",
+}
+
+
+def _weights(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The image and text towers' weights of ``make_bundle`` (its first draws from ``rng``)."""
+    return rng.normal(size=(3 * H * W, DIM)), rng.normal(size=(VOCAB, DIM))
+
+
 def make_bundle(root: Path, n_images: int = 12, caps_per_image: int = 2, target: dict | None = None) -> Path:
     rng = np.random.default_rng(0)
     (root / "models").mkdir(parents=True)
-    w_img = rng.normal(size=(3 * H * W, DIM))
-    w_txt = rng.normal(size=(VOCAB, DIM))
+    w_img, w_txt = _weights(rng)
     _tower_graph("image", w_img, root / "models" / "image.onnx")
     _tower_graph("text", w_txt, root / "models" / "text.onnx")
-    pre = {
-        "size": [H, W],
-        "resize": "bicubic",
-        "crop": "center",
-        "color_order": "RGB",
-        "scale": 1 / 255,
-        "mean": MEAN,
-        "std": STD,
-        "layout": "NCHW",
-    }
+    pre = PRE
     for name in ("probe", "evalset"):
         images = rng.integers(0, 256, size=(n_images, H, W, 3), dtype=np.uint8)
         tokens = rng.integers(0, VOCAB, size=(n_images * caps_per_image, CTX)).astype(np.int32)
@@ -396,6 +403,32 @@ def test_bench_run_measures_recall_and_parity(bundle, tmp_path, capsys):
     assert "op placement" in table and "cold start" in table and "CPUExecutionProvider" in table
 
 
+def test_eval_limit_benches_the_first_images_and_their_captions(bundle, tmp_path):
+    """Recall on the first 5 images of 12 with their captions equals recall of those rows alone; the report
+    records the limit and the tables call that recall a subset."""
+    report = run_bench(_opts(bundle, tmp_path / "r.json", batch=[1], eval_limit=5, cold=False, vendor=False))
+    ev = np.load(bundle / "evalset.npz")
+    keep = np.flatnonzero(ev["caption_image_index"] < 5)
+    w_img, w_txt = _weights(np.random.default_rng(0))
+    img = _reference("image", w_img, preprocess_images(ev["images"][:5], PRE))
+    txt = _reference("text", w_txt, ev["tokens"][keep])
+    rec = report["recall"]["eval"]
+    want = retrieval_metrics(img, txt, ev["caption_image_index"][keep])
+    assert {k: rec[k] for k in want} == want
+    assert rec["subset"] == {"n_images": 5, "of_images": 12, "n_texts": 10, "of_texts": 24}
+    assert report["settings"]["eval_limit"] == 5 and "subset" not in report["recall"]["probe"]
+    assert "recall eval subset (first 5 of 12 images) (5 images, 10 texts)" in format_table(report)
+    merged = merge_reports([tmp_path / "r.json"], tmp_path / "merged")
+    assert "| eval subset (first 5 of 12 images) |" in merged["markdown"].read_text()
+
+
+def test_eval_limit_at_or_above_the_set_is_the_whole_set_and_below_one_is_refused(bundle, tmp_path):
+    report = run_bench(_opts(bundle, tmp_path / "r.json", batch=[1], eval_limit=50, cold=False, vendor=False))
+    assert report["recall"]["eval"]["n_images"] == 12 and "subset" not in report["recall"]["eval"]
+    with pytest.raises(ConfigError, match="--eval-limit must be ≥ 1 image, got 0"):
+        run_bench(_opts(bundle, tmp_path / "r0.json", eval_limit=0))
+
+
 def test_profile_defaults_from_target():
     d = profile_defaults({"batch_sizes": [8, 1], "bench": {"warmup": 20, "iterations": 200, "threads": 0}})
     assert d == {"batch": [1, 8], "warmup": 20, "iters": 200}  # threads 0 = runtime default
@@ -605,6 +638,46 @@ def test_profile_threads_are_capped_in_a_run(bundle, tmp_path, monkeypatch, caps
     report = run_bench(BenchOptions(bundle=str(b), out=str(tmp_path / "r.json"), cold=False, threads=3))
     assert "exceeds the 1 usable CPU cores" in capsys.readouterr().out
     assert "exceeds the 1 usable CPU cores" in format_table(report)
+
+
+def test_profile_bench_runtime_is_applied_unless_an_option_is_given(tmp_path):
+    bench = {"warmup": 0, "iterations": 2, "runtime": "onnxruntime"}
+    target = {"name": "onnx", "batch_sizes": [1], "bench": bench}
+    b = make_bundle(tmp_path / "ort", target=target)
+    report = run_bench(BenchOptions(bundle=str(b), out=str(tmp_path / "r.json"), cold=False, vendor=False))
+    assert report["runtime"]["name"] == "onnxruntime" and report["settings"]["warmup"] == 0
+    # a profile naming a runtime that cannot run these files: the profile's choice is what is refused
+    target = {**target, "bench": {**bench, "runtime": "litert"}}
+    b = make_bundle(tmp_path / "lite", target=target)
+    opts = {"bundle": str(b), "out": str(tmp_path / "r.json"), "cold": False, "vendor": False}
+    with pytest.raises(ConfigError, match="runtime litert runs tflite models, but this bundle has image: on"):
+        run_bench(BenchOptions(**opts))
+    with pytest.raises(ConfigError, match=r"litert is the target profile's \[bench\] runtime; --runtime"):
+        run_bench(BenchOptions(**opts))
+    assert run_bench(BenchOptions(**opts, runtime="auto"))["runtime"]["name"] == "onnxruntime"
+
+
+def test_manifest_bench_table_is_typed(tmp_path):
+    with pytest.raises(ArtifactError, match="target.bench has unknown field.*iter; known: duration"):
+        profile_defaults({"bench": {"iter": 5}})
+    with pytest.raises(ArtifactError, match="target.bench: field 'runtime' is 'tpu'; expected one of tens"):
+        profile_defaults({"bench": {"runtime": "tpu"}})
+
+
+def test_runtime_help_lists_every_runtime():
+    from click.testing import CliRunner
+
+    from edge_msd.bench.__main__ import _parser
+    from edge_msd.bench.options import RUNTIMES
+    from edge_msd.cli import main
+
+    assert tuple(runtimes.BACKENDS) == RUNTIMES  # each runtime name has its runner, in `auto` order
+    text = CliRunner().invoke(main, ["bench", "--help"], terminal_width=200).output
+    line = next(row for row in text.splitlines() if "--runtime" in row)
+    pyz_help = next(a.help for a in _parser()._actions if "--runtime" in a.option_strings)
+    for name in ("auto", *runtimes.BACKENDS):
+        assert name in line and name in pyz_help, name
+    assert "executorch" in line
 
 
 def test_stability_warnings():
@@ -1042,7 +1115,10 @@ def test_pyz_help_and_contents(pyz, tmp_path):
         "__main__.py",
         "edge_msd/__init__.py",
         "edge_msd/bench/run.py",
+        "edge_msd/bench/engine.py",
         "edge_msd/eval/retrieval.py",
+        *(f"edge_msd/contract/{m}.py" for m in ("__init__", "format", "integrity", "signing", "reading",
+                                                  "numerics")),
     } <= names
     assert not any(n.startswith(("edge_msd/distill", "edge_msd/export", "edge_msd/teachers")) for n in names)
     r = subprocess.run(
@@ -1053,6 +1129,7 @@ def test_pyz_help_and_contents(pyz, tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 0 and "--bundle" in r.stdout and "--time-limit" in r.stdout
+    assert "--eval-limit" in r.stdout  # the binary takes every option of `edge-msd bench`
 
 
 def test_pyz_runs_a_bundle_in_a_clean_env(pyz, bundle, tmp_path):
@@ -1136,3 +1213,44 @@ def test_pyz_sigterm_writes_partial_report(pyz, bundle, tmp_path):
     assert p.returncode == 130, err
     report = load_report(out)
     assert report["partial"] and report["interrupted"] == "Ctrl-C"
+
+
+# ---- the TensorRT engine build (device side, torch-free) --------------------------------------
+
+NO_TORCH = "import sys\nfor m in ('torch', 'open_clip', 'tensorrt'):\n    sys.modules[m] = None\n"
+
+
+def _jetson_bundle(root: Path) -> Path:
+    target = {"name": "jetson-orin", "exporter": "tensorrt", "batch_sizes": [1, 4], "options": {}}
+    return make_bundle(root / "jetson", target=target)
+
+
+def test_build_engine_refuses_another_exporter(bundle):
+    from edge_msd.bench.engine import build_engines
+
+    with pytest.raises(ConfigError, match="built for exporter None, not tensorrt"):
+        build_engines(bundle)
+
+
+def test_build_engine_command_needs_no_torch(tmp_path):
+    """`edge-msd build-engine` with torch and open_clip unimportable gets as far as TensorRT, which is
+    missing here (blocked too, so that the test means the same on a machine that has it)."""
+    b = _jetson_bundle(tmp_path)
+    code = NO_TORCH + f"from edge_msd.cli import main\nmain(['build-engine', {str(b)!r}])\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: TensorRT is not installed" in r.stderr, r.stderr
+
+
+def test_pyz_builds_engines_without_torch(pyz, tmp_path):
+    b = _jetson_bundle(tmp_path)
+    env = _clean_env(tmp_path)
+    (tmp_path / "poison" / "tensorrt.py").write_text("raise ImportError('no TensorRT here')\n")
+    run = [sys.executable, "-S", str(pyz), "build-engine"]
+    r = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "--workspace-mib" in r.stdout and "--dla-core" in r.stdout, r.stderr
+    r = subprocess.run([*run, str(b), "--precision", "fp16"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and "error: TensorRT is not installed" in r.stderr, r.stderr
+    assert not (b / "models" / "image.plan").exists()

@@ -19,11 +19,11 @@ from export_helpers import make_tiny_student, tiny_dataset
 from test_bench import _clean_env, pyz  # noqa: F401 - the benchmark binary fixture
 
 from edge_msd.artifacts import atomic_write_json, sha256_file
-from edge_msd.bench.integrity import bundle_digest
 from edge_msd.bench.options import BenchOptions
 from edge_msd.bench.run import run_bench
 from edge_msd.bench.tokenizer import Tokenizer
 from edge_msd.cli import main
+from edge_msd.contract.integrity import bundle_digest
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.export.bundle import ExportConfig, export_bundle, sign_bundle, verify_bundle
 

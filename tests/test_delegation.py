@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from export_helpers import make_tiny_student, tiny_dataset
 
-from edge_msd.config import load_target
 from edge_msd.delegation import coreml_findings, tensorrt_findings
 from edge_msd.families.common.base import ExportRequest
 from edge_msd.students.towers import load_student_towers
+from edge_msd.targets import load_target
 
 
 @pytest.fixture(scope="module")

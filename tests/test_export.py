@@ -9,12 +9,12 @@ import pytest
 import torch
 from export_helpers import make_tiny_student, tiny_dataset
 
-from edge_msd.config import load_target
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.export.bundle import ExportConfig, export_bundle
 from edge_msd.families.common.base import ExportRequest
 from edge_msd.pipeline import export_target
 from edge_msd.students.towers import load_student_towers
+from edge_msd.targets import load_target
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +192,8 @@ def test_build_engine_without_tensorrt_says_so(tmp_path, student_dir):
         pytest.skip("TensorRT is installed")
     except ImportError:
         pass
+    from edge_msd.bench.engine import build_engines
     from edge_msd.errors import EdgeMSDError
-    from edge_msd.families.tensorrt import build_engines
 
     m = _export(tmp_path, student_dir, "jetson")
     assert m["parity"]["passed"] and m["target"]["exporter"] == "tensorrt"
@@ -239,8 +239,8 @@ def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
     """Every export option can come from a file ([export] table); the command line wins."""
     from click.testing import CliRunner
 
-    from edge_msd.bench.integrity import bundle_digest
     from edge_msd.cli import main
+    from edge_msd.contract.integrity import bundle_digest
 
     conf = tmp_path / "export.toml"
     conf.write_text(f'[export]\ntarget = "onnx"\nstudent = "{student_dir}"\ndata = "{DATA}"\n'
@@ -282,6 +282,41 @@ def test_profile_missing_and_wrong_field(tmp_path):
         load_target(p)
     p.write_text("batchsize = 3\n" + onnx)
     with pytest.raises(ConfigError, match="unknown field.*batchsize"):
+        load_target(p)
+
+
+def test_profile_options_and_bench_are_typed_by_the_family(tmp_path):
+    p = tmp_path / "dev.toml"
+    onnx = Path(load_target("onnx").source).read_text()
+    assert load_target("onnx").options.opset == 18 and load_target("jetson").options.opset == 17
+    p.write_text(onnx.replace("opset = 18", "opset = 18\nopsett = 17"))
+    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: unknown field\(s\) opsett; known: opset"):
+        load_target(p)
+    p.write_text(onnx.replace("opset = 18", 'opset = "18"'))
+    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: field 'opset': expected int, got '18'"):
+        load_target(p)
+    p.write_text(onnx.replace("opset = 18", "opset = 16"))
+    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: field 'opset' is 16; expected 17 or later"):
+        load_target(p)
+    p.write_text(onnx.replace("opset = 18", "opset = 18\n[options.quant]\nkeep_float = []"))
+    with pytest.raises(ConfigError, match=r"dev.toml: \[options.quant\]: onnx has no int8 recipe"):
+        load_target(p)
+    p.write_text(onnx.replace("warmup = 10", "warmup = 10\nwarm_up = 3"))
+    with pytest.raises(ConfigError, match=r"dev.toml \[bench\]: unknown field\(s\) warm_up; known: duration"):
+        load_target(p)
+    p.write_text(onnx.replace('runtime = "onnxruntime"', 'runtime = "litert"'))
+    with pytest.raises(ConfigError, match=r"dev.toml: \[bench\] runtime 'litert' cannot run onnx files"):
+        load_target(p)
+    fp16 = onnx.replace('precisions = ["fp32"]', 'precisions = ["fp32", "fp16"]')
+    p.write_text(fp16 + "[parity.fp16]\nmin_cos = 0.99\nmax_delta_r1 = 2.0\n")
+    with pytest.raises(ConfigError, match=r"dev.toml: field 'precisions' has fp16, which onnx does not"):
+        load_target(p)
+    tflite = Path(load_target("tflite").source).read_text()
+    p.write_text(tflite.replace("dynamic_batch = false", "dynamic_batch = true"))
+    with pytest.raises(ConfigError, match=r"dev.toml: dynamic_batch is not supported by tflite; set false"):
+        load_target(p)
+    p.write_text(tflite.replace("[bench]", "[options]\ndelegate = 'gpu'\n[bench]"))
+    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: unknown field\(s\) delegate; known: quant"):
         load_target(p)
 
 

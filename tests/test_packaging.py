@@ -12,7 +12,7 @@ import pytest
 
 import edge_msd
 from edge_msd import paths
-from edge_msd.config import known_targets, load_target
+from edge_msd.targets import known_targets, load_target
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {"targets": "*.toml", "calibration": "*.json"}

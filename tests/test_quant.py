@@ -129,13 +129,16 @@ def test_recipe_chosen_by_target_and_missing_recipe_error(tmp_path):
     assert recipe_for_target("coreml").backend == "coreml"
     with pytest.raises(ConfigError, match="'onnx'.*no int8 quantization recipe"):
         recipe_for_target("onnx")
-    from edge_msd.config import load_target
+    from edge_msd.targets import load_target
 
     profile = load_target("tflite")
-    tuned = replace(profile, options={"quant": {"keep_float": ["visual.conv1"], "allow_fallback": True}})
+    def with_quant(quant: dict):  # the family's typed [options] with [options.quant] set
+        return replace(profile, options=replace(profile.options, quant=quant))
+
+    tuned = with_quant({"keep_float": ["visual.conv1"], "allow_fallback": True})
     assert recipe_for_target(tuned).keep_float == ("visual.conv1",)
     with pytest.raises(ConfigError, match="unknown field.*bogus"):
-        recipe_for_target(replace(profile, options={"quant": {"bogus": 1}}))
+        recipe_for_target(with_quant({"bogus": 1}))
 
 
 def test_explicit_attention_matches_multihead_attention():
@@ -471,7 +474,9 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
     assert q["train"]["steps"] == 3 and m["config"]["quantized"] == str(art)
     assert m["parity"]["thresholds"] == {"min_cos": 0.95, "max_delta_r1": 5.0} and "passed" in m["parity"]
     assert m["parity"]["image"]["min_cos"] > 0.8 and m["parity"]["text"]["mean_cos"] > 0.9
-    opts = BenchOptions(bundle=str(bundle), iters=2, warmup=0, pool=1, out=str(tmp_path / "r.json"))
+    # the profile's runtime is TensorRT (engines built on the device): here its ONNX runs in ONNX Runtime
+    opts = BenchOptions(bundle=str(bundle), runtime="onnxruntime", iters=2, warmup=0, pool=1,
+                        out=str(tmp_path / "r.json"))
     report = run_bench(opts)
     assert report["runtime"]["name"] == "onnxruntime" and report["recall"]["eval"]["mean_R@1"] >= 0
     assert report["parity"]["image"]["min_cos"] == pytest.approx(m["parity"]["image"]["min_cos"], abs=1e-4)

@@ -77,6 +77,8 @@ def test_point_from_a_device_report():
     [
         ({"partial": True, "interrupted": "Ctrl-C"}, "partial report (Ctrl-C)"),
         ({"recall": None}, "no recall on the eval set"),
+        ({"recall": {"eval": {"mean_R@1": 90.0, "subset": {"n_images": 5, "of_images": 1000}}}},
+         "recall on the first 5 of 1000 eval images (--eval-limit)"),
         ({"towers": {"image": {"measurements": [{"batch": 4, "latency_ms": {"p50": 1.0}}]}}},
          "no batch-1 latency of the image and text tower"),
     ],

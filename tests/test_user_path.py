@@ -115,7 +115,7 @@ def walk(tmp_path_factory) -> dict:
 
 
 def sweep_walk(work: Path, teacher: str, data: str) -> dict:
-    """``sweep`` as the README shows it: two presets on the user's teacher and CSV (2 steps each), the same
+    """``sweep`` as docs/sweep.md shows it: two presets on the user's teacher and CSV (2 steps each), the same
     again with no teacher or data (taken from the students the first run left), and ``--reports``."""
     t0 = time.perf_counter()
     (work / "distill.toml").write_text(SWEEP_DISTILL)
@@ -197,7 +197,7 @@ def one_line(text: str) -> str:
 
 
 def test_sweep_measures_each_preset_on_the_csv_with_the_users_teacher(walk):
-    """The README's sweep claims, from the user's folder: sweep.{json,md,png} in ./runs/sweep; each point's
+    """docs/sweep.md's claims, in the user's folder: sweep.{json,md,png} in ./runs/sweep; each point's
     recall is its bundle's on the CSV's test split, from a student of the user's teacher; its latency was
     timed here on the runtime of --target; the Pareto front is marked."""
     work, data, teacher = walk["work"], walk["data"], walk["teacher"]

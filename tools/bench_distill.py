@@ -200,7 +200,7 @@ def throughput(cfg: DistillConfig, steps: int, rounds: int, threads: int, out: P
 
     def ceiling() -> tuple[float, float]:
         # A fresh run each round, as ``train`` builds one: a run that has lived longer in this process
-        # can find the allocator's free memory laid out better and page-fault less (see README).
+        # can find the allocator's free memory laid out better and page-fault less (see docs/results.md).
         ceiling_dir = out / "ceiling"
         run = prepare_run(replace(run_cfg, out=str(ceiling_dir)), ceiling_dir, torch.device("cpu"))
         return _ceiling_clock(run, steps).rates(b)

@@ -23,9 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_msd.bench import runtimes  # noqa: E402
-from edge_msd.bench.bundle import open_bundle, tower_inputs  # noqa: E402
 from edge_msd.bench.run import _pool  # noqa: E402
 from edge_msd.bench.timing import latency_stats, time_loop  # noqa: E402
+from edge_msd.contract.reading import open_bundle, tower_inputs  # noqa: E402
 
 
 def bare_call(session: runtimes.Session) -> Callable[[Any], Any]:

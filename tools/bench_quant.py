@@ -1,4 +1,4 @@
-"""fp32 vs PTQ vs QAT per target → runs/qat/quant_report.json + quant_report.md (the README table).
+"""fp32 vs PTQ vs QAT per target → runs/qat/quant_report.json + quant_report.md (docs/results.md).
 
     python tools/bench_quant.py --targets tflite,jetson,coreml,executorch [--student runs/distill/student]
 

@@ -35,11 +35,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_msd import paths  # noqa: E402
-from edge_msd.artifacts import TOWERS, read_manifest, sha256_file  # noqa: E402
+from edge_msd.artifacts import read_manifest, sha256_file  # noqa: E402
 from edge_msd.bench import sysinfo  # noqa: E402
-from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs  # noqa: E402
 from edge_msd.bench.runtimes import OnnxRuntimeBackend, Session  # noqa: E402
 from edge_msd.bench.timing import latency_stats, time_loop  # noqa: E402
+from edge_msd.contract.format import EVALSET, PROBE, TOWERS  # noqa: E402
+from edge_msd.contract.reading import Bundle, open_bundle, tower_inputs  # noqa: E402
 from edge_msd.eval.retrieval import first_images  # noqa: E402
 
 WHO = ("teacher", "student")
@@ -116,7 +117,7 @@ def model_inputs(teacher: Any, bundle: Bundle, n_images: int) -> dict[tuple[str,
     """
     from edge_msd.data import open_dataset
 
-    data = bundle.load_npz("evalset.npz") or bundle.load_npz("probe.npz")
+    data = bundle.load_npz(EVALSET) or bundle.load_npz(PROBE)
     n, keep = first_images(data["caption_image_index"], len(data["images"]), n_images)
     texts = [str(t) for t in data["texts"][keep]]
     data = {"images": data["images"][:n], "tokens": data["tokens"][keep]}

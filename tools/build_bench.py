@@ -2,9 +2,10 @@
 """Build the benchmark binary: ``edge-msd-bench.pyz``, one file that runs with python3 + numpy + the
 device's runtime (``python3 edge-msd-bench.pyz --bundle DIR``).
 
-It holds ``edge_msd/bench`` and the edge_msd modules those import (found by reading their imports,
-so nothing else, torch-using code in particular, comes along). The build refuses a module-level
-import outside the standard library and numpy: runtimes are imported inside their backends only.
+It holds ``edge_msd/bench``, the bundle contract ``edge_msd/contract`` and the edge_msd modules those
+import (found by reading their imports, so nothing else, torch-using code in particular, comes along).
+The build refuses a module-level import outside the standard library and numpy: runtimes are imported
+inside their backends only.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 
 
 def collect() -> list[Path]:
-    """bench/*.py plus the closure of the edge_msd modules they import (and their packages' __init__)."""
-    todo = sorted((PACKAGE / "bench").rglob("*.py"))
+    """bench/*.py and contract/*.py plus the closure of the edge_msd modules they import (and their
+    packages' __init__)."""
+    todo = sorted((PACKAGE / "bench").rglob("*.py")) + sorted((PACKAGE / "contract").rglob("*.py"))
     seen: set[Path] = set()
     while todo:
         path = todo.pop()

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_msd.bench import runtimes  # noqa: E402
-from edge_msd.bench.bundle import open_bundle, tower_inputs  # noqa: E402
 from edge_msd.bench.timing import latency_stats  # noqa: E402
+from edge_msd.contract.reading import open_bundle, tower_inputs  # noqa: E402
 
 
 def main() -> None:

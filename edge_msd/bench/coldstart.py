@@ -23,12 +23,13 @@ CALLS = 20  # inferences after the first, for the peak
 def _child(args: dict[str, Any]) -> dict[str, Any]:
     """In the fresh process: import, load, first inference and ``CALLS`` more, measuring as it goes."""
     from edge_msd.bench import sysinfo
-    from edge_msd.bench.bundle import open_bundle, tower_inputs
     from edge_msd.bench.runtimes import BACKENDS, model_files
+    from edge_msd.contract.format import EVALSET, PROBE
+    from edge_msd.contract.reading import open_bundle, tower_inputs
 
     bundle = open_bundle(args["bundle"])
     tower, batch = args["tower"], args["batch"]
-    data = bundle.load_npz("probe.npz") or bundle.load_npz("evalset.npz")
+    data = bundle.load_npz(PROBE) or bundle.load_npz(EVALSET)
     x = tower_inputs(bundle, tower, data)[:batch]
     x = x[[i % len(x) for i in range(batch)]]
     engines = Path(args["engine_dir"]) if args.get("engine_dir") else None

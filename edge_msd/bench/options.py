@@ -1,5 +1,7 @@
 """Options of the benchmark, one definition for ``edge-msd bench`` (click, via ``config_command``) and
-the benchmark binary (argparse). Standard library only, so that the CLI imports it cheaply.
+the benchmark binary (argparse), the names of its runtimes, and the benchmark defaults a target profile
+records (its ``[bench]`` table). Standard library only, so that the CLI and the profile loader import
+it cheaply.
 """
 
 from __future__ import annotations
@@ -7,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from edge_msd.errors import ConfigError
+from edge_msd.contract.format import RUNTIMES
+from edge_msd.errors import ArtifactError, ConfigError
 
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002
@@ -22,7 +25,9 @@ class BenchOptions:
     """Options of ``edge-msd bench`` and of the benchmark binary (one definition for both)."""
 
     bundle: str = _opt("runs/export/onnx", "deploy bundle folder (what `edge-msd export` wrote)")
-    runtime: str = _opt("auto", "auto | onnxruntime | litert | tensorrt | coreml")
+    runtime: str | None = _opt(
+        None, f"auto | {' | '.join(RUNTIMES)} (default: the profile's [bench] runtime, else auto)"
+    )
     provider: str = _opt(
         "cpu",
         "ONNX Runtime execution provider(s), comma-separated: cpu, cuda, tensorrt, "
@@ -50,6 +55,10 @@ class BenchOptions:
     )
     pool: int = _opt(8, "distinct input batches rotated during timing")
     recall: bool = _opt(True, "compute Recall@1/5/10 on the bundle's evalset and parity on its probe set")
+    eval_limit: int | None = _opt(
+        None, "recall on the first N images of the evalset and their captions only (slow devices, "
+        "emulation); the report and tables label that recall as a subset"
+    )
     time_limit: float | None = _opt(None, "stop after this many seconds and write a partial report")
     sustained: float | None = _opt(
         None, "then run this many seconds more per tower and report p50 per time window (throttling)"
@@ -71,8 +80,43 @@ class BenchOptions:
             raise ConfigError(f"--duration must be > 0, got {self.duration}")
         if self.sustained is not None and self.sustained <= 0:
             raise ConfigError(f"--sustained must be > 0 seconds, got {self.sustained}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"--eval-limit must be ≥ 1 image, got {self.eval_limit}")
         if (self.warmup is not None and self.warmup < 0) or self.pool < 1:
             raise ConfigError("--warmup must be ≥ 0 and --pool ≥ 1")
         unknown = sorted(set(self.towers) - {"image", "text"})
         if unknown:
             raise ConfigError(f"--towers: unknown tower(s) {', '.join(unknown)}; known: image, text")
+
+
+@dataclasses.dataclass
+class ProfileBench:
+    """A target profile's ``[bench]`` table: what ``edge-msd bench`` uses where no option is given. The
+    profile loader types it (edge_msd.targets); the bundle manifest records it as ``target.bench``."""
+
+    runtime: str | None = _opt(None, f"runtime of the target's files: {', '.join(RUNTIMES)} (else auto)")
+    warmup: int | None = _opt(None, "untimed warm-up iterations after the first inference (else 10)")
+    iterations: int | None = _opt(None, "timed iterations per measurement (else 100 unless duration)")
+    duration: float | None = _opt(None, "seconds of timed iterations per measurement")
+    threads: int = _opt(0, "CPU threads of the runtime (0: the runtime's default)")
+
+    def __post_init__(self) -> None:
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise ValueError(f"field 'runtime' is {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        if (self.warmup is not None and self.warmup < 0) or self.threads < 0:
+            raise ValueError("fields 'warmup' and 'threads' must be ≥ 0")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"field 'iterations' must be ≥ 1, got {self.iterations}")
+
+    @classmethod
+    def from_manifest(cls, table: dict[str, Any], where: str) -> ProfileBench:
+        """The ``target.bench`` a bundle manifest recorded (written by export from a loaded profile)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - names)
+        if unknown:
+            raise ArtifactError(f"{where}: target.bench has unknown field(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(sorted(names))}")
+        try:
+            return cls(**table)
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: target.bench: {e}") from e

@@ -22,6 +22,12 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def recall_set_name(name: str, recall: dict[str, Any]) -> str:
+    """``eval``, or ``eval subset (first 50 of 1000 images)`` when ``--eval-limit`` cut the set."""
+    sub = recall.get("subset")
+    return f"{name} subset (first {sub['n_images']} of {sub['of_images']} images)" if sub else name
+
+
 def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat row per (tower, batch) measurement, for tables and plots."""
     out = []
@@ -196,7 +202,7 @@ def format_table(report: dict[str, Any], style: str | None = None) -> str:
     for name, r in (report.get("recall") or {}).items():
         if isinstance(r, dict):
             lines.append(
-                f"recall {name} ({r['n_images']} images, {r['n_texts']} texts): "
+                f"recall {recall_set_name(name, r)} ({r['n_images']} images, {r['n_texts']} texts): "
                 f"i2t R@1/5/10 {r['i2t']['R@1']:.1f}/{r['i2t']['R@5']:.1f}/{r['i2t']['R@10']:.1f}  "
                 f"t2i R@1/5/10 {r['t2i']['R@1']:.1f}/{r['t2i']['R@5']:.1f}/{r['t2i']['R@10']:.1f}"
             )
@@ -339,7 +345,10 @@ def recall_rows(report: dict[str, Any]) -> list[list[str]]:
     for name, rec in (report.get("recall") or {}).items():
         if isinstance(rec, dict):
             out.append(
-                [name, *(_f(rec[d][k], ".2f") for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10"))]
+                [
+                    recall_set_name(name, rec),
+                    *(_f(rec[d][k], ".2f") for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10")),
+                ]
             )
     for tower, p in (report.get("parity") or {}).items():
         out.append(

@@ -17,41 +17,36 @@ import numpy as np
 from edge_msd import __version__
 from edge_msd.artifacts import atomic_write_json
 from edge_msd.bench import sysinfo, vendor
-from edge_msd.bench.bundle import Bundle, open_bundle, tower_inputs
 from edge_msd.bench.coldstart import cold_start
-from edge_msd.bench.options import BenchOptions
+from edge_msd.bench.options import BenchOptions, ProfileBench
 from edge_msd.bench.placement import unavailable
 from edge_msd.bench.report import SCHEMA, format_table
 from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
 from edge_msd.bench.sustained import sustained
 from edge_msd.bench.timing import Deadline, Stop, Timing, time_loop
+from edge_msd.contract.format import EVALSET, PROBE
+from edge_msd.contract.numerics import row_cosine, run_batched
+from edge_msd.contract.reading import Bundle, open_bundle, tower_inputs
 from edge_msd.errors import ConfigError, EdgeMSDError
-from edge_msd.eval.retrieval import retrieval_metrics
+from edge_msd.eval.retrieval import first_images, retrieval_metrics
+from edge_msd.quiet import third_party_output_hidden
 
 MAX_SAMPLES_KEPT = 20000  # raw latencies kept in the report for distribution plots
 PLACEMENT_CALLS = 10  # profiled calls for per-op times
 
 
 def profile_defaults(target: dict[str, Any]) -> dict[str, Any]:
-    """Benchmark defaults from the bundle's target profile (targets/*.toml): ``batch_sizes`` and the
-    ``[bench]`` table (warmup, iterations, duration, threads with 0 = runtime default)."""
-    bench = target.get("bench") or {}
+    """Benchmark defaults (named as the options) from the bundle's target profile: its ``batch_sizes``
+    and its typed ``[bench]`` table (``ProfileBench``: runtime, warmup, iterations, duration, threads
+    with 0 = runtime default)."""
+    bench = ProfileBench.from_manifest(target.get("bench") or {}, "bundle manifest")
     out: dict[str, Any] = {}
-    for key, name in (
-        ("iterations", "iters"),
-        ("iters", "iters"),
-        ("duration", "duration"),
-        ("warmup", "warmup"),
-    ):
-        if key in bench:
-            out[name] = bench[key]
-    if bench.get("threads"):
-        out["threads"] = int(bench["threads"])
-    batch = target.get("batch_sizes") or bench.get("batch_sizes")
-    if isinstance(batch, int):
-        batch = [batch]
-    if batch:
-        out["batch"] = sorted({int(b) for b in batch})
+    for name, value in (("runtime", bench.runtime), ("warmup", bench.warmup), ("iters", bench.iterations),
+                        ("duration", bench.duration), ("threads", bench.threads or None)):
+        if value is not None:
+            out[name] = value
+    if target.get("batch_sizes"):
+        out["batch"] = sorted({int(b) for b in target["batch_sizes"]})
     return out
 
 
@@ -67,26 +62,33 @@ def _pool(x: np.ndarray, batch: int, size: int, session: Session) -> list[Any]:
 
 def embed(session: Session, x: np.ndarray, batch: int, deadline: Deadline) -> np.ndarray:
     """Embeddings of all rows with a session of fixed batch: the last chunk is padded, then cut."""
-    out = []
-    for s in range(0, len(x), batch):
+
+    def step(chunk: np.ndarray) -> np.ndarray:
         if deadline.passed():
             raise Stop
-        chunk = x[s : s + batch]
-        real = len(chunk)
-        if real < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-        out.append(
-            np.asarray(session.run(session.prepare(chunk)), dtype=np.float32).reshape(batch, -1)[:real]
-        )
-    return np.concatenate(out)
+        return np.asarray(session.run(session.prepare(chunk)), dtype=np.float32).reshape(batch, -1)
+
+    return run_batched(step, x, batch)
 
 
 def parity(device: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Per-row cosine similarity between embeddings made here and the PyTorch student's."""
-    a = device / np.maximum(np.linalg.norm(device, axis=1, keepdims=True), 1e-12)
-    b = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-    cos = (a * b).sum(axis=1)
+    cos = row_cosine(device, reference)
     return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "n": int(len(cos))}
+
+
+def eval_subset(
+    evalset: dict[str, np.ndarray], limit: int | None
+) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The first ``limit`` images of the eval set with all their captions, and what was kept of how many
+    (None: the whole set). Captions index images, so the subset keeps recall's definition."""
+    cap = evalset["caption_image_index"]
+    n_all = len(evalset["images"])
+    if limit is None or limit >= n_all:
+        return evalset, None
+    n, caps = first_images(cap, n_all, limit)
+    subset = {k: v[:n] if k == "images" else v[caps] for k, v in evalset.items()}  # the rest: per caption
+    return subset, {"n_images": n, "of_images": n_all, "n_texts": len(caps), "of_texts": len(cap)}
 
 
 class _Run:
@@ -119,7 +121,7 @@ class _Run:
             self.iters, self.duration = defaults.get("iters"), defaults.get("duration")
             if self.iters is None and self.duration is None:
                 self.iters = 100
-        self.warmup = opts.warmup if opts.warmup is not None else int(defaults.get("warmup", 10))
+        self.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 10)
         self.options = {
             "provider": opts.provider,
             "compute_units": opts.compute_units,
@@ -164,6 +166,7 @@ class _Run:
                 "warmup": self.warmup,
                 "pool": opts.pool,
                 "time_limit_s": opts.time_limit,
+                "eval_limit": opts.eval_limit,
                 "towers": list(self.towers),
             },
             "environment": sysinfo.environment(versions, self.threads),
@@ -188,9 +191,11 @@ class _Run:
 
     def load(self, tower: str, batch: int) -> tuple[Session, float]:
         path = self.files[tower][self._format(tower)]
-        t0 = time.perf_counter_ns()
-        session = self.backend().load(self.bundle.model(tower), path, self.threads, batch, self.options)
-        return session, (time.perf_counter_ns() - t0) / 1e6
+        with third_party_output_hidden():  # runtimes log from C++ as they build (XNNPACK, TensorRT)
+            t0 = time.perf_counter_ns()
+            session = self.backend().load(self.bundle.model(tower), path, self.threads, batch, self.options)
+            load_ms = (time.perf_counter_ns() - t0) / 1e6
+        return session, load_ms
 
     def measure(self, tower: str, x: np.ndarray, batch: int, deadline: Deadline) -> Session:
         """One (tower, batch) measurement; its entry is in the report even if cut short."""
@@ -234,7 +239,7 @@ class _Run:
         """Time every batch size, then embed the eval and probe sets with the last session."""
         data = evalset or probe
         if data is None:
-            raise EdgeMSDError(f"{self.bundle.root}: neither evalset.npz nor probe.npz: no inputs to time")
+            raise EdgeMSDError(f"{self.bundle.root}: neither {EVALSET} nor {PROBE}: no inputs to time")
         x = tower_inputs(self.bundle, tower, data)
         emb: dict[str, np.ndarray] = {}
         session = None
@@ -291,8 +296,11 @@ class _Run:
         return out
 
     def execute(self, deadline: Deadline) -> None:
-        evalset = self.bundle.load_npz("evalset.npz") if self.opts.recall else None
-        probe = self.bundle.load_npz("probe.npz")
+        evalset = self.bundle.load_npz(EVALSET) if self.opts.recall else None
+        subset = None
+        if evalset is not None:
+            evalset, subset = eval_subset(evalset, self.opts.eval_limit)
+        probe = self.bundle.load_npz(PROBE)
         embs = {}
         for tower in self.towers:
             embs[tower] = self.tower(tower, evalset, probe, deadline)
@@ -306,6 +314,8 @@ class _Run:
                     recall[name] = retrieval_metrics(
                         embs["image"][name], embs["text"][name], d["caption_image_index"]
                     )
+            if subset and "eval" in recall:
+                recall["eval"]["subset"] = subset  # recall of the first images only: not the set's recall
             if probe is not None and "image_emb" in probe:
                 ref = retrieval_metrics(probe["image_emb"], probe["text_emb"], probe["caption_image_index"])
                 recall["probe_reference"] = ref
@@ -338,7 +348,15 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
         {t: bundle.model(t) for t in opts.towers},
         Path(opts.engine_dir) if opts.engine_dir else None,
     )
-    backend = select_backend(opts.runtime, files)
+    # the option, else the runtime the target profile names, else the first installed one that fits
+    profile_runtime = None if opts.runtime else profile_defaults(bundle.target).get("runtime")
+    try:
+        backend = select_backend(opts.runtime or profile_runtime or "auto", files)
+    except EdgeMSDError as e:
+        if profile_runtime is None:
+            raise
+        raise type(e)(f"{e} ({profile_runtime} is the target profile's [bench] runtime; --runtime chooses "
+                      "another)") from e
     out = Path(opts.out) if opts.out else default_out(opts, bundle, backend)
     run = _Run(opts, bundle, backend, files, out, echo)
     echo(f"edge-msd bench: {bundle.root} with {backend.name} {run.report['runtime']['version']} → {out}")

@@ -25,6 +25,8 @@ import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
+from edge_msd.contract.format import TOKENIZER_JSON
+
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
@@ -214,13 +216,13 @@ class Tokenizer:
     def from_dir(cls, folder: str | Path) -> Tokenizer:
         """Load a bundle's tokenizer/ folder (vocab + tokenizer.json)."""
         folder = Path(folder)
-        meta = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        meta = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8"))
         vocab = meta["vocab"]
         if Path(str(vocab)).name != vocab or vocab in ("", ".", ".."):  # stays inside the bundle's folder
-            raise ValueError(f"{folder}/tokenizer.json: vocab {vocab!r} must be a file name in that folder")
+            raise ValueError(f"{folder / TOKENIZER_JSON}: vocab {vocab!r} must be a file name in that folder")
         tok = cls(folder / vocab, meta["context_length"])
         if (tok.sot_token_id, tok.eot_token_id) != (meta["sot_token"], meta["eot_token"]):
-            raise ValueError(f"{folder}: vocabulary does not give the sot/eot ids in tokenizer.json")
+            raise ValueError(f"{folder}: vocabulary does not give the sot/eot ids in {TOKENIZER_JSON}")
         return tok
 
     def bpe(self, token: str) -> str:

@@ -16,7 +16,7 @@ KNOWN_LOSSES = ("contrastive", "feature", "similarity", "hard_negative", "clip",
 DSMD_LOSSES = ["contrastive", "feature", "similarity", "hard_negative"]
 # Default: DSMD's relational losses plus teacher-affinity mimicking (the teacher's image-text similarity
 # structure). The point-wise feature and cosine losses pin each student point to its teacher point and
-# cost recall in five of six paired runs (README, Ablation); `--losses` turns them back on.
+# cost recall in five of six paired runs (docs/results.md, Ablations); `--losses` turns them back on.
 DEFAULT_LOSSES = ["contrastive", "hard_negative", "affinity"]
 KNOWN_BALANCERS = ("dynamic", "fixed", "uncertainty")
 

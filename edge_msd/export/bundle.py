@@ -26,7 +26,6 @@ from rich.console import Console
 
 from edge_msd.artifacts import (
     MANIFEST,
-    TOWERS,
     atomic_dir,
     atomic_writer,
     file_hashes,
@@ -35,9 +34,20 @@ from edge_msd.artifacts import (
     sha256_file,
     verify_files,
 )
-from edge_msd.bench.integrity import KIND, SCHEMA, SIGNATURE, Verified, bundle_digest, check_bundle
-from edge_msd.bench.signing import write_signature
-from edge_msd.config import TargetProfile, load_target
+from edge_msd.contract.format import (
+    EVALSET,
+    KIND,
+    PROBE,
+    SCHEMA,
+    SIGNATURE,
+    TARGET_TOML,
+    TOKENIZER_DIR,
+    TOKENIZER_JSON,
+    TOWERS,
+    model_file,
+)
+from edge_msd.contract.integrity import Verified, bundle_digest, check_bundle
+from edge_msd.contract.signing import write_signature
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.distill.images import split_preprocess
 from edge_msd.errors import ArtifactError, ConfigError
@@ -48,6 +58,7 @@ from edge_msd.families import family_for
 from edge_msd.families.common.base import ExportRequest, Family
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, file_size
 from edge_msd.students.towers import Student, load_student_towers
+from edge_msd.targets import TargetProfile, load_target
 
 console = Console(stderr=True)
 
@@ -90,7 +101,7 @@ def write_tokenizer(student: Student, folder: Path) -> dict:
     meta = {"vocab": vocab.name, "context_length": student.context_length, "clean": "lower",
             "sot_token": student.tokenizer.sot_token_id, "eot_token": student.tokenizer.eot_token_id,
             "source": f"open_clip {open_clip.__version__} SimpleTokenizer"}
-    (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2))
+    (folder / TOKENIZER_JSON).write_text(json.dumps(meta, indent=2))
     return {"dir": folder.name, **{k: meta[k] for k in ("context_length", "sot_token", "eot_token")}}
 
 
@@ -118,7 +129,7 @@ def ship_quantized(exporter: Family, art: Path, manifest: dict, folder: Path, st
     models, towers = {}, {}
     for tower in TOWERS:
         entry = manifest["towers"][tower]
-        rel = f"models/{tower}.{exporter.ext}"
+        rel = model_file(tower, exporter.ext)
         exporter.ship(art / entry["file"], folder / rel, tower, student, profile)
         models[tower] = exporter.describe(folder, rel, tower, "int8", profile)
         if "delegation" in entry:  # what the delegate took, known only when the quantizer lowered it
@@ -154,11 +165,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
     out = cfg.out_dir()
     if out.exists() and not cfg.force:
         raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    exporter = family_for(profile)
-    runtime = profile.bench.get("runtime")
-    if runtime and runtime not in exporter.runtimes:
-        raise ConfigError(f"{profile.source}: [bench] runtime {runtime!r} cannot run {exporter.name} files; "
-                          f"expected one of {', '.join(exporter.runtimes)}")
+    exporter = family_for(profile)  # the profile was checked against it (runtime, precisions) when loaded
     if precision == "int8" and not (cfg.quantized or made_for_export):
         raise ConfigError(f"target {profile.name}: int8 ships a quantized artifact; make one with "
                           f"`edge-msd ptq --target {profile.name}` (or qat) and pass it as --quantized")
@@ -193,10 +200,10 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
             with console.status(f"exporting {student.name} for {profile.name} ({precision})"):
                 models = exporter.export(ExportRequest(student, profile, precision), tmp)
         export_s = time.perf_counter() - t0
-        tokenizer = write_tokenizer(student, tmp / "tokenizer")
-        shutil.copyfile(profile.source, tmp / "target.toml")
-        np.savez(tmp / "probe.npz", **probe, image_emb=ref["image"], text_emb=ref["text"])
-        np.savez(tmp / "evalset.npz", **evalset)
+        tokenizer = write_tokenizer(student, tmp / TOKENIZER_DIR)
+        shutil.copyfile(profile.source, tmp / TARGET_TOML)
+        np.savez(tmp / PROBE, **probe, image_emb=ref["image"], text_emb=ref["text"])
+        np.savez(tmp / EVALSET, **evalset)
         parity = run_parity(exporter, models, tmp, student, probe, ref, profile.parity[precision])
         for entry in models.values():
             entry["size_bytes"] = file_size(tmp / entry["file"])

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_msd.contract.numerics import row_cosine
 from edge_msd.eval.retrieval import retrieval_metrics
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(axis=1)
 
 
 def parity_report(ref: dict[str, np.ndarray], out: dict[str, np.ndarray], caption_image_index: np.ndarray,
@@ -26,7 +21,7 @@ def parity_report(ref: dict[str, np.ndarray], out: dict[str, np.ndarray], captio
     report: dict = {"reference_R@1": base, "thresholds": dict(thresholds)}
     swapped = {"image": (out["image"], ref["text"]), "text": (ref["image"], out["text"])}
     for tower, (img, txt) in swapped.items():
-        cos = _cos(out[tower].astype(np.float32), ref[tower].astype(np.float32))
+        cos = row_cosine(out[tower].astype(np.float32), ref[tower].astype(np.float32))
         delta = retrieval_metrics(img, txt, caption_image_index)["mean_R@1"] - base
         ok = cos.min() >= thresholds["min_cos"] and -delta <= thresholds["max_delta_r1"]
         report[tower] = {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()),

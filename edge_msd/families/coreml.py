@@ -17,27 +17,28 @@ import json
 import platform
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from edge_msd import __version__
-from edge_msd.config import TargetProfile
+from edge_msd.config import field
+from edge_msd.contract.numerics import run_batched
 from edge_msd.delegation import check_towers, coreml_findings
 from edge_msd.errors import ArtifactError, ConfigError, QuantError
+from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
     ExportRequest,
     Family,
     Runner,
-    check_static_float,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 from edge_msd.families.common.embedding import int8_token_embedding
@@ -54,6 +55,28 @@ from edge_msd.families.common.quantizer import (
 )
 from edge_msd.students.towers import Student, explicit_attention
 
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
+
+COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")  # coremltools' ct.ComputeUnit
+
+
+@dataclass
+class CoreMLOptions(FamilyOptions):
+    """``[options]`` of a coreml profile."""
+
+    minimum_deployment_target: str = field("iOS17", help="coremltools' ct.target name: iOS17, macOS14, ...")
+    compute_units: str = field("ALL", help=f"Core ML compute units: {' | '.join(COMPUTE_UNITS)}")
+    fp32_ops: list[str] = field([], help="MIL op types kept in fp32 in fp16 programs")
+    author: str = field("edge-msd", help="model author, as Xcode shows it")
+    license: str = field("", help="model licence, as Xcode shows it")
+
+    def __post_init__(self) -> None:
+        if self.compute_units not in COMPUTE_UNITS:
+            raise ValueError(f"field 'compute_units' is {self.compute_units!r}; "
+                             f"expected one of {', '.join(COMPUTE_UNITS)}")
+
+
 DESCRIPTIONS = {"image": "RGB image, (x/255 - mean)/std, NCHW float32",
                 "text": "int32 CLIP BPE token ids: sot, tokens, eot, zero padding"}
 
@@ -69,14 +92,14 @@ def _after_l2_norm(op) -> bool:  # noqa: ANN001 - a coremltools MIL Operation
     return op is not None and op.op_type == "reduce_l2_norm"
 
 
-def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision: str, opts: dict):
+def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision: str, opts: CoreMLOptions):
     import coremltools as ct
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, (torch.from_numpy(example),)).run_decompositions({})
         dtype = np.int32 if tower == "text" else np.float32
-        fp32_ops = set(opts.get("fp32_ops", []))
+        fp32_ops = set(opts.fp32_ops)
         precision_arg = (ct.precision.FLOAT32 if precision == "fp32" else
                          ct.transform.FP16ComputePrecision(
                              op_selector=lambda op: op.op_type not in fp32_ops and not _after_l2_norm(op)))
@@ -84,18 +107,18 @@ def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision
             return ct.convert(
                 ep, inputs=[ct.TensorType(name=INPUT_NAMES[tower], shape=example.shape, dtype=dtype)],
                 outputs=[ct.TensorType(name=OUTPUT_NAME)], convert_to="mlprogram",
-                minimum_deployment_target=getattr(ct.target, opts.get("minimum_deployment_target", "iOS17")),
+                minimum_deployment_target=getattr(ct.target, opts.minimum_deployment_target),
                 compute_precision=precision_arg,
-                compute_units=getattr(ct.ComputeUnit, opts.get("compute_units", "ALL")))
+                compute_units=getattr(ct.ComputeUnit, opts.compute_units))
         except Exception as e:  # coremltools names the unsupported torch op in its message
             msg = str(e).splitlines()[0]
             raise ConfigError(f"Core ML conversion of the {tower} tower failed: {msg}") from e
 
 
-def _annotate(mlmodel, tower: str, student: Student, precision: str, opts: dict) -> None:
+def _annotate(mlmodel, tower: str, student: Student, precision: str, opts: CoreMLOptions) -> None:
     """Author, licence, version, I/O descriptions and preprocessing, as Xcode shows them."""
-    mlmodel.author = opts.get("author", "edge-msd")
-    mlmodel.license = opts.get("license", "")
+    mlmodel.author = opts.author
+    mlmodel.license = opts.license
     mlmodel.version = f"{student.name} (edge-msd {__version__})"
     mlmodel.short_description = f"{student.name} {tower} tower: L2-normalised embedding"
     mlmodel.input_description[INPUT_NAMES[tower]] = DESCRIPTIONS[tower]
@@ -334,9 +357,8 @@ class CoreMLFamily(Family):
     quantizer = CoreMLQuantizer
     format = "mlpackage"
     ext = "mlpackage"
-
-    def check(self, req: ExportRequest) -> None:
-        check_static_float(req, self.name)
+    float_precisions = ("fp32", "fp16")
+    options = CoreMLOptions
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         opts = req.profile.options
@@ -358,7 +380,7 @@ class CoreMLFamily(Family):
         import coremltools as ct
 
         spec = ct.models.MLModel(str(folder / rel), skip_model_load=True).get_spec()
-        check = spec_check(spec, folder / rel, tower, precision, list(profile.options.get("fp32_ops", [])))
+        check = spec_check(spec, folder / rel, tower, precision, list(profile.options.fp32_ops))
         arr = ct.proto.FeatureTypes_pb2.ArrayFeatureType
 
         def io(feature, layout: str | None = None) -> dict:

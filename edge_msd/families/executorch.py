@@ -13,15 +13,18 @@ portable CPU kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from edge_msd.config import TargetProfile
+from edge_msd.config import field
+from edge_msd.contract.numerics import run_batched
 from edge_msd.errors import ConfigError, QuantError
+from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -30,22 +33,28 @@ from edge_msd.families.common.base import (
     Runner,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 from edge_msd.families.common.pt2e import PT2EQuantizer, converted, finite_inputs, keep_float_filter
 from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 DELEGATES = ("xnnpack", "coreml")
 ET_DTYPES = {6: "float32", 3: "int32", 4: "int64", 1: "int8", 0: "uint8", 5: "float16"}  # ScalarType ids
 BOOKKEEPING = ("getitem",)  # nodes that only unpack a delegate's outputs: not ops left undelegated
 
 
-def delegate_of(profile: TargetProfile) -> str:
-    delegate = str(profile.options.get("delegate", "xnnpack"))
-    if delegate not in DELEGATES:
-        raise ConfigError(f"{profile.source}: options.delegate {delegate!r}; expected one of {DELEGATES}")
-    return delegate
+@dataclass
+class ExecuTorchOptions(FamilyOptions):
+    """``[options]`` of an executorch profile."""
+
+    delegate: str = field("xnnpack", help=f"backend the float program is lowered to: {', '.join(DELEGATES)}")
+
+    def __post_init__(self) -> None:
+        if self.delegate not in DELEGATES:
+            raise ValueError(f"field 'delegate' is {self.delegate!r}; expected one of {', '.join(DELEGATES)}")
 
 
 def _partitioner(delegate: str) -> Any:
@@ -153,21 +162,15 @@ class ExecuTorchFamily(Family):
         scheme="PT2E int8 (XNNPACK quantizer); weights per-channel symmetric, activations per-tensor",
     )
     quantizer = XNNPACKInt8
-
-    def check(self, req: ExportRequest) -> None:
-        where = req.profile.source or req.profile.name
-        if req.profile.dynamic_batch:
-            raise ConfigError(f"{where}: dynamic_batch is not supported by ExecuTorch; set false")
-        if req.precision != "fp32":
-            raise ConfigError(f"target {req.profile.name}: float export is fp32, not {req.precision}")
-        delegate_of(req.profile)
+    float_precisions = ("fp32",)  # static batch: .pte programs are memory-planned for one shape
+    options = ExecuTorchOptions
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> dict[str, Any]:
         example = torch.from_numpy(example_inputs(req.student, req.profile.batch_sizes[0])[tower])
         try:
             with quiet():
                 return {"delegation": lower_to_pte(tower_module(req.student, tower), example, path,
-                                                   delegate_of(req.profile))}
+                                                   req.profile.options.delegate)}
         except Exception as e:  # the lowering raises many types; its first line names the op
             raise ConfigError(f"ExecuTorch lowering of the {tower} tower failed: {first_line(e)}") from e
 
@@ -184,7 +187,7 @@ class ExecuTorchFamily(Family):
 
     def check_graph(self, profile: TargetProfile, models: dict[str, dict], folder: Path, warn: Any) -> dict:
         """The delegation each tower's lowering recorded; a warning per tower with ops left undelegated."""
-        out: dict[str, Any] = {"delegate": delegate_of(profile)}
+        out: dict[str, Any] = {"delegate": profile.options.delegate}
         for tower, entry in models.items():
             found = out[tower] = entry.get("delegation", {})
             if found.get("not_delegated"):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from edge_msd.config import TargetProfile
+from edge_msd.config import field
+from edge_msd.contract.numerics import run_batched
 from edge_msd.errors import ArtifactError, ConfigError
+from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -19,9 +22,11 @@ from edge_msd.families.common.base import (
     Runner,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16"}
 
@@ -102,15 +107,32 @@ def onnx_opset(model: Any) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def ort_runner(path: Path, batch: int, threads: int = 1) -> Runner:
-    """ONNX Runtime on the CPU, run in chunks of a static ``batch`` (-1: all rows at once)."""
+def ort_runner(path: Path, batch: int, threads: int = 1, *, fuse_qdq: bool = True) -> Runner:
+    """ONNX Runtime on the CPU, run in chunks of a static ``batch`` (-1: all rows at once).
+
+    ``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear pairs as the float ops they define (basic
+    graph optimizations only): ORT's fused int8 kernels on x86 CPUs without VNNI multiply u8×s8 pairs
+    with 16-bit saturation, which is neither the fake-quant reference nor what TensorRT computes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not fuse_qdq:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: run_batched(lambda c: sess.run(None, {name: c})[0], x, batch)
+
+
+@dataclass
+class OnnxOptions(FamilyOptions):
+    """``[options]`` of an onnx profile."""
+
+    opset: int = field(18, help="ONNX opset of the export (17 or later: LayerNormalization)")
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ValueError(f"field 'opset' is {self.opset}; expected 17 or later (LayerNormalization)")
 
 
 class OnnxFamily(Family):
@@ -120,24 +142,16 @@ class OnnxFamily(Family):
     format = "onnx"
     ext = "onnx"
     runtimes = ("onnxruntime",)
+    float_precisions = ("fp32",)
+    dynamic_batch = True
+    options = OnnxOptions
     dynamo = True  # the TensorRT subclass uses the TorchScript exporter
-
-    def opset(self, profile: TargetProfile) -> int:
-        opset = int(profile.options.get("opset", 18))
-        if opset < 17:
-            raise ConfigError(f"{profile.source}: options.opset {opset} < 17 (LayerNormalization)")
-        return opset
-
-    def check(self, req: ExportRequest) -> None:
-        if req.precision != "fp32":
-            raise ConfigError(f"target {req.profile.name}: onnx exports fp32 only, not {req.precision}")
-        self.opset(req.profile)
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         batch = 2 if req.profile.dynamic_batch else req.profile.batch_sizes[0]
         example = example_inputs(req.student, batch)[tower]
         export_onnx(tower_module(req.student, tower), example, path, INPUT_NAMES[tower],
-                    self.opset(req.profile), req.profile.dynamic_batch, dynamo=self.dynamo)
+                    req.profile.options.opset, req.profile.dynamic_batch, dynamo=self.dynamo)
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
         inputs, outputs, opset = onnx_io(folder / rel)

@@ -1,5 +1,5 @@
-"""Jetson / TensorRT: the ONNX TensorRT parses (opset 17, int32 I/O, explicit Q/DQ for int8) and the
-engine builder that runs on the device (``edge-msd build-engine``; TensorRT ships with JetPack).
+"""Jetson / TensorRT: the ONNX TensorRT parses (opset 17, int32 I/O, explicit Q/DQ for int8); the device
+builds the engines from it (``edge-msd build-engine``, edge_msd/bench/engine.py; TensorRT ships with JetPack).
 
 fp32 and fp16 bundles hold the fp32 ONNX; TensorRT lowers it to fp16 while building the engine,
 keeping LayerNorm/Softmax in fp32 (``options.fp32_layers``). int8 bundles ship the explicit
@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from edge_msd.bench.integrity import ENGINES_JSON, check_bundle, engine_file, timing_cache_file
-from edge_msd.config import TargetProfile
+from edge_msd.config import field
+from edge_msd.contract.format import DEFAULT_TIMING_CACHE, ENGINE_DEFAULTS, engine_file
 from edge_msd.delegation import TRT_MATRIX, check_towers, tensorrt_findings
-from edge_msd.errors import ArtifactError, ConfigError, EdgeMSDError
-from edge_msd.families.common.base import ExportRequest
+from edge_msd.errors import ArtifactError
 from edge_msd.families.common.embedding import per_row_int8
 from edge_msd.families.common.quantizer import (
     Quantizer,
@@ -34,8 +34,11 @@ from edge_msd.families.common.quantizer import (
     matches,
     quiet,
 )
-from edge_msd.families.onnx import OnnxFamily, check_onnx, export_onnx, onnx_opset, ort_runner
+from edge_msd.families.onnx import OnnxFamily, OnnxOptions, check_onnx, export_onnx, onnx_opset, ort_runner
 from edge_msd.students.towers import explicit_attention
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 # ONNX ops the TensorRT 8.6/10 ONNX parser imports (onnx-tensorrt operators.md), those that matter here.
 TRT_OPS = frozenset([
@@ -234,12 +237,26 @@ class ModeloptQuantizer(Quantizer):
         }
 
     def run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        return ort_runner(path, -1, threads=torch.get_num_threads())(x)
+        return ort_runner(path, -1, threads=torch.get_num_threads(), fuse_qdq=False)(x)
+
+
+@dataclass
+class TensorRTOptions(OnnxOptions):
+    """``[options]`` of a tensorrt profile: the ONNX export here and the engine build on the device."""
+
+    opset: int = field(17, help="ONNX opset (TensorRT 8.6/10 parse opset 17 fully)")
+    workspace_mib: int = field(ENGINE_DEFAULTS["workspace_mib"], help="builder workspace in MiB")
+    dla_core: int = field(ENGINE_DEFAULTS["dla_core"], help="DLA core (0 or 1 on Orin AGX/NX), -1: GPU only")
+    gpu_fallback: bool = field(ENGINE_DEFAULTS["gpu_fallback"], help="layers the DLA cannot run go to GPU")
+    timing_cache: str = field(DEFAULT_TIMING_CACHE, help="timing cache file, relative to the bundle")
+    fp32_layers: list[str] = field(ENGINE_DEFAULTS["fp32_layers"], help="layers kept fp32 in fp16/int8")
 
 
 class TensorRTFamily(OnnxFamily):
     name = "tensorrt"
     runtimes = ("tensorrt",)
+    float_precisions = ("fp32", "fp16")
+    options = TensorRTOptions
     recipe = Recipe(
         name="tensorrt-int8-qdq",
         exporter="tensorrt",
@@ -250,13 +267,6 @@ class TensorRTFamily(OnnxFamily):
     )
     quantizer = ModeloptQuantizer
     dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the int8 Q/DQ ONNX
-
-    def opset(self, profile: TargetProfile) -> int:
-        return int(profile.options.get("opset", 17))
-
-    def check(self, req: ExportRequest) -> None:
-        if req.precision not in ("fp32", "fp16"):
-            raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
         entry = super().describe(folder, rel, tower, precision, profile)
@@ -272,79 +282,6 @@ class TensorRTFamily(OnnxFamily):
             return tensorrt_findings(folder / entry["file"], entry["precision"])
 
         return {"checked_against": TRT_MATRIX, **check_towers(profile.name, models, find, warn)}
-
-
-# ---- engine builder (runs on the Jetson) -----------------------------------------------------
-def build_engines(bundle: Path, precision: str | None = None, workspace_mib: int | None = None,
-                  dla_core: int | None = None, timing_cache: Path | None = None) -> dict[str, Path]:
-    """Build models/<tower>.plan for a jetson bundle with the TensorRT Python API (TensorRT 8.6/10)."""
-    from edge_msd.artifacts import atomic_write_bytes, atomic_write_json
-
-    manifest = check_bundle(bundle).manifest  # the bundle rules: only verified ONNX inside it is parsed
-    target = manifest["target"]
-    if target.get("exporter") != "tensorrt":
-        raise ConfigError(f"{bundle}: built for exporter {target.get('exporter')!r}, not tensorrt")
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise EdgeMSDError("TensorRT is not installed: build-engine runs on the Jetson, where JetPack ships "
-                           "the tensorrt Python module") from e
-    opts = target.get("options", {})
-    precision = precision or manifest["models"]["image"]["precision"]
-    workspace_mib = workspace_mib or int(opts.get("workspace_mib", 2048))
-    dla_core = int(opts.get("dla_core", -1)) if dla_core is None else dla_core
-    timing_cache = timing_cache or bundle / timing_cache_file(manifest)  # confined by check_bundle
-    bmin, bopt, bmax = (lambda b: (min(b), sorted(b)[len(b) // 2], max(b)))(target["batch_sizes"])
-    logger = trt.Logger(trt.Logger.WARNING)
-    built = {}
-    for tower, entry in manifest["models"].items():
-        builder = trt.Builder(logger)
-        trt10 = int(trt.__version__.split(".")[0]) >= 10  # explicit batch is the only mode in TensorRT 10
-        flags = 0 if trt10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse((bundle / entry["file"]).read_bytes()):
-            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ArtifactError(f"{bundle / entry['file']}: TensorRT cannot parse it: {errs}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-            # LayerNorm/Softmax overflow in fp16: keep them fp32 (explicit precision constraints)
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            keep = tuple(opts.get("fp32_layers", ["LayerNorm", "Softmax"]))
-            for i in range(network.num_layers):
-                layer = network.get_layer(i)
-                if any(k.lower() in (layer.name + str(layer.type)).lower() for k in keep):
-                    layer.precision = trt.float32
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ in the graph: no calibrator
-        if dla_core >= 0:
-            config.default_device_type = trt.DeviceType.DLA
-            config.DLA_core = dla_core
-            if opts.get("gpu_fallback", True):
-                config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-        cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        if any(s == -1 for s in entry["inputs"][0]["shape"]):
-            profile = builder.create_optimization_profile()
-            inp = entry["inputs"][0]
-            rest = tuple(inp["shape"][1:])
-            profile.set_shape(inp["name"], (bmin, *rest), (bopt, *rest), (bmax, *rest))
-            config.add_optimization_profile(profile)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise ArtifactError(f"TensorRT failed to build the {tower} engine (see the log above)")
-        out = bundle / engine_file(tower)
-        atomic_write_bytes(out, bytes(plan))
-        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-        built[tower] = out
-    atomic_write_json(bundle / ENGINES_JSON,
-                      {"precision": precision, "dla_core": dla_core, "workspace_mib": workspace_mib,
-                       "batch_profile": [bmin, bopt, bmax], "tensorrt": trt.__version__,
-                       "plans": {t: p.name for t, p in built.items()}})
-    return built
 
 
 FAMILY = TensorRTFamily()

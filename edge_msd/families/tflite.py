@@ -22,13 +22,13 @@ import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from edge_msd.config import TargetProfile
+from edge_msd.contract.numerics import dequantize, quantize, run_batched
 from edge_msd.delegation import DELEGATE_OP, executed_ops
 from edge_msd.errors import ConfigError, QuantError
 from edge_msd.families.common.base import (
@@ -37,10 +37,8 @@ from edge_msd.families.common.base import (
     ExportRequest,
     Family,
     Runner,
-    check_static_float,
     example_inputs,
     io_entry,
-    run_batched,
     tower_module,
 )
 from edge_msd.families.common.pt2e import (
@@ -52,6 +50,9 @@ from edge_msd.families.common.pt2e import (
     tag_adds,
 )
 from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
+
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
 
 NP_DTYPES = {np.float32: "float32", np.int8: "int8", np.int32: "int32", np.uint8: "uint8",
              np.float16: "float16"}
@@ -103,8 +104,9 @@ def interpreter(path: Path, threads: int = 1) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=str(path), num_threads=threads)
-    interp.allocate_tensors()
+    with quiet():  # LiteRT logs its delegate's creation from C++
+        interp = Interpreter(model_path=str(path), num_threads=threads)
+        interp.allocate_tensors()
     return interp
 
 
@@ -131,8 +133,7 @@ def model_input(detail: dict, x: np.ndarray) -> np.ndarray:
     if x.ndim == 4 and list(detail["shape"][1:]) == [x.shape[2], x.shape[3], x.shape[1]]:
         x = x.transpose(0, 2, 3, 1)
     if np.dtype(detail["dtype"]) == np.int8:
-        scale, zp = detail["quantization"]
-        x = np.clip(np.round(x / scale) + zp, -128, 127)
+        x = quantize(x, *detail["quantization"])
     return x.astype(detail["dtype"])
 
 
@@ -147,8 +148,7 @@ def run_tflite(path: Path, x: np.ndarray, interp: Any = None) -> np.ndarray:
         interp.invoke()
         y = interp.get_tensor(o_det["index"])
         if np.dtype(o_det["dtype"]) == np.int8:
-            scale, zp = o_det["quantization"]
-            return (y.astype(np.float32) - zp) * np.float32(scale)
+            return dequantize(y, *o_det["quantization"])
         return y.astype(np.float32)
 
     return run_batched(run, x, int(i_det["shape"][0]))
@@ -231,8 +231,9 @@ def litert_leftovers(model: Path) -> dict[str, Any]:
     """Ops count and the op types XNNPACK leaves to the interpreter, for one .tflite model."""
     from ai_edge_litert import interpreter as tfl
 
-    interp = tfl.Interpreter(model_path=str(model), num_threads=1)
-    interp.allocate_tensors()
+    with quiet():
+        interp = tfl.Interpreter(model_path=str(model), num_threads=1)
+        interp.allocate_tensors()
     ops = interp._get_ops_details()
     ran = executed_ops(ops, [d["index"] for d in interp.get_output_details()])
     left = collections.Counter(o["op_name"] for o in ops if o["index"] in ran)
@@ -251,9 +252,7 @@ class TFLiteFamily(Family):
         scheme="PT2E full-integer int8; weights per-channel symmetric, activations per-tensor (histogram)",
     )
     quantizer = LiteRTQuantizer
-
-    def check(self, req: ExportRequest) -> None:
-        check_static_float(req, self.name)
+    float_precisions = ("fp32", "fp16")  # fp16: fp16 weights; static batch (XNNPACK plans static shapes)
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]

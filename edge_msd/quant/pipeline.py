@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_msd.artifacts import TOWERS, atomic_dir, write_manifest
+from edge_msd.artifacts import atomic_dir, write_manifest
+from edge_msd.contract.format import TOWERS
 from edge_msd.errors import ConfigError, DataError, QuantError
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, Quantizer, Recipe, cosine_to
 from edge_msd.quant.calibration import (
@@ -246,7 +247,8 @@ def quantize_student(cfg: QuantConfig) -> Path:
     """PTQ or QAT of ``cfg.student`` for ``cfg.target``; writes and returns the quantized artifact."""
     from safetensors.torch import save_file
 
-    from edge_msd.config import config_to_dict, load_target
+    from edge_msd.config import config_to_dict
+    from edge_msd.targets import load_target
 
     cfg.validate()
     cfg = cfg.resolved()

@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from edge_msd.config import TargetProfile, load_target
 from edge_msd.errors import ConfigError
 from edge_msd.families import family, family_for, names
 from edge_msd.families.common.quantizer import Quantizer, Recipe
+from edge_msd.targets import TargetProfile, load_target
 
 
 def recipe_for_target(target: TargetProfile | str | Path) -> Recipe:
@@ -24,7 +24,7 @@ def recipe_for_target(target: TargetProfile | str | Path) -> Recipe:
             f"recipe; exporters with one: {with_recipe}"
         )
     where = profile.source or profile.name
-    overrides: dict[str, Any] = dict(profile.options.get("quant", {}))
+    overrides: dict[str, Any] = dict(profile.options.quant)
     known = {f.name for f in dataclasses.fields(Recipe)} - {"name", "exporter", "backend", "scheme"}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_msd.artifacts import TOWERS, atomic_write_json, atomic_write_text, read_manifest, verify_files
+from edge_msd.artifacts import atomic_write_json, atomic_write_text, read_manifest, verify_files
+from edge_msd.contract.format import TOWERS
 from edge_msd.errors import ArtifactError
 from edge_msd.eval.retrieval import first_images, retrieval_metrics
 from edge_msd.families.common.quantizer import file_size, quiet

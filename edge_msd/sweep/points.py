@@ -46,6 +46,10 @@ def point_from_report(report: dict[str, Any], path: str | Path, latency: str,
     if not isinstance(recall, dict):
         raise ArtifactError(f"{path}: no recall on the eval set; benchmark a bundle with an evalset and "
                             "without --no-recall")
+    if recall.get("subset"):
+        sub = recall["subset"]
+        raise ArtifactError(f"{path}: recall on the first {sub['n_images']} of {sub['of_images']} eval "
+                            "images (--eval-limit) does not compare with whole-set points; bench without it")
     p50 = {t: batch1_p50(report, t) for t in ("image", "text")}
     needed = ("image", "text") if latency == "image+text" else (latency,)
     missing = [t for t in needed if p50[t] is None]

@@ -72,8 +72,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
 def _runs_here(target: str) -> None:
     """This host times the bundles: a target whose runtime cannot run here is refused before any training."""
     from edge_msd.bench.runtimes import BACKENDS
-    from edge_msd.config import load_target
     from edge_msd.families import family_for
+    from edge_msd.targets import load_target
 
     runtimes = family_for(load_target(target)).runtimes
     reasons = [BACKENDS[r].unavailable_reason() for r in runtimes]
@@ -220,7 +220,7 @@ def given_student(cfg: SweepConfig, folder: str) -> Candidate:
 def export(cfg: SweepConfig, c: Candidate) -> None:
     """``c.work/<target>``: a bundle of ``c``'s student, unless a verified one of the same weights is there
     (a tampered bundle is an error, not something to overwrite)."""
-    from edge_msd.export.bundle import verify_bundle
+    from edge_msd.contract.integrity import check_bundle
     from edge_msd.export.config import ExportConfig
     from edge_msd.pipeline import export_target
     from edge_msd.students.presets import WEIGHTS_FILE
@@ -228,7 +228,7 @@ def export(cfg: SweepConfig, c: Candidate) -> None:
     bundle = c.work / Path(cfg.target).stem
     weights = _json(c.student / MANIFEST).get("files", {}).get(WEIGHTS_FILE)
     done = not cfg.force and (bundle / MANIFEST).is_file()
-    if done and verify_bundle(bundle).manifest.get("student", {}).get("sha256") == weights:
+    if done and check_bundle(bundle).manifest.get("student", {}).get("sha256") == weights:
         console.print(f"{bundle}: a verified bundle of {c.label}, reused")
         return
     console.print(f"{c.label}: exporting for {cfg.target} → {bundle}")
@@ -239,11 +239,11 @@ def bench(cfg: SweepConfig, c: Candidate) -> Point:
     """Benchmark ``c``'s bundle here at batch 1 (a report of the same bundle and settings is reused)."""
     from edge_msd.bench.options import BenchOptions
     from edge_msd.bench.run import run_bench
-    from edge_msd.export.bundle import verify_bundle
+    from edge_msd.contract.integrity import check_bundle
 
     bundle = c.work / Path(cfg.target).stem
     report_path = c.work / f"bench-{bundle.name}.json"
-    report = None if cfg.force else _reusable_report(report_path, verify_bundle(bundle).digest, cfg)
+    report = None if cfg.force else _reusable_report(report_path, check_bundle(bundle).digest, cfg)
     if report is None:
         opts = BenchOptions(bundle=str(bundle), threads=cfg.threads, batch=[1], iters=cfg.iters, cold=False,
                             vendor=False, out=str(report_path))

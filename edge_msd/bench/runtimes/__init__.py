@@ -16,6 +16,7 @@ from edge_msd.bench.runtimes.executorch import ExecuTorchBackend
 from edge_msd.bench.runtimes.litert import LiteRtBackend, LiteRtSession
 from edge_msd.bench.runtimes.onnxruntime import OnnxRuntimeBackend, OrtSession
 from edge_msd.bench.runtimes.tensorrt import TensorRtBackend
+from edge_msd.contract.format import RUNTIMES
 from edge_msd.errors import ConfigError
 
 __all__ = [
@@ -36,9 +37,13 @@ __all__ = [
     "select_backend",
 ]
 
-# Preference for `auto`: the device's native runtime first, the generic one last.
+# Keyed by runtime name, in the order `auto` tries them (RUNTIMES of the bundle format, the one list).
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (TensorRtBackend, CoreMlBackend, LiteRtBackend, ExecuTorchBackend, OnnxRuntimeBackend)
+    b.name: b
+    for b in sorted(
+        (TensorRtBackend, CoreMlBackend, LiteRtBackend, ExecuTorchBackend, OnnxRuntimeBackend),
+        key=lambda b: RUNTIMES.index(b.name),
+    )
 }
 ALIASES = {
     "ort": "onnxruntime",

@@ -11,6 +11,7 @@ import numpy as np
 from edge_msd.bench import vendor
 from edge_msd.bench.placement import Op, summarise, unavailable, with_op_times
 from edge_msd.bench.runtimes.base import Backend, RuntimeMissing, Session
+from edge_msd.contract.numerics import dequantize, quantize
 from edge_msd.delegation import DELEGATE_OP, executed_ops
 from edge_msd.errors import ConfigError
 
@@ -60,9 +61,7 @@ class LiteRtSession(Session):
         dtype = np.dtype(self.input_dtype)
         if dtype.kind in "iu" and self.in_scale > 0 and np.asarray(x).dtype.kind == "f":
             # An int8 model takes quantized input: q = round(x / scale) + zero_point, clipped.
-            info = np.iinfo(dtype)
-            q = np.round(np.asarray(x, np.float32) / self.in_scale) + self.in_zero
-            return np.ascontiguousarray(np.clip(q, info.min, info.max).astype(dtype))
+            return np.ascontiguousarray(quantize(x, self.in_scale, self.in_zero, dtype))
         return np.ascontiguousarray(x, dtype=dtype)
 
     def placement(self, feed: Any, calls: int) -> dict[str, Any]:
@@ -88,7 +87,7 @@ class LiteRtSession(Session):
         self.interp.invoke()
         y = self.interp.get_tensor(self.out["index"])
         if self.out_scale > 0 and y.dtype.kind in "iu":
-            return (y.astype(np.float32) - self.out_zero) * self.out_scale
+            return dequantize(y, self.out_scale, self.out_zero)
         return y
 
     def describe(self) -> dict[str, Any]:

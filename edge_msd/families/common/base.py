@@ -1,31 +1,36 @@
 """The one interface every target family implements (``Family``), and what it is given.
 
-A family owns one file format end to end: ``write`` converts one float tower to a file; ``describe``
-reads a written file back into its manifest entry (docs/bundle.md, ``models``), so a float export and
-an int8 file made by its ``quantizer`` (``ship``ped into the bundle) get the same entry and the same
-checks; ``check_graph`` records what the device's delegate will not take; ``runner`` gives a numpy
-function for the parity check where the target's runtime exists on this machine, else the reason it
-does not; ``runtimes`` names the device-side runners (edge_msd/bench/runtimes/<name>.py) of its files.
+A family declares as data what a profile may ask of it: ``options`` (the typed class of a profile's
+``[options]`` table), ``float_precisions``, ``dynamic_batch`` and ``runtimes`` (the device-side
+runners, edge_msd/bench/runtimes/<name>.py, of its files); the profile loader (edge_msd.targets)
+checks every profile against them. A family owns one file format end to end: ``write`` converts one
+float tower to a file; ``describe`` reads a written file back into its manifest entry (docs/bundle.md,
+``models``), so a float export and an int8 file made by its ``quantizer`` (``ship``ped into the
+bundle) get the same entry and the same checks; ``check_graph`` records what the device's delegate
+will not take; ``runner`` gives a numpy function for the parity check where the target's runtime
+exists on this machine, else the reason it does not.
 """
 
 from __future__ import annotations
 
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_msd.artifacts import TOWERS
-from edge_msd.config import TargetProfile
+from edge_msd.contract.format import TOWERS, model_file
+from edge_msd.contract.numerics import Runner
 from edge_msd.errors import ConfigError
-from edge_msd.families.common.quantizer import Quantizer, Recipe
+from edge_msd.families import FamilyOptions
+from edge_msd.families.common.quantizer import Quantizer, Recipe, quiet
 from edge_msd.students.towers import Student
 
-Runner = Callable[[np.ndarray], np.ndarray]
+if TYPE_CHECKING:
+    from edge_msd.targets import TargetProfile
+
 INPUT_NAMES = {"image": "image", "text": "tokens"}
 OUTPUT_NAME = "embedding"
 
@@ -44,12 +49,18 @@ class Family(ABC):
     format: str  # onnx | tflite | mlpackage | pte
     ext: str
     runtimes: tuple[str, ...]  # device-side runners of its files; the profile's [bench] runtime is one
+    float_precisions: tuple[str, ...]  # what ``write`` converts to; int8 comes from ``recipe``
+    dynamic_batch: bool = False  # whether it writes a dynamic batch dimension
+    options: type[FamilyOptions] = FamilyOptions  # the typed [options] table of its profiles
     recipe: Recipe | None = None  # the default int8 recipe; None: no int8 for this family
     quantizer: type[Quantizer] | None = None  # the toolchain that applies ``recipe``
 
-    @abstractmethod
     def check(self, req: ExportRequest) -> None:
-        """Refuse what this exporter cannot write (named field or precision) before any conversion."""
+        """Refuse what this exporter cannot write (named field or precision) before any conversion; the
+        profile itself was checked against this family when it was loaded."""
+        if req.precision not in self.float_precisions:
+            raise ConfigError(f"target {req.profile.name}: {self.name} float export is "
+                              f"{' or '.join(self.float_precisions)}, not {req.precision}")
 
     @abstractmethod
     def write(self, req: ExportRequest, tower: str, path: Path) -> dict[str, Any] | None:
@@ -65,10 +76,12 @@ class Family(ABC):
         self.check(req)
         entries = {}
         for tower in TOWERS:
-            rel = f"models/{tower}.{self.ext}"
+            rel = model_file(tower, self.ext)
             (out_dir / "models").mkdir(parents=True, exist_ok=True)
-            found = self.write(req, tower, out_dir / rel) or {}
-            entries[tower] = {**self.describe(out_dir, rel, tower, req.precision, req.profile), **found}
+            with quiet():  # converters and runtimes print progress and C++ logs
+                found = self.write(req, tower, out_dir / rel) or {}
+                entry = self.describe(out_dir, rel, tower, req.precision, req.profile)
+            entries[tower] = {**entry, **found}
         return entries
 
     def ship(self, src: Path, dest: Path, tower: str, student: Student, profile: TargetProfile) -> None:
@@ -89,14 +102,6 @@ class Family(ABC):
         return f"no runtime for {self.format} on this machine"
 
 
-def check_static_float(req: ExportRequest, exporter: str) -> None:
-    """The ``check`` of families that write a static batch in fp32 or fp16 only (coreml, tflite)."""
-    if req.profile.dynamic_batch:
-        raise ConfigError(f"{req.profile.source}: dynamic_batch is not supported by {exporter}; set false")
-    if req.precision not in ("fp32", "fp16"):
-        raise ConfigError(f"target {req.profile.name}: float export is fp32 or fp16, not {req.precision}")
-
-
 def io_entry(name: str, shape: list[int], dtype: str, layout: str | None = None) -> dict:
     out = {"name": name, "shape": [int(s) for s in shape], "dtype": dtype}
     if layout:
@@ -114,17 +119,3 @@ def example_inputs(student: Student, batch: int) -> dict[str, np.ndarray]:
 
 def tower_module(student: Student, tower: str):
     return student.image if tower == "image" else student.text
-
-
-def run_batched(fn: Runner, x: np.ndarray, batch: int) -> np.ndarray:
-    """Run a static-batch model over any number of rows (the last chunk padded by repetition)."""
-    if batch <= 0:
-        return fn(x)
-    outs = []
-    for s in range(0, len(x), batch):
-        chunk = x[s : s + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        outs.append(fn(chunk)[:n])
-    return np.concatenate(outs)

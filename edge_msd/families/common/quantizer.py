@@ -11,12 +11,10 @@ and ``edge_msd.export`` ships.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
-import io
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from edge_msd.errors import ConfigError, QuantError
+from edge_msd.quiet import third_party_output_hidden
 
 QUANTIZED_KIND = "edge-msd-quantized"  # manifest kind of a quantized artifact (quant writes, export reads)
 
@@ -120,11 +119,8 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the converters' progress chatter on stdout (errors still raise)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+# the converters' progress chatter and C++ logs, hidden (shown under -v, or written out when they fail)
+quiet = third_party_output_hidden
 
 
 def cosine_to(reference: torch.Tensor, out: torch.Tensor) -> float:

@@ -17,34 +17,21 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge_msd.artifacts import MANIFEST, read_manifest, verify_files
+from edge_msd.artifacts import read_manifest, verify_files
+from edge_msd.contract.format import (
+    ENGINES_JSON,
+    KIND,
+    MANIFEST,
+    SCHEMA,
+    SIGNATURE,
+    TABLES,
+    at,
+    engine_file,
+    timing_cache_file,
+)
 from edge_msd.errors import ArtifactError, ConfigError
 
-KIND = "edge-msd-bundle"
-SCHEMA = 1
-SIGNATURE = "manifest.sig"  # written by `edge-msd bundle sign`, beside the manifest
-# What `edge-msd build-engine` writes into a bundle on the device; no manifest can list these.
-ENGINES_JSON = "engines.json"
-DEFAULT_TIMING_CACHE = "timing.cache"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def engine_file(tower: str) -> str:
-    """Where the device builds a tower's TensorRT engine, relative to the bundle."""
-    return f"models/{tower}.plan"
-
-
-def _at(obj: Any, *keys: str) -> Any:
-    """``obj[k1][k2]…``, or None where a level is missing or no table (hostile manifests must not crash)."""
-    for key in keys:
-        obj = obj.get(key) if isinstance(obj, dict) else None
-    return obj
-
-
-def timing_cache_file(manifest: dict[str, Any]) -> Any:
-    """The TensorRT timing cache the profile names (``options.timing_cache``), relative to the bundle."""
-    value = _at(manifest, "target", "options", "timing_cache")
-    return DEFAULT_TIMING_CACHE if value is None else value
 
 
 @dataclasses.dataclass
@@ -90,9 +77,9 @@ def manifest_paths(manifest: dict[str, Any]) -> list[tuple[str, object]]:
     for tower, entry in manifest["models"].items():
         out.append((f"models.{tower}.file", entry.get("file")))
         if entry.get("engine") is not None:
-            out.append((f"models.{tower}.engine.file", _at(entry, "engine", "file")))
+            out.append((f"models.{tower}.engine.file", at(entry, "engine", "file")))
     if manifest.get("tokenizer") is not None:
-        out.append(("tokenizer.dir", _at(manifest, "tokenizer", "dir")))
+        out.append(("tokenizer.dir", at(manifest, "tokenizer", "dir")))
     out.append(("target.options.timing_cache", timing_cache_file(manifest)))
     return out
 
@@ -100,7 +87,7 @@ def manifest_paths(manifest: dict[str, Any]) -> list[tuple[str, object]]:
 def device_added(manifest: dict[str, Any]) -> set[str]:
     """Files a bundle may hold beyond its manifest: the signature and what the device builds there."""
     engines = {engine_file(t) for t in manifest["models"]}
-    engines |= {_at(e, "engine", "file") for e in manifest["models"].values()} - {None}
+    engines |= {at(e, "engine", "file") for e in manifest["models"].values()} - {None}
     return {SIGNATURE, ENGINES_JSON, timing_cache_file(manifest), *engines}
 
 
@@ -116,7 +103,7 @@ def _check_structure(root: Path, manifest: dict[str, Any]) -> None:
     models = manifest.get("models")
     if not isinstance(models, dict) or not models or not all(isinstance(e, dict) for e in models.values()):
         raise ArtifactError(f"{where}: 'models' is missing, empty or not a table of model entries")
-    for key in ("target", "preprocessing", "tokenizer", "student", "parity", "calibration", "quantization"):
+    for key in TABLES:
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):  # readers look inside
             raise ArtifactError(f"{where}: '{key}' must be a table, got {type(manifest[key]).__name__}")
 
@@ -178,7 +165,7 @@ def check_bundle(root: str | Path, expect_digest: str | None = None, public_key:
                             f"{parse_digest(expect_digest)} (the manifest was edited or is another bundle)")
     signature = None
     if public_key is not None:
-        from edge_msd.bench.signing import verify_signature
+        from edge_msd.contract.signing import verify_signature
 
         signature = verify_signature(root / SIGNATURE, digest, Path(public_key))
     verify_files(root, manifest)

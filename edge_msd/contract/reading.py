@@ -1,7 +1,5 @@
-"""Read a deploy bundle on the device (docs/bundle.md): check it by the bundle rules, preprocess its data.
-
-Only the standard library and numpy: this module ships inside the benchmark binary.
-"""
+"""Read a deploy bundle (docs/bundle.md): check it by the bundle rules, load its data, preprocess its
+images as the manifest says."""
 
 from __future__ import annotations
 
@@ -11,33 +9,23 @@ from typing import Any
 
 import numpy as np
 
-from edge_msd.artifacts import TOWERS
-from edge_msd.bench.integrity import check_bundle
+from edge_msd.contract.format import FORMATS, MANIFEST, TOWERS
+from edge_msd.contract.integrity import check_bundle
 from edge_msd.errors import ArtifactError
-
-# Model formats by file suffix; a TensorRT engine (.plan) is built on the device, next to the ONNX.
-FORMATS = {
-    ".onnx": "onnx",
-    ".tflite": "tflite",
-    ".mlpackage": "mlpackage",
-    ".mlmodel": "mlpackage",
-    ".plan": "plan",
-    ".engine": "plan",
-}
 
 
 @dataclasses.dataclass
 class Bundle:
     root: Path
     manifest: dict[str, Any]
-    digest: str  # sha256 of the canonical manifest (edge_msd.bench.integrity)
+    digest: str  # sha256 of the canonical manifest (edge_msd.contract.integrity)
     signature: dict[str, str] | None = None  # set when a public key verified the bundle's signature
 
     def model(self, tower: str) -> dict[str, Any]:
         try:
             return self.manifest["models"][tower]
         except KeyError as e:
-            raise ArtifactError(f"{self.root}/manifest.json: no model for the {tower} tower") from e
+            raise ArtifactError(f"{self.root / MANIFEST}: no model for the {tower} tower") from e
 
     def model_path(self, tower: str) -> Path:
         return self.root / self.model(tower)["file"]
