@@ -968,7 +968,7 @@ def test_vendor_parsers_on_recorded_output():
     assert not vendor.agrees(0.94, 1.0)
 
     assert vendor.parse_benchmark_model(BENCHMARK_MODEL_OUT) == pytest.approx(
-        {"mean_ms": 63.7432, "n": 50, "p50_ms": 51.891}
+        {"mean_ms": 63.7432, "n": 50, "p50_ms": 51.891, "cv": 60716 / 63743.2}
     )
     assert vendor.parse_trtexec(TRTEXEC_OUT) == {"mean_ms": 0.861, "p50_ms": 0.858}
     assert vendor.parse_perf_test(PERF_TEST_OUT) == pytest.approx({"mean_ms": 0.306, "p50_ms": 0.298})

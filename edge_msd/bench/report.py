@@ -28,6 +28,12 @@ def recall_set_name(name: str, recall: dict[str, Any]) -> str:
     return f"{name} subset (first {sub['n_images']} of {sub['of_images']} images)" if sub else name
 
 
+def _growth(peak: float | None, before: float | None) -> float | None:
+    """What one measurement added to the process (its session's load and runs): the runtime's own
+    memory, where the process's peak RSS also counts the interpreter, numpy and, on a host, torch."""
+    return None if peak is None or before is None else max(0.0, peak - before)
+
+
 def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat row per (tower, batch) measurement, for tables and plots."""
     out = []
@@ -51,6 +57,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "p99": lat.get("p99"),
                     "ips": m.get("throughput_items_per_s"),
                     "rss": m.get("peak_rss_mb"),
+                    "session_mb": _growth(m.get("peak_rss_mb"), m.get("rss_before_mb")),
                     "mj": (m.get("energy") or {}).get("mJ_per_item"),
                     "complete": m.get("complete", False),
                 }
@@ -70,7 +77,8 @@ LATENCY_HEAD = [
     "mean±std ms",
     "cv",
     "items/s",
-    "peak RSS MB",
+    "session MB",
+    "host process peak RSS MB",
     "mJ/item",
 ]
 COLD_HEAD = [
@@ -82,7 +90,7 @@ COLD_HEAD = [
     "model load MB",
     "peak in inference MB",
 ]
-VENDOR_HEAD = ["tower", "tool", "tool ms", "ours ms", "ours / tool", "agrees (±5%)"]
+VENDOR_HEAD = ["tower", "tool", "tool ms", "ours ms", "ours / tool", "verdict (±5%)"]
 
 
 def latency_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -99,6 +107,7 @@ def latency_rows(report: dict[str, Any]) -> list[list[str]]:
             "–" if r["mean"] is None else f"{r['mean']:.3f}±{r['std']:.3f}",
             _f(r["cv"], ".1%"),
             _f(r["ips"], ".1f"),
+            _f(r["session_mb"], ".1f"),
             _f(r["rss"], ".0f"),
             _f(r["mj"], ".2f"),
         ]
@@ -141,7 +150,7 @@ def vendor_rows(report: dict[str, Any]) -> list[list[str]]:
                     f"{v[v['compared'] + '_ms']:.4f} ({v['compared']})",
                     f"{v['ours_ms']:.4f}",
                     f"{v['ratio']:.3f}",
-                    "yes" if v["agrees"] else "NO",
+                    v.get("verdict") or ("agrees" if v["agrees"] else "disagrees"),
                 ]
             )
     return out
@@ -266,10 +275,14 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         if not data:
             continue
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(data)), 4.5))
-        ax.violinplot(data, showmedians=True)
+        top = latency_axis_top(data)
+        ax.violinplot([[v for v in d if v <= top] for d in data], showmedians=True)
+        ax.set_ylim(0, top)
         ax.set_xticks(range(1, len(data) + 1), labels, fontsize=7)
         ax.set_ylabel("latency per call (ms)")
-        ax.set_title(f"{tower} tower: latency distribution")
+        hidden = sum(v > top for d in data for v in d)
+        ax.set_title(f"{tower} tower: latency distribution (axis to the highest p99 × 1.2; "
+                     f"{hidden} slower calls above it)", fontsize=9)
         fig.tight_layout()
         path = out / f"latency_{tower}.png"
         fig.savefig(path, dpi=110)
@@ -298,6 +311,14 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def latency_axis_top(data: list[list[float]]) -> float:
+    """The latency plots' axis: to the highest 99th percentile (× 1.2) of the runs drawn, so that one
+    slow outlier does not flatten every distribution onto the axis."""
+    import numpy as np
+
+    return 1.2 * max(float(np.percentile(d, 99)) for d in data)
 
 
 def batch1_p50(report: dict[str, Any], tower: str) -> float | None:

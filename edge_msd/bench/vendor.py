@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_msd.bench.placement import Op
+from edge_msd.bench.timing import UNSTABLE_CV
 
 # runtime → its tools, preferred first; a dotted name is a Python module run with this interpreter
 TOOLS = {
@@ -45,6 +46,9 @@ def parse_benchmark_model(text: str) -> dict[str, float]:
         med = re.search(r"median=([\d.]+)", lines[-1])
         if med:
             out["p50_ms"] = float(med.group(1)) / 1000
+        avg, std = re.search(r"avg=([\d.]+)", lines[-1]), re.search(r"std=([\d.]+)", lines[-1])
+        if avg and std and float(avg.group(1)) > 0:
+            out["cv"] = float(std.group(1)) / float(avg.group(1))
     return out
 
 
@@ -211,15 +215,25 @@ def compare(
     stat = "p50" if "p50_ms" in parsed else "mean"
     if parsed[f"{stat}_ms"] <= 0:
         return {**entry, **parsed, "error": f"{entry['tool']} printed {stat} 0 ms: below its resolution"}
-    ratio = ours[stat] / parsed[f"{stat}_ms"]
+    agree = agrees(ours[stat], parsed[f"{stat}_ms"], parsed.get("resolution_ms", 0.0))
     return {
         **entry,
         **parsed,
         "compared": stat,
         "ours_ms": ours[stat],
-        "ratio": ratio,
-        "agrees": agrees(ours[stat], parsed[f"{stat}_ms"], parsed.get("resolution_ms", 0.0)),
+        "ratio": ours[stat] / parsed[f"{stat}_ms"],
+        "agrees": agree,
+        "verdict": verdict(agree, {"ours": ours.get("cv"), entry["tool"]: parsed.get("cv")}),
     }
+
+
+def verdict(agree: bool, cvs: dict[str, float | None]) -> str:
+    """"agrees" / "disagrees", or "inconclusive (unstable: …)" when either run's coefficient of
+    variation is above ``UNSTABLE_CV``: two unstable runs differ by noise, not by the harness."""
+    unstable = [f"{who} CV {cv:.0%}" for who, cv in cvs.items() if cv is not None and cv > UNSTABLE_CV]
+    if unstable:
+        return f"inconclusive (unstable: {', '.join(unstable)})"
+    return "agrees" if agree else "disagrees"
 
 
 def agrees(ours_ms: float, tool_ms: float, resolution_ms: float = 0.0) -> bool:
