@@ -61,6 +61,7 @@ def test_latency_plot_renders_with_its_axis_clipped(tmp_path):
     from edge_msd.bench.report import _plots
 
     samples = [0.1 + 0.001 * (i % 10) for i in range(500)] + [5.0]
-    run = {**_report(samples), "runtime": {"name": "onnxruntime", "provider": "cpu"}, "device": {"label": "host"}}
+    run = {**_report(samples), "runtime": {"name": "onnxruntime", "provider": "cpu"},
+           "device": {"label": "host"}}
     paths = _plots([run], tmp_path)
     assert any(p.name == "latency_image.png" and p.stat().st_size > 1000 for p in paths)
