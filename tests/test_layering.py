@@ -18,11 +18,14 @@ PACKAGE = Path(edge_msd.__file__).parent
 # alike. The benchmark's options with the typed [bench] table of a profile are among them (stdlib only:
 # the profile loader types [bench] with them). The torchrun plumbing (rank device, process group,
 # barrier, broadcast) is shared too: the feature pass (teachers, stage 2) and training (distill, stage 3)
-# both run under torchrun, and it knows no pipeline stage.
+# both run under torchrun, and it knows no pipeline stage. The families' declarations (typed [options],
+# precisions, int8 recipe, runtimes) are shared with the registry: the profile loader checks profiles
+# against them without importing a family's toolchain.
 BASE = {
     "edge_msd", "edge_msd.config", "edge_msd.targets", "edge_msd.artifacts", "edge_msd.errors",
     "edge_msd.paths", "edge_msd.lineage", "edge_msd.delegation", "edge_msd.quiet", "edge_msd.families",
     "edge_msd.eval", "edge_msd.contract", "edge_msd.bench.options", "edge_msd.torchrun",
+    "edge_msd.families.declarations",
 }
 # The bottom of the house: what the contract itself may import (the stdlib-only foundations), and the
 # only third-party packages it may name: numpy, and cryptography where a signature key is used.
