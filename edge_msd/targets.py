@@ -1,8 +1,10 @@
 """Target profiles (targets/<name>.toml): the profile type, where profiles are found, and their loading.
 
 Targets are data, target families are code (edge_msd/families): a profile names its family in
-``exporter``, and is checked against what that family declares: the typed class of its ``[options]``
-table, its float precisions, whether it writes a dynamic batch and its device-side runtimes. The
+``exporter``, and is checked against what that family declares (its ``FamilyDecl``,
+edge_msd/families/declarations.py): the typed class of its ``[options]`` table, the precisions it writes,
+whether it writes a dynamic batch and its device-side runtimes. Only the declarations are imported here,
+so listing and loading profiles imports no torch and no converter. The
 ``[bench]`` table is typed by ``ProfileBench``, which the torch-free benchmark reads back from the
 bundle manifest.
 """
@@ -11,15 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge_msd.bench.options import ProfileBench
 from edge_msd.config import build_config, field, load_toml
 from edge_msd.errors import ConfigError
-from edge_msd.families import FamilyOptions, family, names
-
-if TYPE_CHECKING:
-    from edge_msd.families.common.base import Family
+from edge_msd.families import FamilyDecl, FamilyOptions, declaration, names
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -56,13 +55,13 @@ class TargetProfile:
             t = self.parity.get(p)
             if not isinstance(t, dict) or set(t) != {"min_cos", "max_delta_r1"}:
                 raise ConfigError(f"{where}: field 'parity.{p}' must be a table with min_cos, max_delta_r1")
-        check_against_family(self, family(self.exporter))
+        check_against_family(self, declaration(self.exporter))
 
 
-def check_against_family(profile: TargetProfile, fam: Family) -> None:
+def check_against_family(profile: TargetProfile, fam: FamilyDecl) -> None:
     """What the profile asks of its family: precisions it writes, a dynamic batch, a runtime of its files."""
     where = profile.source or profile.name
-    writes = (*fam.float_precisions, *(("int8",) if fam.recipe is not None else ()))
+    writes = fam.precisions
     refused = [p for p in profile.precisions if p not in writes]
     if refused:
         raise ConfigError(f"{where}: field 'precisions' has {', '.join(refused)}, which {fam.name} does not "
@@ -125,7 +124,7 @@ def load_target(name_or_path: str | Path) -> TargetProfile:
         raise ConfigError(f"{path}: field 'resolution' must be an int or \"student\"")
     if data["exporter"] not in names():
         raise ConfigError(f"{path}: field 'exporter' is {data['exporter']!r}; expected one of {names()}")
-    options_cls = family(data["exporter"]).options
+    options_cls = declaration(data["exporter"]).options
     options = build_config(options_cls, _table(data, "options", path), f"{path} [options]")
     bench = build_config(ProfileBench, _table(data, "bench", path), f"{path} [bench]")
     values = {"name": path.stem, **data, "options": options, "bench": bench, "source": str(path)}

@@ -95,6 +95,17 @@ def test_runtimes_are_the_bench_backends_and_cover_every_family():
         assert set(family(name).runtimes) <= set(fmt.RUNTIMES), name
 
 
+def test_each_family_takes_its_facts_from_its_own_declaration():
+    """What the profile loader checks (torch-free) is what the family object uses, for every family."""
+    pytest.importorskip("torch")
+    from edge_msd.families import declaration, family, names
+
+    for name in names():
+        fam = family(name)
+        assert fam.declaration is declaration(name) and fam.name == name, name
+        assert (fam.recipe is None) == (fam.quantizer is None), name  # int8 needs both
+
+
 def test_file_names_and_the_device_added_files():
     assert fmt.model_file("text", "tflite") == "models/text.tflite"
     assert fmt.engine_file("image") == "models/image.plan"

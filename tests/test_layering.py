@@ -4,6 +4,7 @@ run in a circle (read from the source, ast)."""
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,11 +19,14 @@ PACKAGE = Path(edge_msd.__file__).parent
 # alike. The benchmark's options with the typed [bench] table of a profile are among them (stdlib only:
 # the profile loader types [bench] with them). The torchrun plumbing (rank device, process group,
 # barrier, broadcast) is shared too: the feature pass (teachers, stage 2) and training (distill, stage 3)
-# both run under torchrun, and it knows no pipeline stage.
+# both run under torchrun, and it knows no pipeline stage. The families' declarations (typed [options],
+# precisions, int8 recipe, runtimes) are shared with the registry: the profile loader checks profiles
+# against them without importing a family's toolchain.
 BASE = {
     "edge_msd", "edge_msd.config", "edge_msd.targets", "edge_msd.artifacts", "edge_msd.errors",
     "edge_msd.paths", "edge_msd.lineage", "edge_msd.delegation", "edge_msd.quiet", "edge_msd.families",
     "edge_msd.eval", "edge_msd.contract", "edge_msd.bench.options", "edge_msd.torchrun",
+    "edge_msd.families.declarations",
 }
 # The bottom of the house: what the contract itself may import (the stdlib-only foundations), and the
 # only third-party packages it may name: numpy, and cryptography where a signature key is used.
@@ -236,3 +240,34 @@ def test_the_contract_is_the_bottom_layer():
     assert not violations, "the contract reaches above the bottom layer:\n" + "\n".join(violations)
     assert rank("edge_msd.contract.integrity") == 0
     assert rank("edge_msd.bench.engine") == STAGES["edge_msd.bench"]
+
+
+# Blocked for the profile loader: torch (``sys.modules[m] = None`` makes ``import m`` raise) and the
+# family toolchains, so that listing and loading profiles stays torch-free, also where they are absent.
+TOOLCHAINS = ("torch", "open_clip", "onnx", "onnxruntime", "coremltools", "executorch", "modelopt",
+              "ai_edge_litert", "ai_edge_torch", "tensorflow")
+
+
+def test_listing_and_loading_every_profile_imports_no_torch(tmp_path):
+    """`edge-msd targets` and load_target type and check every packaged profile from the families'
+    declarations alone (a family module imports torch and its converter)."""
+    code = (f"import sys\nfor m in {TOOLCHAINS!r}:\n    sys.modules[m] = None\n"
+            "from edge_msd.targets import known_targets, load_target\n"
+            "names = list(known_targets())\n"
+            "assert len(names) >= 5, names\n"
+            "for n in names:\n    load_target(n).validate()\n"
+            "from edge_msd.cli import main\nmain(['targets'], standalone_mode=False)\n"
+            "print(' '.join(names))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert {"onnx", "jetson-orin", "coreml", "tflite", "executorch"} <= set(r.stdout.split()), r.stdout
+
+
+def test_every_family_module_is_declared():
+    """The registry's names are the declarations'; each has its module, and every module is declared."""
+    from edge_msd.families import declaration, names
+
+    modules = {p.stem for p in (PACKAGE / "families").glob("*.py")} - {"__init__", "declarations"}
+    assert set(names()) == modules
+    assert all(declaration(n).name == n for n in names())

@@ -17,7 +17,6 @@ import json
 import platform
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +25,9 @@ import torch
 from torch import nn
 
 from edge_msd import __version__
-from edge_msd.config import field
 from edge_msd.contract.numerics import run_batched
 from edge_msd.delegation import check_towers, coreml_findings
 from edge_msd.errors import ArtifactError, ConfigError, QuantError
-from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -44,7 +41,6 @@ from edge_msd.families.common.base import (
 from edge_msd.families.common.embedding import int8_token_embedding
 from edge_msd.families.common.quantizer import (
     Quantizer,
-    Recipe,
     calibrate,
     first_line,
     freeze_bn_modules,
@@ -53,28 +49,11 @@ from edge_msd.families.common.quantizer import (
     quiet,
     set_submodule,
 )
+from edge_msd.families.declarations import DECLARATIONS, CoreMLOptions, Recipe
 from edge_msd.students.towers import Student, explicit_attention
 
 if TYPE_CHECKING:
     from edge_msd.targets import TargetProfile
-
-COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")  # coremltools' ct.ComputeUnit
-
-
-@dataclass
-class CoreMLOptions(FamilyOptions):
-    """``[options]`` of a coreml profile."""
-
-    minimum_deployment_target: str = field("iOS17", help="coremltools' ct.target name: iOS17, macOS14, ...")
-    compute_units: str = field("ALL", help=f"Core ML compute units: {' | '.join(COMPUTE_UNITS)}")
-    fp32_ops: list[str] = field([], help="MIL op types kept in fp32 in fp16 programs")
-    author: str = field("edge-msd", help="model author, as Xcode shows it")
-    license: str = field("", help="model licence, as Xcode shows it")
-
-    def __post_init__(self) -> None:
-        if self.compute_units not in COMPUTE_UNITS:
-            raise ValueError(f"field 'compute_units' is {self.compute_units!r}; "
-                             f"expected one of {', '.join(COMPUTE_UNITS)}")
 
 
 DESCRIPTIONS = {"image": "RGB image, (x/255 - mean)/std, NCHW float32",
@@ -346,19 +325,10 @@ def _palette_bits(option: str) -> int | None:
 
 
 class CoreMLFamily(Family):
-    name = "coreml"
-    runtimes = ("coreml",)
-    recipe = Recipe(
-        name="coreml-w8a8",
-        exporter="coreml",
-        backend="coreml",
-        scheme="LinearQuantizer W8A8 symmetric; weights per-channel int8, activations uint8",
-    )
+    declaration = DECLARATIONS["coreml"]
     quantizer = CoreMLQuantizer
     format = "mlpackage"
     ext = "mlpackage"
-    float_precisions = ("fp32", "fp16")
-    options = CoreMLOptions
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         opts = req.profile.options

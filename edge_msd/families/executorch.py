@@ -13,7 +13,6 @@ portable CPU kernels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_msd.config import field
 from edge_msd.contract.numerics import run_batched
 from edge_msd.errors import ConfigError, QuantError
-from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -36,25 +33,14 @@ from edge_msd.families.common.base import (
     tower_module,
 )
 from edge_msd.families.common.pt2e import PT2EQuantizer, converted, finite_inputs, keep_float_filter
-from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
+from edge_msd.families.common.quantizer import first_line, io_entries, quiet
+from edge_msd.families.declarations import DECLARATIONS
 
 if TYPE_CHECKING:
     from edge_msd.targets import TargetProfile
 
-DELEGATES = ("xnnpack", "coreml")
 ET_DTYPES = {6: "float32", 3: "int32", 4: "int64", 1: "int8", 0: "uint8", 5: "float16"}  # ScalarType ids
 BOOKKEEPING = ("getitem",)  # nodes that only unpack a delegate's outputs: not ops left undelegated
-
-
-@dataclass
-class ExecuTorchOptions(FamilyOptions):
-    """``[options]`` of an executorch profile."""
-
-    delegate: str = field("xnnpack", help=f"backend the float program is lowered to: {', '.join(DELEGATES)}")
-
-    def __post_init__(self) -> None:
-        if self.delegate not in DELEGATES:
-            raise ValueError(f"field 'delegate' is {self.delegate!r}; expected one of {', '.join(DELEGATES)}")
 
 
 def _partitioner(delegate: str) -> Any:
@@ -151,19 +137,10 @@ class XNNPACKInt8(PT2EQuantizer):
 
 
 class ExecuTorchFamily(Family):
-    name = "executorch"
+    declaration = DECLARATIONS["executorch"]
     format = "pte"
     ext = "pte"
-    runtimes = ("executorch",)
-    recipe = Recipe(
-        name="executorch-xnnpack-int8",
-        exporter="executorch",
-        backend="xnnpack",
-        scheme="PT2E int8 (XNNPACK quantizer); weights per-channel symmetric, activations per-tensor",
-    )
     quantizer = XNNPACKInt8
-    float_precisions = ("fp32",)  # static batch: .pte programs are memory-planned for one shape
-    options = ExecuTorchOptions
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> dict[str, Any]:
         example = torch.from_numpy(example_inputs(req.student, req.profile.batch_sizes[0])[tower])

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from edge_msd.config import field
 from edge_msd.contract.numerics import run_batched
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.families import FamilyOptions
 from edge_msd.families.common.base import (
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -24,6 +21,7 @@ from edge_msd.families.common.base import (
     io_entry,
     tower_module,
 )
+from edge_msd.families.declarations import DECLARATIONS
 
 if TYPE_CHECKING:
     from edge_msd.targets import TargetProfile
@@ -124,27 +122,12 @@ def ort_runner(path: Path, batch: int, threads: int = 1, *, fuse_qdq: bool = Tru
     return lambda x: run_batched(lambda c: sess.run(None, {name: c})[0], x, batch)
 
 
-@dataclass
-class OnnxOptions(FamilyOptions):
-    """``[options]`` of an onnx profile."""
-
-    opset: int = field(18, help="ONNX opset of the export (17 or later: LayerNormalization)")
-
-    def __post_init__(self) -> None:
-        if self.opset < 17:
-            raise ValueError(f"field 'opset' is {self.opset}; expected 17 or later (LayerNormalization)")
-
-
 class OnnxFamily(Family):
-    """Generic ONNX for ONNX Runtime; fp32 only, no int8 recipe (int8 ONNX is the tensorrt family's)."""
+    """Generic ONNX for ONNX Runtime (declared: fp32 only, dynamic batch, no int8 recipe)."""
 
-    name = "onnx"
+    declaration = DECLARATIONS["onnx"]
     format = "onnx"
     ext = "onnx"
-    runtimes = ("onnxruntime",)
-    float_precisions = ("fp32",)
-    dynamic_batch = True
-    options = OnnxOptions
     dynamo = True  # the TensorRT subclass uses the TorchScript exporter
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,21 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_msd.config import field
-from edge_msd.contract.format import DEFAULT_TIMING_CACHE, ENGINE_DEFAULTS, engine_file
+from edge_msd.contract.format import engine_file
 from edge_msd.delegation import TRT_MATRIX, check_towers, tensorrt_findings
 from edge_msd.errors import ArtifactError
 from edge_msd.families.common.embedding import per_row_int8
 from edge_msd.families.common.quantizer import (
     Quantizer,
-    Recipe,
     calibrate,
     freeze_bn_modules,
     io_entries,
     matches,
     quiet,
 )
-from edge_msd.families.onnx import OnnxFamily, OnnxOptions, check_onnx, export_onnx, onnx_opset, ort_runner
+from edge_msd.families.declarations import DECLARATIONS
+from edge_msd.families.onnx import OnnxFamily, check_onnx, export_onnx, onnx_opset, ort_runner
 from edge_msd.students.towers import explicit_attention
 
 if TYPE_CHECKING:
@@ -240,31 +238,8 @@ class ModeloptQuantizer(Quantizer):
         return ort_runner(path, -1, threads=torch.get_num_threads(), fuse_qdq=False)(x)
 
 
-@dataclass
-class TensorRTOptions(OnnxOptions):
-    """``[options]`` of a tensorrt profile: the ONNX export here and the engine build on the device."""
-
-    opset: int = field(17, help="ONNX opset (TensorRT 8.6/10 parse opset 17 fully)")
-    workspace_mib: int = field(ENGINE_DEFAULTS["workspace_mib"], help="builder workspace in MiB")
-    dla_core: int = field(ENGINE_DEFAULTS["dla_core"], help="DLA core (0 or 1 on Orin AGX/NX), -1: GPU only")
-    gpu_fallback: bool = field(ENGINE_DEFAULTS["gpu_fallback"], help="layers the DLA cannot run go to GPU")
-    timing_cache: str = field(DEFAULT_TIMING_CACHE, help="timing cache file, relative to the bundle")
-    fp32_layers: list[str] = field(ENGINE_DEFAULTS["fp32_layers"], help="layers kept fp32 in fp16/int8")
-
-
 class TensorRTFamily(OnnxFamily):
-    name = "tensorrt"
-    runtimes = ("tensorrt",)
-    float_precisions = ("fp32", "fp16")
-    options = TensorRTOptions
-    recipe = Recipe(
-        name="tensorrt-int8-qdq",
-        exporter="tensorrt",
-        backend="modelopt",
-        scheme="int8 symmetric; weights per-channel, activations per-tensor (max); explicit Q/DQ ONNX",
-        keep_first_last=True,
-        sensitivity_scan=True,
-    )
+    declaration = DECLARATIONS["tensorrt"]
     quantizer = ModeloptQuantizer
     dynamo = False  # TorchScript exporter: opset 17 (TensorRT 8.5+), like the int8 Q/DQ ONNX
 

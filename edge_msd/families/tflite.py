@@ -49,7 +49,8 @@ from edge_msd.families.common.pt2e import (
     keep_float_filter,
     tag_adds,
 )
-from edge_msd.families.common.quantizer import Recipe, first_line, io_entries, quiet
+from edge_msd.families.common.quantizer import first_line, io_entries, quiet
+from edge_msd.families.declarations import DECLARATIONS
 
 if TYPE_CHECKING:
     from edge_msd.targets import TargetProfile
@@ -241,18 +242,10 @@ def litert_leftovers(model: Path) -> dict[str, Any]:
 
 
 class TFLiteFamily(Family):
-    name = "tflite"
+    declaration = DECLARATIONS["tflite"]
     format = "tflite"
     ext = "tflite"
-    runtimes = ("litert",)
-    recipe = Recipe(
-        name="tflite-int8-pt2e",
-        exporter="tflite",
-        backend="pt2e",
-        scheme="PT2E full-integer int8; weights per-channel symmetric, activations per-tensor (histogram)",
-    )
     quantizer = LiteRTQuantizer
-    float_precisions = ("fp32", "fp16")  # fp16: fp16 weights; static batch (XNNPACK plans static shapes)
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]

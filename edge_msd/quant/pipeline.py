@@ -33,7 +33,8 @@ from torch import nn
 from edge_msd.artifacts import atomic_dir, write_manifest
 from edge_msd.contract.format import TOWERS
 from edge_msd.errors import ConfigError, DataError, QuantError
-from edge_msd.families.common.quantizer import QUANTIZED_KIND, Quantizer, Recipe, cosine_to
+from edge_msd.families.common.quantizer import QUANTIZED_KIND, Quantizer, cosine_to
+from edge_msd.families.declarations import Recipe
 from edge_msd.quant.calibration import (
     calibration_batches,
     check_calibration_set,

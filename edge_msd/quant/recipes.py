@@ -1,4 +1,4 @@
-"""The int8 recipe of a target: its family's default (edge_msd/families/<exporter>.py), tuned by the
+"""The int8 recipe of a target: its family's default (edge_msd/families/declarations.py), tuned by the
 profile's ``[options.quant]`` table, and the family's quantizer that applies it."""
 
 from __future__ import annotations
@@ -8,17 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from edge_msd.errors import ConfigError
-from edge_msd.families import family, family_for, names
-from edge_msd.families.common.quantizer import Quantizer, Recipe
+from edge_msd.families import declaration, family, names
+from edge_msd.families.common.quantizer import Quantizer
+from edge_msd.families.declarations import Recipe
 from edge_msd.targets import TargetProfile, load_target
 
 
 def recipe_for_target(target: TargetProfile | str | Path) -> Recipe:
     """The recipe of a target profile (``TargetProfile`` or name); no int8 recipe → ConfigError."""
     profile = load_target(target) if isinstance(target, str | Path) else target
-    fam = family_for(profile)
+    fam = declaration(profile.exporter)
     if fam.recipe is None:
-        with_recipe = ", ".join(n for n in names() if family(n).recipe is not None)
+        with_recipe = ", ".join(n for n in names() if declaration(n).recipe is not None)
         raise ConfigError(
             f"target {profile.name!r} (exporter {profile.exporter!r}) has no int8 quantization "
             f"recipe; exporters with one: {with_recipe}"

@@ -1,14 +1,15 @@
 """The one interface every target family implements (``Family``), and what it is given.
 
-A family declares as data what a profile may ask of it: ``options`` (the typed class of a profile's
-``[options]`` table), ``float_precisions``, ``dynamic_batch`` and ``runtimes`` (the device-side
-runners, edge_msd/bench/runtimes/<name>.py, of its files); the profile loader (edge_msd.targets)
-checks every profile against them. A family owns one file format end to end: ``write`` converts one
-float tower to a file; ``describe`` reads a written file back into its manifest entry (docs/bundle.md,
-``models``), so a float export and an int8 file made by its ``quantizer`` (``ship``ped into the
-bundle) get the same entry and the same checks; ``check_graph`` records what the device's delegate
-will not take; ``runner`` gives a numpy function for the parity check where the target's runtime
-exists on this machine, else the reason it does not.
+A family declares as data what a profile may ask of it, in its ``FamilyDecl``
+(edge_msd/families/declarations.py, torch-free): ``options`` (the typed class of a profile's
+``[options]`` table), ``float_precisions``, ``recipe``, ``dynamic_batch`` and ``runtimes`` (the
+device-side runners, edge_msd/bench/runtimes/<name>.py, of its files); the profile loader
+(edge_msd.targets) checks every profile against them, and the family reads them from there. A family
+owns one file format end to end: ``write`` converts one float tower to a file; ``describe`` reads a
+written file back into its manifest entry (docs/bundle.md, ``models``), so a float export and an int8
+file made by its ``quantizer`` (``ship``ped into the bundle) get the same entry and the same checks;
+``check_graph`` records what the device's delegate will not take; ``runner`` gives a numpy function for
+the parity check where the target's runtime exists on this machine, else the reason it does not.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 from edge_msd.contract.format import TOWERS, model_file
 from edge_msd.contract.numerics import Runner
 from edge_msd.errors import ConfigError
-from edge_msd.families import FamilyOptions
-from edge_msd.families.common.quantizer import Quantizer, Recipe, quiet
+from edge_msd.families.common.quantizer import Quantizer, quiet
+from edge_msd.families.declarations import FamilyDecl, FamilyOptions, Recipe
 from edge_msd.students.towers import Student
 
 if TYPE_CHECKING:
@@ -45,15 +46,35 @@ class ExportRequest:
 
 
 class Family(ABC):
-    name: str  # the profile's `exporter` value, and this family's module name
+    declaration: FamilyDecl  # what its profiles may ask of it (edge_msd/families/declarations.py)
     format: str  # onnx | tflite | mlpackage | pte
     ext: str
-    runtimes: tuple[str, ...]  # device-side runners of its files; the profile's [bench] runtime is one
-    float_precisions: tuple[str, ...]  # what ``write`` converts to; int8 comes from ``recipe``
-    dynamic_batch: bool = False  # whether it writes a dynamic batch dimension
-    options: type[FamilyOptions] = FamilyOptions  # the typed [options] table of its profiles
-    recipe: Recipe | None = None  # the default int8 recipe; None: no int8 for this family
     quantizer: type[Quantizer] | None = None  # the toolchain that applies ``recipe``
+
+    # the declared facts, read from ``declaration`` (their one home)
+    @property
+    def name(self) -> str:  # the profile's `exporter` value, and this family's module name
+        return self.declaration.name
+
+    @property
+    def options(self) -> type[FamilyOptions]:
+        return self.declaration.options
+
+    @property
+    def float_precisions(self) -> tuple[str, ...]:  # what ``write`` converts to; int8 comes from ``recipe``
+        return self.declaration.float_precisions
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        return self.declaration.runtimes
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.declaration.dynamic_batch
+
+    @property
+    def recipe(self) -> Recipe | None:  # the default int8 recipe; None: no int8 for this family
+        return self.declaration.recipe
 
     def check(self, req: ExportRequest) -> None:
         """Refuse what this exporter cannot write (named field or precision) before any conversion; the

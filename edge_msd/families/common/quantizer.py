@@ -1,4 +1,5 @@
-"""The int8 side of a target family: its recipe (data) and its ``Quantizer`` (the toolchain behind it).
+"""The int8 side of a target family: its ``Quantizer``, the toolchain behind its recipe (the ``Recipe``
+data is declared with the family, edge_msd/families/declarations.py).
 
 Each tower (image, text) is quantized on its own: ``quantizer.quantize(tower, batches, qat=...)`` gives
 a fake-quant torch module (trainable for QAT), ``quantizer.write(prepared, example, path)`` the target
@@ -11,7 +12,6 @@ and ``edge_msd.export`` ships.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import os
 from collections.abc import Iterable
@@ -23,31 +23,10 @@ import torch
 from torch import nn
 
 from edge_msd.errors import ConfigError, QuantError
+from edge_msd.families.declarations import Recipe
 from edge_msd.quiet import third_party_output_hidden
 
 QUANTIZED_KIND = "edge-msd-quantized"  # manifest kind of a quantized artifact (quant writes, export reads)
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How one target quantizes; each family holds its default, overridable from ``[options.quant]``."""
-
-    name: str
-    exporter: str
-    backend: str  # the toolchain, for reports and manifests: pt2e | modelopt | coreml | xnnpack
-    scheme: str  # one line for reports and manifests
-    keep_float: tuple[str, ...] = ()  # module-name patterns (fnmatch, relative to the tower) left in float
-    keep_first_last: bool = False  # keep each tower's first and last quantized layer in float
-    sensitivity_scan: bool = False  # choose up to scan_max_layers more float layers by leave-one-out
-    scan_max_layers: int = 2
-    scan_min_gain: float = 1e-3  # mean cosine a layer must give back to be kept in float
-    size_option: str = "w8a8"  # coreml: w8a8 | weight-int8 | palettize-<n>bit
-    allow_fallback: bool = False  # a tower whose full-int8 conversion fails ships dynamic-range (tflite)
-    qat_observer_freeze: float = 0.5  # fraction of QAT steps after which quantization ranges are frozen
-    qat_bn_freeze: float = 0.7  # fraction of QAT steps after which BatchNorm statistics are frozen
-
-    def to_manifest(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class Quantizer:
