@@ -24,6 +24,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), valid before the process group is
+    joined and after it is gone: what decides who writes a run's shared files."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -45,7 +45,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Per device, for the devices both runs see: a resume with fewer (or more) visible GPUs than the
+        # run that saved it restores the generators it has; the others keep their seeds.
+        for i, gen_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gen_state, i)
 
 
 @contextlib.contextmanager

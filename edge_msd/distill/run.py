@@ -17,6 +17,7 @@ from edge_msd.distill.trainer import TrainResult, train
 from edge_msd.distill.validation import encode_split
 from edge_msd.eval.retrieval import retrieval_metrics, subset_metrics, zero_shot_accuracy
 from edge_msd.students import preset_config
+from edge_msd.torchrun import launch_rank
 
 
 def count_params(obj: Any) -> int | None:
@@ -38,7 +39,7 @@ def _side(metrics: dict, params: int | None) -> dict:
 def run_distill(cfg: DistillConfig) -> dict:
     """Train, then write ``out/eval.json``: teacher (from its cache) vs student on the test split."""
     result = train(cfg)
-    if not cfg.test_split:
+    if not cfg.test_split or launch_rank() != 0:  # one writer of eval.json, on a shared filesystem too
         return {}
     return write_eval(cfg, result)
 

@@ -271,8 +271,8 @@ def _train(
     run = prepare_run(cfg, out, device, student, prepare_model)
     if cfg.resume:
         restore(out / CKPT_DIR / LAST, run.parts(), run.state)
-        truncate_metrics(out / METRICS, run.state["step"])
-        if rank == 0:
+        if rank == 0:  # rank 0 alone writes metrics.jsonl (it appends to it later)
+            truncate_metrics(out / METRICS, run.state["step"])
             console.print(f"resumed {out} at step {run.state['step']}")
     _loop(run, on_step, progress)
     return _finish(run, save=prepare_model is None)
