@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import _clean_env
 
 from edge_msd.artifacts import atomic_write_json, file_hashes
 from edge_msd.bench import runtimes, sysinfo
@@ -28,7 +29,7 @@ from edge_msd.contract.reading import open_bundle, preprocess_images
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.eval.retrieval import retrieval_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 H = W = 8
 DIM, VOCAB, CTX = 16, 50, 6
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
@@ -1081,30 +1082,6 @@ def test_peak_rss_resets_and_grows():
 
 
 # ---- the benchmark binary -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pyz(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pyz") / "edge-msd-bench.pyz"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "build_bench.py"), "--out", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-def _clean_env(tmp_path: Path) -> dict[str, str]:
-    """Run with ``python -S``: no site processing, so the editable edge_msd install is invisible and the
-    package comes from the .pyz only; site-packages is on the path for numpy and the runtime, behind a
-    ``torch`` that raises on import: the binary must not need it."""
-    import site
-
-    poison = tmp_path / "poison"
-    poison.mkdir(exist_ok=True)
-    (poison / "torch.py").write_text("raise ImportError('the benchmark binary must not import torch')\n")
-    path = os.pathsep.join([str(poison), *site.getsitepackages()])
-    return {"PATH": os.environ["PATH"], "PYTHONPATH": path, "HOME": str(tmp_path), "LANG": "C.UTF-8"}
 
 
 def test_pyz_help_and_contents(pyz, tmp_path):

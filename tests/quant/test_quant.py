@@ -402,7 +402,7 @@ def test_coreml_linear_quantizer_prepare_finalize_convert(towers, batches, tmp_p
 
 
 def test_qat_reuses_trainer_and_writes_artifact(tmp_path):
-    from test_trainer import TinyTeacher
+    from distill_helpers import TinyTeacher
 
     from edge_msd.artifacts import read_manifest, verify_files
     from edge_msd.quant.config import QuantConfig
@@ -500,7 +500,7 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
 
 def test_tflite_qat_through_trainer_then_report(tmp_path):
     """PT2E QAT (exported graph, observer/BN freezing on schedule) → .tflite artifact → report rows."""
-    from test_trainer import TinyTeacher
+    from distill_helpers import TinyTeacher
 
     from edge_msd.quant.config import QuantConfig
     from edge_msd.quant.pipeline import quantize_student

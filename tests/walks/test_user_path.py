@@ -24,7 +24,7 @@ import pytest
 from export_helpers import make_tiny_student
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUBJECTS = {"china.jpg": "an old chinese temple", "flower.jpg": "a pink flower"}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 PER_PHOTO = {"train": 32, "val": 8, "test": 8}

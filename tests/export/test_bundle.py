@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import _clean_env
 from click.testing import CliRunner
 from export_helpers import make_tiny_student, tiny_dataset
-from test_bench import _clean_env, pyz  # noqa: F401 - the benchmark binary fixture
 
 from edge_msd.artifacts import atomic_write_json, sha256_file
 from edge_msd.bench.options import BenchOptions
@@ -256,7 +256,7 @@ def test_bad_or_missing_signature_refused(bundle, tmp_path, keys):
         verify_bundle(copy, public_key=str(copy / "target.toml"))
 
 
-def test_pyz_checks_digest_and_needs_cryptography_only_for_a_key(pyz, bundle, tmp_path, keys):  # noqa: F811
+def test_pyz_checks_digest_and_needs_cryptography_only_for_a_key(pyz, bundle, tmp_path, keys):
     """The benchmark binary applies --expect-digest; with --public-key and no `cryptography` it says what
     to install."""
     env = _clean_env(tmp_path)

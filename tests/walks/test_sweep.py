@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_trainer import DATA, TinyTeacher
+from distill_helpers import TinyTeacher
+from export_helpers import DATA
 
 from edge_msd.cli import main
 from edge_msd.data import open_dataset
