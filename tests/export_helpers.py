@@ -16,6 +16,7 @@ TINY_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"  # real drawn scenes at the tiny student's size
 CAPTIONS = ["a photo of a cat", "an astronaut in a white suit", "coffee beans on a table",
             "a rocket launch", "grey stones", "a camera man on a tripod", "a clock tower", "brick wall"]
 

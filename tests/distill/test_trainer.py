@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from distill_helpers import TinyTeacher
 
 from edge_msd.config import build_config
 from edge_msd.data import open_dataset
@@ -27,35 +27,6 @@ from edge_msd.students import create_student, load_open_clip_student
 from edge_msd.teachers.cache import build_feature_cache
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
-
-
-class TinyTeacher:
-    """A stand-in teacher: fixed random projections of pixels and of hashed words (fast, deterministic)."""
-
-    embed_dim = 32
-
-    def __init__(self, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.id = f"tiny-teacher-{seed}"
-        self.w_img = torch.randn(3 * 8 * 8, self.embed_dim, generator=g)
-        self.w_txt = torch.randn(512, self.embed_dim, generator=g)
-
-    def preprocess(self, image):
-        x = torch.from_numpy(np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32) / 255)
-        return x.permute(2, 0, 1)
-
-    def tokenize(self, texts):
-        out = torch.zeros(len(texts), 512)
-        for i, t in enumerate(texts):
-            for w in t.lower().replace(";", " ").replace(",", " ").split():
-                out[i, sum(map(ord, w)) * 31 % 512] += 1
-        return out
-
-    def encode_image(self, images):
-        return F.normalize(images.flatten(1) @ self.w_img, dim=-1)
-
-    def encode_text(self, tokens):
-        return F.normalize(tokens @ self.w_txt, dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +63,7 @@ def test_loss_names_in_step():
     assert tuple(KNOWN_LOSSES) == tuple(LOSS_NAMES)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_student_metrics_plot_eval(features, tmp_path):
     cfg = tiny_cfg(features, tmp_path / "run", embed_dim=16, test_split="test")  # 16 != 32: adaptor
     res = train(cfg, progress=False)
@@ -122,6 +94,7 @@ def test_tiny_run_writes_student_metrics_plot_eval(features, tmp_path):
 
 
 # edge-s: BatchNorm statistics resume too; ema_decay: the weight average resumes too
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,ema_decay", [("edge-xs", 0.0), ("edge-s", 0.0), ("edge-s", 0.9)])
 def test_resume_ends_with_same_weights(features, tmp_path, preset, ema_decay):
     full = train(tiny_cfg(features, tmp_path / "a", preset=preset, ema_decay=ema_decay), progress=False)
@@ -189,6 +162,7 @@ def test_ema_model_embeds_like_a_model_loaded_with_its_weights():
     assert torch.isfinite(out).all() and torch.allclose(out, expected)
 
 
+@pytest.mark.slow
 def test_ema_run_saves_the_averaged_weights(features, tmp_path):
     res = train(tiny_cfg(features, tmp_path / "e", ema_decay=0.9, val_split=None), progress=False)
     last = torch.load(tmp_path / "e" / "checkpoints" / "last.pt", weights_only=True)
@@ -209,6 +183,7 @@ def test_existing_run_needs_resume_or_force(features, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_force_rerun_that_fails_before_training_keeps_the_old_run(features, tmp_path):
     """--force clears the old run only once the new one can train: a rerun whose data or student
     cannot be opened leaves the old checkpoints, metrics and config as they were."""
@@ -239,6 +214,7 @@ def test_force_rerun_that_fails_before_training_keeps_the_old_run(features, tmp_
     assert load_checkpoint(out / "checkpoints" / "best.pt", ("model", "val"))["step"] == 3
 
 
+@pytest.mark.slow
 def test_nan_step_skipped_and_counted(features, tmp_path, monkeypatch):
     real = trainer_mod.distill_losses
     calls = {"n": 0}
@@ -332,6 +308,7 @@ def _ddp_worker(rank: int, features: str, out: str, port: int) -> None:
     train(tiny_cfg(Path(features), Path(out), teacher="tiny", steps=3, eval_every=3), progress=False)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process(features, tmp_path):
     """DDP on 2 gloo processes equals 1 process (LayerNorm student); each rank builds part of a cache."""
     import socket
@@ -358,6 +335,7 @@ def _shard_bytes(cache: Path) -> dict[str, bytes]:
     return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted(cache.glob("*/*.npy"))}
 
 
+@pytest.mark.slow
 def test_building_a_missing_cache_does_not_change_the_run(features, tmp_path, monkeypatch):
     import edge_msd.teachers
 
@@ -410,6 +388,7 @@ def bad_csv(tmp_path_factory) -> tuple[str, Path]:
     return spec, features
 
 
+@pytest.mark.slow
 def test_distill_from_a_skip_bad_cache_leaves_bad_images_out(bad_csv, tmp_path):
     spec, features = bad_csv
     with pytest.raises(BadSampleError):  # what the trainer would hit if it read every image again
@@ -455,6 +434,7 @@ class _Payload:
         return os.system, ("touch PWNED",)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "random", "pickle payload", "wrong keys", "other file"])
 def test_damaged_or_hostile_checkpoint_is_a_one_line_error(stopped_run, damage, monkeypatch, tmp_path):
     import pickle

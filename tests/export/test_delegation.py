@@ -105,6 +105,7 @@ def test_tensorrt_int8_layers_without_qdq_run_in_float(tmp_path):
 # ---- Core ML --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_coreml_warnings_on_the_students_programs(tmp_path, student_dir):
     from edge_msd.families.coreml import FAMILY
 

@@ -72,6 +72,7 @@ def test_text_tower_int32_matches_open_clip(student):
     assert torch.allclose(ref, out, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_bundle_parity(tmp_path, student_dir):
     m = _export(tmp_path, student_dir, "onnx")
     assert m["parity"]["passed"] and m["parity"]["image"]["min_cos"] > 0.9999
@@ -80,6 +81,7 @@ def test_onnx_bundle_parity(tmp_path, student_dir):
     assert m["delegate_check"] == {}  # ONNX Runtime places nodes on the device; nothing to check here
 
 
+@pytest.mark.slow
 def test_tflite_fp32_bundle_parity(tmp_path, student_dir):
     m = _export(tmp_path, student_dir, "tflite")
     assert m["parity"]["passed"] and m["parity"]["text"]["min_cos"] > 0.999
@@ -93,11 +95,13 @@ def test_tflite_fp32_bundle_parity(tmp_path, student_dir):
     assert image_in["layout"] == "NHWC" and image_in["shape"][1:] == [32, 32, 3], image_in
 
 
+@pytest.mark.slow
 def test_tflite_fp16_parity(tmp_path, student_dir):
     m = _export(tmp_path, student_dir, "tflite", "fp16")
     assert m["parity"]["passed"], m["parity"]
 
 
+@pytest.mark.slow
 def test_tflite_int8_bundle_from_quant_recipe(tmp_path, student_dir, calibration):
     """int8 I/O is described (dtype, scale, zero point), parity is against the float student, and the
     calibration set and recipe are recorded; the benchmark quantizes its inputs by the same numbers."""
@@ -146,6 +150,7 @@ def test_tensorrt_onnx_checks(tmp_path, student):
         check_tensorrt_onnx(tmp_path / entries["image"]["file"], expect_qdq=True)
 
 
+@pytest.mark.slow
 def test_tensorrt_int8_bundle_is_qdq_onnx(tmp_path, student_dir, calibration):
     import onnx
 
@@ -201,6 +206,7 @@ def test_build_engine_without_tensorrt_says_so(tmp_path, student_dir):
         build_engines(tmp_path / "jetson")
 
 
+@pytest.mark.slow
 def test_coreml_spec(tmp_path, student_dir):
     from edge_msd.export.bundle import verify_bundle
 
@@ -218,6 +224,7 @@ def test_coreml_spec(tmp_path, student_dir):
         assert set(ops["maximum"]) == set(ops["tile"]) == set(ops["reduce_l2_norm"]) == {"FLOAT32"}
 
 
+@pytest.mark.slow
 def test_coreml_int8_w8a8_bundle(tmp_path, student_dir, calibration):
     m = _export_int8(tmp_path, student_dir, "coreml", calibration)
     for tower in ("image", "text"):
@@ -235,6 +242,7 @@ def test_coreml_int8_w8a8_bundle(tmp_path, student_dir, calibration):
     assert m["parity"]["passed"] is None and m["parity"]["thresholds"]["min_cos"] == 0.95
 
 
+@pytest.mark.slow
 def test_export_cli_reads_a_toml_config(tmp_path, student_dir):
     """Every export option can come from a file ([export] table); the command line wins."""
     from click.testing import CliRunner
@@ -344,6 +352,7 @@ def test_existing_output_refused(tmp_path, student_dir):
         _export(tmp_path, student_dir, "onnx")
 
 
+@pytest.mark.slow
 def test_failing_parity_fails_export(tmp_path, student_dir):
     p = tmp_path / "strict.toml"
     p.write_text(Path(load_target("onnx").source).read_text().replace("min_cos = 0.999", "min_cos = 1.01"))

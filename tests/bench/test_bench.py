@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import _clean_env
 
 from edge_msd.artifacts import atomic_write_json, file_hashes
 from edge_msd.bench import runtimes, sysinfo
@@ -28,7 +29,7 @@ from edge_msd.contract.reading import open_bundle, preprocess_images
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.eval.retrieval import retrieval_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 H = W = 8
 DIM, VOCAB, CTX = 16, 50, 6
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
@@ -295,6 +296,7 @@ def test_coreml_backend_is_selected_for_mlpackages():  # pragma: no cover - on m
     assert runtimes.select_backend("auto", files) is runtimes.CoreMlBackend
 
 
+@pytest.mark.slow
 def test_litert_session_fp32_and_int8_io(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     litert_torch = pytest.importorskip("litert_torch")
@@ -492,6 +494,7 @@ def test_missing_tower_and_bad_options(bundle, tmp_path):
 # ---- reports --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_report_merges_and_refuses_other_schema(bundle, tmp_path):
     a = tmp_path / "a.json"
     run_bench(_opts(bundle, a, label="board-a", batch=[1]))
@@ -570,6 +573,7 @@ def merged(bundle, tmp_path_factory) -> dict:
     return merge_reports([tmp / "a.json"], tmp / "out")
 
 
+@pytest.mark.slow
 def test_html_report_has_placement_and_sustained_plot(merged):
     page = merged["html"].read_text()
     tables = _html_tables(page)
@@ -585,6 +589,7 @@ def test_html_report_has_placement_and_sustained_plot(merged):
     assert all(data.startswith(b"\x89PNG") for data in images.values())
 
 
+@pytest.mark.slow
 def test_html_report_renders_in_headless_chromium(merged, tmp_path):
     import shutil
 
@@ -1083,30 +1088,7 @@ def test_peak_rss_resets_and_grows():
 # ---- the benchmark binary -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pyz(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pyz") / "edge-msd-bench.pyz"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "build_bench.py"), "--out", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-def _clean_env(tmp_path: Path) -> dict[str, str]:
-    """Run with ``python -S``: no site processing, so the editable edge_msd install is invisible and the
-    package comes from the .pyz only; site-packages is on the path for numpy and the runtime, behind a
-    ``torch`` that raises on import: the binary must not need it."""
-    import site
-
-    poison = tmp_path / "poison"
-    poison.mkdir(exist_ok=True)
-    (poison / "torch.py").write_text("raise ImportError('the benchmark binary must not import torch')\n")
-    path = os.pathsep.join([str(poison), *site.getsitepackages()])
-    return {"PATH": os.environ["PATH"], "PYTHONPATH": path, "HOME": str(tmp_path), "LANG": "C.UTF-8"}
-
-
+@pytest.mark.slow
 def test_pyz_help_and_contents(pyz, tmp_path):
     import zipfile
 
@@ -1132,6 +1114,7 @@ def test_pyz_help_and_contents(pyz, tmp_path):
     assert "--eval-limit" in r.stdout  # the binary takes every option of `edge-msd bench`
 
 
+@pytest.mark.slow
 def test_pyz_runs_a_bundle_in_a_clean_env(pyz, bundle, tmp_path):
     out = tmp_path / "pyz.json"
     cmd = [
@@ -1169,6 +1152,7 @@ def test_pyz_runs_a_bundle_in_a_clean_env(pyz, bundle, tmp_path):
     assert cold["available"] and cold["torch_imported"] is False and cold["footprint_mb"] > 0, cold
 
 
+@pytest.mark.slow
 def test_pyz_tampered_bundle_exit_status(pyz, tmp_path):
     b = make_bundle(tmp_path / "b")
     (b / "evalset.npz").write_bytes(b"broken")
@@ -1182,6 +1166,7 @@ def test_pyz_tampered_bundle_exit_status(pyz, tmp_path):
     assert r.returncode == 2 and "evalset.npz: sha256" in r.stderr
 
 
+@pytest.mark.slow
 def test_pyz_sigterm_writes_partial_report(pyz, bundle, tmp_path):
     out = tmp_path / "t.json"
     p = subprocess.Popen(
@@ -1243,6 +1228,7 @@ def test_build_engine_command_needs_no_torch(tmp_path):
     assert "error: TensorRT is not installed" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_pyz_builds_engines_without_torch(pyz, tmp_path):
     b = _jetson_bundle(tmp_path)
     env = _clean_env(tmp_path)

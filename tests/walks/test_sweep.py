@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_trainer import DATA, TinyTeacher
+from distill_helpers import TinyTeacher
+from export_helpers import DATA
 
 from edge_msd.cli import main
 from edge_msd.data import open_dataset
@@ -151,6 +152,7 @@ def swept(tmp_path_factory) -> dict:
     return {"cfg": cfg, "written": written, "json": json.loads(written["json"].read_text()), "root": root}
 
 
+@pytest.mark.slow
 def test_sweep_trains_measures_and_plots_each_preset(swept):
     out = Path(swept["cfg"].out)
     points = swept["json"]["points"]
@@ -187,6 +189,7 @@ def stop_at_distill(monkeypatch) -> list:
     return started
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_presets_and_retrains_on_other_settings(swept, monkeypatch):
     monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
     monkeypatch.setattr("edge_msd.pipeline.export_target", _refuse)
@@ -218,6 +221,7 @@ def test_rerun_skips_finished_presets_and_retrains_on_other_settings(swept, monk
     assert benched == [("edge-xs", 6)]  # other timing settings: timed again, not retrained or re-exported
 
 
+@pytest.mark.slow
 def test_a_run_cut_before_its_student_was_saved_resumes(swept, tmp_path, monkeypatch):
     import edge_msd.distill.run as distill_run
 
@@ -238,6 +242,7 @@ def test_a_run_cut_before_its_student_was_saved_resumes(swept, tmp_path, monkeyp
     assert resumed == original  # the best checkpoint's weights, byte for byte
 
 
+@pytest.mark.slow
 def test_without_teacher_or_data_the_folders_distilled_student_is_followed(swept, tmp_path, monkeypatch):
     """In a folder where `edge-msd distill` ran on the user's data, a sweep trains on that data and feature
     root (and the train cache's teacher, as that student did), never the demo's."""
@@ -250,6 +255,7 @@ def test_without_teacher_or_data_the_folders_distilled_student_is_followed(swept
         ("", DATA, str((swept["root"] / "features").resolve()))]
 
 
+@pytest.mark.slow
 def test_a_distill_option_error_names_the_preset_and_where_a_sweep_sets_it(swept, tmp_path):
     big = TINY_DISTILL.replace("batch_size = 8", "batch_size = 64")  # the train split has 48 images
     (tmp_path / "big.toml").write_text(big.replace("queue_size = 32", "queue_size = 128"))
@@ -275,6 +281,7 @@ def test_a_target_whose_runtime_cannot_run_here_is_refused_before_training(tmp_p
     assert "--reports" in r.output and not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_given_student_is_measured_with_its_recorded_lineage(swept, monkeypatch):
     monkeypatch.setattr("edge_msd.distill.run.run_distill", _refuse)
     student = Path(swept["cfg"].out) / "edge-xs" / "student"
@@ -286,6 +293,7 @@ def test_given_student_is_measured_with_its_recorded_lineage(swept, monkeypatch)
     assert p["mean_r1"] == swept["json"]["points"][0]["mean_r1"]  # same student, same eval set
 
 
+@pytest.mark.slow
 def test_a_tflite_sweep_times_the_student_in_litert(swept):
     student = Path(swept["cfg"].out) / "edge-xs" / "student"
     cfg = SweepConfig(students=[str(student)], target="tflite", iters=5, out=str(swept["root"] / "tflite"))
@@ -295,6 +303,7 @@ def test_a_tflite_sweep_times_the_student_in_litert(swept):
     assert p["mean_r1"] == swept["json"]["points"][0]["mean_r1"]  # the same student on the same test split
 
 
+@pytest.mark.slow
 def test_device_reports_are_plotted_with_a_front_per_device(swept, tmp_path):
     paths = []
     for p in swept["json"]["points"]:

@@ -18,6 +18,8 @@ from edge_msd.pipeline import export_target  # noqa: E402
 from edge_msd.quant.recipes import quantizer_for  # noqa: E402
 from edge_msd.students.towers import load_student_towers  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here converts to .pte (a minute each here)
+
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
 
 

@@ -22,7 +22,7 @@ from edge_msd.quant.calibration import (
 )
 from edge_msd.teachers.cache import build_feature_cache
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Images(ImageTextDataset):

@@ -153,6 +153,7 @@ def test_explicit_attention_matches_multihead_attention():
     torch.testing.assert_close(holder.attn(x, x, x, need_weights=False, attn_mask=mask)[0], ref)
 
 
+@pytest.mark.slow
 def test_tflite_pt2e_int8_runs_in_litert_close_to_float(towers, batches, tmp_path):
     quantizer = quantizer_for(family("tflite").recipe)
     for tower, data, name in ((towers[0], batches[0], "image"), (towers[1], batches[1], "text")):
@@ -170,6 +171,7 @@ def test_tflite_pt2e_int8_runs_in_litert_close_to_float(towers, batches, tmp_pat
         assert cosine_to(sim, torch.from_numpy(out)) > 0.995
 
 
+@pytest.mark.slow
 def test_tflite_qat_folds_batchnorm_into_int8_convs(batches, tmp_path):
     """A conv+BN tower (the mobile-CNN students): QAT trains conv weights with BN folded in, and the
     LiteRT model holds int8 convs with no float BatchNorm arithmetic left between them."""
@@ -222,6 +224,7 @@ def _float_ops(path: Path) -> list[str]:
     return sorted(o["op_name"] for o in ops if o["inputs"].size and dtypes[o["inputs"][0]] == np.float32)
 
 
+@pytest.mark.slow
 def test_tflite_residual_adds_run_in_int8(batches, tmp_path):
     """The residual add is int8 in the LiteRT model: the only float ops left are the one DEQUANTIZE
     after the int8 projection and the L2 norm (XNNPACK has no int8 reduction or divide for it)."""
@@ -260,6 +263,7 @@ def _ops_by_input_dtype(path: Path) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in out.items()}
 
 
+@pytest.mark.slow
 def test_tflite_text_tower_muls_stay_float_beside_float_ops(towers, batches, tmp_path):
     """The text tower's muls stay float: the attention's query scale (the attention matmuls and softmax
     are float) and the pooling's one-hot weights of the token ids (the projection and L2 norm are float).
@@ -304,6 +308,7 @@ def test_float_mul_finds_scalings_and_integer_masks():
     assert [float_mul(n) for n in muls] == [True, False, False, True]
 
 
+@pytest.mark.slow
 def test_float_tflite_export_keeps_the_causal_mask_and_masks_stay_float(towers, batches, tmp_path):
     """litert-torch rewrites a module's -inf buffers to -3.4e38 in place: the fp32 exporter converts a
     copy, so a tower quantized later in the same process still has its -inf mask. Masks made of the
@@ -387,6 +392,7 @@ def test_sensitivity_scan_and_first_last(towers, batches):
     assert not kept & set(quantizer.layers(prepared))
 
 
+@pytest.mark.slow
 def test_coreml_linear_quantizer_prepare_finalize_convert(towers, batches, tmp_path):
     quantizer = quantizer_for(family("coreml").recipe)
     tower, data = towers[1], batches[1]
@@ -401,8 +407,9 @@ def test_coreml_linear_quantizer_prepare_finalize_convert(towers, batches, tmp_p
     assert (tmp_path / "text.mlpackage").is_dir() and entry["precision"] == "int8"
 
 
+@pytest.mark.slow
 def test_qat_reuses_trainer_and_writes_artifact(tmp_path):
-    from test_trainer import TinyTeacher
+    from distill_helpers import TinyTeacher
 
     from edge_msd.artifacts import read_manifest, verify_files
     from edge_msd.quant.config import QuantConfig
@@ -498,9 +505,10 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
     assert verify_bundle(bundle).manifest["files"] == m["files"]  # the failed exports left the bundle alone
 
 
+@pytest.mark.slow
 def test_tflite_qat_through_trainer_then_report(tmp_path):
     """PT2E QAT (exported graph, observer/BN freezing on schedule) → .tflite artifact → report rows."""
-    from test_trainer import TinyTeacher
+    from distill_helpers import TinyTeacher
 
     from edge_msd.quant.config import QuantConfig
     from edge_msd.quant.pipeline import quantize_student
@@ -541,6 +549,7 @@ def test_tflite_qat_through_trainer_then_report(tmp_path):
     assert (tmp_path / "qat" / "quant_report.md").is_file()
 
 
+@pytest.mark.slow
 def test_tflite_dynamic_range_fallback_converts_and_runs(towers, batches, tmp_path):
     quantizer = quantizer_for(family("tflite").recipe)
     dyn = quantizer.quantize_dynamic(towers[0], batches[0])
@@ -562,6 +571,7 @@ class _Payload:
         return os.mkdir, (str(self.marker),)
 
 
+@pytest.mark.slow
 def test_coreml_report_reads_safetensors_state_and_refuses_planted_pickles(tmp_path):
     """The Core ML rows rebuild fake-quant towers from the artifact's state: it is safetensors, hashed in
     the manifest, and a pickle put in its place (listed or not) is refused without being unpickled."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("arm64_check", ROOT / "tools" / "arm64_check.py")
 arm = importlib.util.module_from_spec(spec)
 sys.modules["arm64_check"] = arm  # dataclasses look their module up there

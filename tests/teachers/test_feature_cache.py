@@ -266,6 +266,7 @@ build_feature_cache(teacher, TinyData(), {out!r}, batch_size=4, shard_size=8, pr
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equals_one_process(tmp_path):
     data = TinyData()
     ref = _build(TinyTeacher(), data, tmp_path / "ref")
