@@ -152,6 +152,15 @@ def test_module_imports_stdlib_only():
         names = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
         return names | {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
 
-    allowed = set(sys.stdlib_module_names) | {"__future__"}
+    # edge_msd: the bundle format's file names (edge_msd.contract.format), itself standard library only
+    allowed = set(sys.stdlib_module_names) | {"__future__", "edge_msd"}
     assert imported(tree.body) <= allowed
     assert imported(ast.walk(tree)) <= allowed | {"regex"}
+    import subprocess
+
+    blocked = "import sys\nfor m in ('numpy', 'regex', 'torch'): sys.modules[m] = None\n"
+    listing = "print(sorted(m for m in sys.modules if m.startswith('edge_msd')))"
+    probe = blocked + "import edge_msd.bench.tokenizer\n" + listing
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "edge_msd.contract.numerics" not in done.stdout  # the format alone, no numpy behind it
