@@ -159,9 +159,6 @@ def _image_transform(cfg: DemoTeacherConfig):
 
 
 BATCH = 256  # images/captions per tower call, as `edge-msd features` batches them
-# Images per call of the locked image trunk: at 96 px a 256-image batch's activations (over 200 MB per
-# layer) miss the caches and make the fit's image pass twice as slow on CPU; the rows are the same.
-TRUNK_BATCH = 64
 
 
 @torch.inference_mode()
@@ -172,7 +169,7 @@ def cache_image_features(model: torch.nn.Module, dataset: Any, cfg: DemoTeacherC
         batch = torch.stack(
             [transform(dataset.load_image(i)) for i in range(s, min(s + BATCH, dataset.n_images))]
         )
-        out.extend(trunk(part.to(cfg.device)).float().cpu() for part in batch.split(TRUNK_BATCH))
+        out.append(trunk(batch.to(cfg.device)).float().cpu())
     return torch.cat(out)
 
 
