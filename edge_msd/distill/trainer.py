@@ -327,7 +327,8 @@ def _setup(
     balancer = make_balancer(cfg.balancer, loss_cfg.names(), **balancer_kw).to(device)
     queue = TeacherQueue(cfg.queue_size, t_dim).to(device) if loss_cfg.contrastive else None
     optimizer = torch.optim.AdamW(
-        param_groups([model, adaptor, balancer], cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
+        param_groups([model, adaptor, balancer], cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+        foreach=True,  # on CPU too (torch's default there is a Python loop over the tensors)
     )
     _, mean, std = data.preprocess
     batches = Batches(cfg, data.train, micro, mean, std, device)
