@@ -296,36 +296,33 @@ def test_profile_missing_and_wrong_field(tmp_path):
 def test_profile_options_and_bench_are_typed_by_the_family(tmp_path):
     p = tmp_path / "dev.toml"
     onnx = Path(load_target("onnx").source).read_text()
-    assert load_target("onnx").options.opset == 18 and load_target("jetson").options.opset == 17
-    p.write_text(onnx.replace("opset = 18", "opset = 18\nopsett = 17"))
-    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: unknown field\(s\) opsett; known: opset"):
-        load_target(p)
-    p.write_text(onnx.replace("opset = 18", 'opset = "18"'))
-    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: field 'opset': expected int, got '18'"):
-        load_target(p)
-    p.write_text(onnx.replace("opset = 18", "opset = 16"))
-    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: field 'opset' is 16; expected 17 or later"):
-        load_target(p)
-    p.write_text(onnx.replace("opset = 18", "opset = 18\n[options.quant]\nkeep_float = []"))
-    with pytest.raises(ConfigError, match=r"dev.toml: \[options.quant\]: onnx has no int8 recipe"):
-        load_target(p)
-    p.write_text(onnx.replace("warmup = 10", "warmup = 10\nwarm_up = 3"))
-    with pytest.raises(ConfigError, match=r"dev.toml \[bench\]: unknown field\(s\) warm_up; known: duration"):
-        load_target(p)
-    p.write_text(onnx.replace('runtime = "onnxruntime"', 'runtime = "litert"'))
-    with pytest.raises(ConfigError, match=r"dev.toml: \[bench\] runtime 'litert' cannot run onnx files"):
-        load_target(p)
-    fp16 = onnx.replace('precisions = ["fp32"]', 'precisions = ["fp32", "fp16"]')
-    p.write_text(fp16 + "[parity.fp16]\nmin_cos = 0.99\nmax_delta_r1 = 2.0\n")
-    with pytest.raises(ConfigError, match=r"dev.toml: field 'precisions' has fp16, which onnx does not"):
-        load_target(p)
     tflite = Path(load_target("tflite").source).read_text()
-    p.write_text(tflite.replace("dynamic_batch = false", "dynamic_batch = true"))
-    with pytest.raises(ConfigError, match=r"dev.toml: dynamic_batch is not supported by tflite; set false"):
-        load_target(p)
-    p.write_text(tflite.replace("[bench]", "[options]\ndelegate = 'gpu'\n[bench]"))
-    with pytest.raises(ConfigError, match=r"dev.toml \[options\]: unknown field\(s\) delegate; known: quant"):
-        load_target(p)
+    assert load_target("onnx").options.opset == 18 and load_target("jetson").options.opset == 17
+    fp16 = onnx.replace('precisions = ["fp32"]', 'precisions = ["fp32", "fp16"]')
+    bad = [  # (profile text, the error it gets)
+        (onnx.replace("opset = 18", "opset = 18\nopsett = 17"),
+         r"dev.toml \[options\]: unknown field\(s\) opsett; known: opset"),
+        (onnx.replace("opset = 18", 'opset = "18"'),
+         r"dev.toml \[options\]: field 'opset': expected int, got '18'"),
+        (onnx.replace("opset = 18", "opset = 16"),
+         r"dev.toml \[options\]: field 'opset' is 16; expected 17 or later"),
+        (onnx.replace("opset = 18", "opset = 18\n[options.quant]\nkeep_float = []"),
+         r"dev.toml: \[options.quant\]: onnx has no int8 recipe"),
+        (onnx.replace("warmup = 10", "warmup = 10\nwarm_up = 3"),
+         r"dev.toml \[bench\]: unknown field\(s\) warm_up; known: duration"),
+        (onnx.replace('runtime = "onnxruntime"', 'runtime = "litert"'),
+         r"dev.toml: \[bench\] runtime 'litert' cannot run onnx files"),
+        (fp16 + "[parity.fp16]\nmin_cos = 0.99\nmax_delta_r1 = 2.0\n",
+         r"dev.toml: field 'precisions' has fp16, which onnx does not"),
+        (tflite.replace("dynamic_batch = false", "dynamic_batch = true"),
+         r"dev.toml: dynamic_batch is not supported by tflite; set false"),
+        (tflite.replace("[bench]", "[options]\ndelegate = 'gpu'\n[bench]"),
+         r"dev.toml \[options\]: unknown field\(s\) delegate; known: quant"),
+    ]
+    for text, error in bad:
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=error):
+            load_target(p)
 
 
 def test_not_a_student_folder(tmp_path):

@@ -407,13 +407,10 @@ def test_coreml_linear_quantizer_prepare_finalize_convert(towers, batches, tmp_p
     assert (tmp_path / "text.mlpackage").is_dir() and entry["precision"] == "int8"
 
 
-@pytest.mark.slow
-def test_qat_reuses_trainer_and_writes_artifact(tmp_path):
+def _qat_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A train feature cache under tmp_path/f, an edge-xs student and a 32-image calibration set."""
     from distill_helpers import TinyTeacher
 
-    from edge_msd.artifacts import read_manifest, verify_files
-    from edge_msd.quant.config import QuantConfig
-    from edge_msd.quant.pipeline import QuantStudent, _check_finite, quantize_student
     from edge_msd.students import create_student, save_student
     from edge_msd.teachers.cache import build_feature_cache
 
@@ -421,6 +418,16 @@ def test_qat_reuses_trainer_and_writes_artifact(tmp_path):
     torch.manual_seed(0)
     student = save_student(create_student("edge-xs", embed_dim=32), tmp_path / "student", "edge-xs")
     cal = save_calibration_set(build_calibration_set(open_dataset(DATA, "train"), 32), tmp_path / "cal.json")
+    return student, cal
+
+
+@pytest.mark.slow
+def test_qat_reuses_trainer_and_writes_artifact(tmp_path):
+    from edge_msd.artifacts import read_manifest, verify_files
+    from edge_msd.quant.config import QuantConfig
+    from edge_msd.quant.pipeline import QuantStudent, _check_finite, quantize_student
+
+    student, cal = _qat_inputs(tmp_path)
     cfg = QuantConfig(
         target="jetson",
         method="qat",
@@ -508,18 +515,11 @@ def _export_ships_the_artifact(art: Path, tmp_path: Path, cal: Path) -> None:
 @pytest.mark.slow
 def test_tflite_qat_through_trainer_then_report(tmp_path):
     """PT2E QAT (exported graph, observer/BN freezing on schedule) → .tflite artifact → report rows."""
-    from distill_helpers import TinyTeacher
-
     from edge_msd.quant.config import QuantConfig
     from edge_msd.quant.pipeline import quantize_student
     from edge_msd.quant.report import quant_report
-    from edge_msd.students import create_student, save_student
-    from edge_msd.teachers.cache import build_feature_cache
 
-    build_feature_cache(TinyTeacher(), open_dataset(DATA, "train"), tmp_path / "f" / "train", progress=False)
-    torch.manual_seed(0)
-    student = save_student(create_student("edge-xs", embed_dim=32), tmp_path / "student", "edge-xs")
-    cal = save_calibration_set(build_calibration_set(open_dataset(DATA, "train"), 32), tmp_path / "cal.json")
+    student, cal = _qat_inputs(tmp_path)
     common = dict(target="tflite", student=str(student), calibration=str(cal), data=DATA, calib_batch=16)
     quantize_student(QuantConfig(method="ptq", out=str(tmp_path / "qat" / "tflite-ptq"), **common))
     out = quantize_student(
