@@ -54,7 +54,7 @@ from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.eval.retrieval import first_images
 from edge_msd.export.config import ExportConfig
 from edge_msd.export.parity import parity_report
-from edge_msd.families import family_for
+from edge_msd.families import family
 from edge_msd.families.common.base import ExportRequest, Family
 from edge_msd.families.common.quantizer import QUANTIZED_KIND, file_size
 from edge_msd.students.towers import Student, load_student_towers
@@ -165,7 +165,7 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
     out = cfg.out_dir()
     if out.exists() and not cfg.force:
         raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    exporter = family_for(profile)  # the profile was checked against it (runtime, precisions) when loaded
+    exporter = family(profile.exporter)  # the profile was checked against it when loaded
     if precision == "int8" and not (cfg.quantized or made_for_export):
         raise ConfigError(f"target {profile.name}: int8 ships a quantized artifact; make one with "
                           f"`edge-msd ptq --target {profile.name}` (or qat) and pass it as --quantized")

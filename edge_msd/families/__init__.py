@@ -20,9 +20,8 @@ from edge_msd.families.declarations import DECLARATIONS, FamilyDecl, FamilyOptio
 
 if TYPE_CHECKING:
     from edge_msd.families.common.base import Family
-    from edge_msd.targets import TargetProfile
 
-__all__ = ["FamilyDecl", "FamilyOptions", "declaration", "family", "family_for", "names"]
+__all__ = ["FamilyDecl", "FamilyOptions", "declaration", "family", "names"]
 
 
 def names() -> tuple[str, ...]:
@@ -42,7 +41,3 @@ def family(name: str) -> Family:
     declaration(name)
     return importlib.import_module(f"{__name__}.{name}").FAMILY
 
-
-def family_for(profile: TargetProfile) -> Family:
-    """The family of a target profile (its ``exporter`` field)."""
-    return family(profile.exporter)

@@ -72,10 +72,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Path]:
 def _runs_here(target: str) -> None:
     """This host times the bundles: a target whose runtime cannot run here is refused before any training."""
     from edge_msd.bench.runtimes import BACKENDS
-    from edge_msd.families import family_for
+    from edge_msd.families import declaration
     from edge_msd.targets import load_target
 
-    runtimes = family_for(load_target(target)).runtimes
+    runtimes = declaration(load_target(target).exporter).runtimes
     reasons = [BACKENDS[r].unavailable_reason() for r in runtimes]
     if all(reasons):
         raise ConfigError(f"field 'target': {target} bundles run on {', '.join(runtimes)}, which cannot run "
