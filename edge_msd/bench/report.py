@@ -281,8 +281,8 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_xticks(range(1, len(data) + 1), labels, fontsize=7)
         ax.set_ylabel("latency per call (ms)")
         hidden = sum(v > top for d in data for v in d)
-        ax.set_title(f"{tower} tower: latency distribution (axis to the highest p99 × 1.2; "
-                     f"{hidden} slower calls above it)", fontsize=9)
+        ax.set_title(f"{tower} tower: latency distribution\n(axis to the highest p99 × 1.2; "
+                     f"{hidden} slower calls above it, not drawn)", fontsize=9)
         fig.tight_layout()
         path = out / f"latency_{tower}.png"
         fig.savefig(path, dpi=110)
