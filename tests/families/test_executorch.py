@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import make_tiny_student, tiny_dataset
+from export_helpers import tiny_dataset
 
 pytest.importorskip("executorch", reason="executorch is not installed (pip install edge-msd[executorch])")
 
@@ -21,11 +21,6 @@ from edge_msd.students.towers import load_student_towers  # noqa: E402
 pytestmark = pytest.mark.slow  # every test here converts to .pte (a minute each here)
 
 DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return make_tiny_student(tmp_path_factory.mktemp("s") / "student")
 
 
 @pytest.fixture(scope="module")

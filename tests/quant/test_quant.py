@@ -1,4 +1,6 @@
-"""Quantization: calibration manifests, per-target recipes on a tiny open_clip model, QAT via the trainer."""
+"""Quantization across families: calibration manifests, recipe choice, the shared PT2E and embedding
+pieces, the sensitivity scan, QAT via the trainer, the quant report (each family's recipe is tested in
+tests/families)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import TINY_CFG, tiny_dataset
+from export_helpers import DATA, tiny_dataset
 from torch import nn
 
 from edge_msd.data import open_dataset
 from edge_msd.errors import ArtifactError, ConfigError, DataError, QuantError
 from edge_msd.families import family
-from edge_msd.families.common.quantizer import cosine_to
-from edge_msd.families.tflite import run_tflite
 from edge_msd.quant.calibration import (
     build_calibration_set,
     check_calibration_set,
@@ -25,31 +25,7 @@ from edge_msd.quant.calibration import (
     save_calibration_set,
 )
 from edge_msd.quant.recipes import quantizer_for, recipe_for_target
-from edge_msd.students.towers import ImageTower, TextTower, explicit_attention
-
-DATA = "demo-scenes?n_train=48&n_val=16&n_test=16&size=32"
-
-
-@pytest.fixture(scope="module")
-def towers() -> tuple[ImageTower, TextTower]:
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY_CFG).eval()
-    return ImageTower(model).eval(), TextTower(model).eval()
-
-
-@pytest.fixture(scope="module")
-def batches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    images = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
-    tokens = []
-    for _ in range(2):
-        t = torch.randint(1, 49000, (8, 16), generator=g, dtype=torch.int32)
-        t[:, 0], t[:, 9], t[:, 10:] = 49406, 49407, 0
-        tokens.append(t)
-    return images, tokens
-
+from edge_msd.students.towers import explicit_attention
 
 # ---- calibration sets ----------------------------------------------------------------------------
 
@@ -153,146 +129,6 @@ def test_explicit_attention_matches_multihead_attention():
     torch.testing.assert_close(holder.attn(x, x, x, need_weights=False, attn_mask=mask)[0], ref)
 
 
-@pytest.mark.slow
-def test_tflite_pt2e_int8_runs_in_litert_close_to_float(towers, batches, tmp_path):
-    quantizer = quantizer_for(family("tflite").recipe)
-    for tower, data, name in ((towers[0], batches[0], "image"), (towers[1], batches[1], "text")):
-        prepared = quantizer.quantize(tower, data)
-        assert quantizer.layers(prepared)
-        path = tmp_path / f"{name}.tflite"
-        entry = quantizer.write(prepared, data[0][:1], path)
-        assert entry["quantization"] == "full-integer"
-        if name == "image":  # full integer: the image enters as int8 with its scale / zero point
-            assert entry["inputs"][0]["dtype"] == "int8" and entry["inputs"][0]["quantization"]["scale"] > 0
-        out = run_tflite(path, data[1].numpy())
-        ref = tower(data[1]).detach()
-        assert cosine_to(ref, torch.from_numpy(out)) > 0.98
-        sim = quantizer.simulate(prepared)(data[1]).detach()  # the converted torch graph predicts LiteRT
-        assert cosine_to(sim, torch.from_numpy(out)) > 0.995
-
-
-@pytest.mark.slow
-def test_tflite_qat_folds_batchnorm_into_int8_convs(batches, tmp_path):
-    """A conv+BN tower (the mobile-CNN students): QAT trains conv weights with BN folded in, and the
-    LiteRT model holds int8 convs with no float BatchNorm arithmetic left between them."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    torch.manual_seed(0)
-    tower = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8))
-    for m in tower.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    tower.eval()
-    quantizer = quantizer_for(family("tflite").recipe)
-    prepared = quantizer.quantize(tower, batches[0], qat=True)
-    assert not any("batch_norm" in str(n.target) for n in prepared.graph.nodes)
-    ref = tower(batches[0][1]).detach()
-    assert cosine_to(ref, prepared(batches[0][1]).detach()) > 0.99  # fake-quant with folded BN ≈ float
-    path = tmp_path / "cnn.tflite"
-    quantizer.write(prepared, batches[0][0][:1], path)
-    ops = [d["op_name"] for d in Interpreter(model_path=str(path))._get_ops_details()]
-    assert ops.count("CONV_2D") == 2 and "MUL" not in ops and "SUB" not in ops, ops
-    assert cosine_to(ref, torch.from_numpy(run_tflite(path, batches[0][1].numpy()))) > 0.98
-
-
-class _ResidualCNN(nn.Module):
-    """conv-BN-ReLU stem, a residual block, pooling, projection and the L2 norm: the ops of edge-s."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                   nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
-        self.proj = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.block(x) + x
-        return nn.functional.normalize(self.proj(x.mean(dim=(2, 3))), dim=-1)
-
-
-def _float_ops(path: Path) -> list[str]:
-    """Op names of a .tflite whose first input tensor is float32, sorted."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path))
-    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
-    ops = interp._get_ops_details()
-    return sorted(o["op_name"] for o in ops if o["inputs"].size and dtypes[o["inputs"][0]] == np.float32)
-
-
-@pytest.mark.slow
-def test_tflite_residual_adds_run_in_int8(batches, tmp_path):
-    """The residual add is int8 in the LiteRT model: the only float ops left are the one DEQUANTIZE
-    after the int8 projection and the L2 norm (XNNPACK has no int8 reduction or divide for it)."""
-    torch.manual_seed(0)
-    tower = _ResidualCNN().eval()
-    quantizer = quantizer_for(family("tflite").recipe)
-    path = tmp_path / "res.tflite"
-    quantizer.write(quantizer.quantize(tower, batches[0]), batches[0][0][:1], path)
-    assert _float_ops(path) == ["DIV", "MAXIMUM", "MUL", "POW", "SUM"]
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path))
-    details = interp._get_ops_details()
-    ops = [d["op_name"] for d in details]
-    assert ops.count("ADD") == 1 and ops.count("DEQUANTIZE") == 1 and "QUANTIZE" not in ops, ops
-    # the int8 image enters NHWC: the first conv reads it without a TRANSPOSE of the input
-    image = interp.get_input_details()[0]
-    assert list(image["shape"]) == [1, 32, 32, 3]
-    assert not [d for d in details if d["op_name"] == "TRANSPOSE" and image["index"] in d["inputs"]]
-    out = torch.from_numpy(run_tflite(path, batches[0][1].numpy()))
-    assert cosine_to(tower(batches[0][1]).detach(), out) > 0.98
-
-
-def _ops_by_input_dtype(path: Path) -> dict[str, dict[str, int]]:
-    """{"float32"/"int8"/…: {op name: count}} by the dtype of each op's first input."""
-    from collections import Counter
-
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path))
-    dtypes = {d["index"]: np.dtype(d["dtype"]).name for d in interp.get_tensor_details()}
-    out: dict[str, Counter] = {}
-    for o in interp._get_ops_details():
-        if o["inputs"].size:
-            out.setdefault(dtypes[o["inputs"][0]], Counter())[o["op_name"]] += 1
-    return {k: dict(v) for k, v in out.items()}
-
-
-@pytest.mark.slow
-def test_tflite_text_tower_muls_stay_float_beside_float_ops(towers, batches, tmp_path):
-    """The text tower's muls stay float: the attention's query scale (the attention matmuls and softmax
-    are float) and the pooling's one-hot weights of the token ids (the projection and L2 norm are float).
-    In int8 each was a MUL wrapped in its own QUANTIZE/DEQUANTIZE ops; the int8 ops are the linears, the
-    residual and positional adds and the GELU, and the outputs match the simulated int8 graph."""
-    quantizer = quantizer_for(family("tflite").recipe)
-    prepared = quantizer.quantize(towers[1], batches[1])
-    path = tmp_path / "text.tflite"
-    quantizer.write(prepared, batches[1][0][:1], path)
-    ops = _ops_by_input_dtype(path)
-    # int8: 4 linears, 3 adds (2 residual, token + position); GELU (XNNPACK leaves it to the interpreter);
-    # the DEQUANTIZEs before each LayerNorm, q, k, v and the pooling; CAST of the int8 embedding rows
-    assert ops["int8"] == {"FULLY_CONNECTED": 4, "ADD": 3, "GELU": 1, "DEQUANTIZE": 6, "CAST": 1,
-                           "RESHAPE": 6, "SLICE": 3, "TRANSPOSE": 3}, ops["int8"]
-    # float, none of which XNNPACK takes in int8: 3 LayerNorms (2 MEAN, SQUARED_DIFFERENCE, ADD, RSQRT, SUB,
-    # 2 MUL, ADD each; the untrained unit scale and zero shift fold away), the attention (2 BATCH_MATMUL,
-    # the causal mask's ADD, SOFTMAX, the query scale's 2 MULs), the pooling (EQUAL, CUMSUM, 2 MUL, SUM),
-    # the text projection (FULLY_CONNECTED by a parameter matrix), the L2 norm (MUL, SUM, POW, MAXIMUM,
-    # DIV), the int8 table rows times their scales (MUL); QUANTIZE into the int8 linears and adds
-    assert ops["float32"] == {"MEAN": 6, "SQUARED_DIFFERENCE": 3, "RSQRT": 3, "SUB": 3, "ADD": 7, "MUL": 12,
-                              "BATCH_MATMUL": 2, "SOFTMAX": 1, "EQUAL": 1, "CUMSUM": 1, "SUM": 2,
-                              "FULLY_CONNECTED": 1, "POW": 1, "MAXIMUM": 1, "DIV": 1, "QUANTIZE": 4,
-                              "RESHAPE": 16, "TRANSPOSE": 3}, ops["float32"]
-    out = run_tflite(path, batches[1][1].numpy())
-    sim = quantizer.simulate(prepared)(batches[1][1]).detach()
-    assert cosine_to(sim, torch.from_numpy(out)) > 0.995
-    assert cosine_to(towers[1](batches[1][1]).detach(), torch.from_numpy(out)) > 0.98
-
-
 def test_float_mul_finds_scalings_and_integer_masks():
     from edge_msd.families.common.pt2e import float_mul
 
@@ -306,32 +142,6 @@ def test_float_mul_finds_scalings_and_integer_masks():
     muls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.mul.Tensor]
     # by a number: float; x * x (both activations): int8; the product with the token mask: float
     assert [float_mul(n) for n in muls] == [True, False, False, True]
-
-
-@pytest.mark.slow
-def test_float_tflite_export_keeps_the_causal_mask_and_masks_stay_float(towers, batches, tmp_path):
-    """litert-torch rewrites a module's -inf buffers to -3.4e38 in place: the fp32 exporter converts a
-    copy, so a tower quantized later in the same process still has its -inf mask. Masks made of the
-    dtype's extreme (``finfo.min``, as many text towers build them) keep their add float too."""
-    from edge_msd.families.common.pt2e import finite_inputs
-    from edge_msd.families.tflite import convert_float
-
-    text = towers[1]
-    convert_float(text, batches[1][0][:1].numpy(), "fp32", tmp_path / "text.tflite")
-    assert torch.isneginf(text.attn_mask).any()
-
-    class Masked(nn.Module):
-        def __init__(self, fill: float):
-            super().__init__()
-            self.register_buffer("mask", torch.triu(torch.full((4, 4), fill), 1))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.mask
-
-    for fill, int8_add in ((float("-inf"), False), (torch.finfo(torch.float32).min, False), (-1e4, True)):
-        gm = torch.export.export(Masked(fill), (torch.randn(4, 4),)).module()
-        add = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor)
-        assert finite_inputs(add) is int8_add, fill
 
 
 def test_int8_token_embedding_rows_scale_and_lookup():
@@ -352,33 +162,6 @@ def test_int8_token_embedding_rows_scale_and_lookup():
     assert int8_token_embedding(image) is image  # no table: unchanged
 
 
-def test_tensorrt_qdq_onnx_per_channel_runs_in_onnxruntime(towers, batches, tmp_path):
-    quantizer = quantizer_for(family("tensorrt").recipe)
-    image = towers[0]
-    prepared = quantizer.quantize(image, batches[0], keep_float=["visual.conv1"])
-    assert "visual.conv1" not in quantizer.layers(prepared)
-    assert any(n.endswith("attn.in_proj") for n in quantizer.layers(prepared))  # attention is quantized too
-    path = tmp_path / "image.onnx"
-    entry = quantizer.write(prepared, batches[0][0], path)
-    assert entry["inputs"][0]["shape"][0] == -1
-    graph = onnx.load(str(path)).graph
-    ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
-    inits = {i.name: i for i in graph.initializer}
-    consts = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
-
-    def scale_len(name: str) -> int:
-        t = inits.get(name) or consts.get(name)
-        return int(np.prod(t.dims)) if t is not None else 0
-
-    per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and scale_len(n.input[1]) > 1]
-    assert per_channel and all(a.i == 0 for n in per_channel for a in n.attribute if a.name == "axis")
-    out = quantizer.run(path, batches[0][1].numpy())
-    fq = prepared.eval()(batches[0][1]).detach()
-    np.testing.assert_allclose(out, fq.numpy(), atol=1e-4)
-    assert cosine_to(image(batches[0][1]).detach(), torch.from_numpy(out)) > 0.98
-
-
 def test_sensitivity_scan_and_first_last(towers, batches):
     from edge_msd.quant.pipeline import quantize_tower
 
@@ -390,21 +173,6 @@ def test_sensitivity_scan_and_first_last(towers, batches):
     kept = set(info["kept_float"])
     assert scan[0]["layer"] in kept and len(kept) >= 2  # first/last + the most sensitive
     assert not kept & set(quantizer.layers(prepared))
-
-
-@pytest.mark.slow
-def test_coreml_linear_quantizer_prepare_finalize_convert(towers, batches, tmp_path):
-    quantizer = quantizer_for(family("coreml").recipe)
-    tower, data = towers[1], batches[1]
-    prepared = quantizer.quantize(tower, data, qat=True, n_steps=4)
-    assert len(quantizer.layers(prepared)) >= 4
-    loss = prepared(data[0]).sum()
-    loss.backward()  # trainable fake quant
-    quantizer.on_qat_step(prepared, 1, 4)
-    final = quantizer.finalize(prepared)
-    assert cosine_to(tower(data[1]).detach(), final(data[1]).detach()) > 0.98
-    entry = quantizer.write(prepared, data[0][:1], tmp_path / "text.mlpackage")
-    assert (tmp_path / "text.mlpackage").is_dir() and entry["precision"] == "int8"
 
 
 def _qat_inputs(tmp_path: Path) -> tuple[Path, Path]:
@@ -547,16 +315,6 @@ def test_tflite_qat_through_trainer_then_report(tmp_path):
     assert set(variants) == {"fp32", "ptq", "qat"} and variants["qat"]["measured_with"] == "litert"
     assert report["tflite_latency"]["tflite"]["towers"]["image"]["int8_ms"] > 0
     assert (tmp_path / "qat" / "quant_report.md").is_file()
-
-
-@pytest.mark.slow
-def test_tflite_dynamic_range_fallback_converts_and_runs(towers, batches, tmp_path):
-    quantizer = quantizer_for(family("tflite").recipe)
-    dyn = quantizer.quantize_dynamic(towers[0], batches[0])
-    entry = quantizer.write(dyn, batches[0][0][:1], tmp_path / "image.tflite")
-    assert entry["quantization"] == "dynamic-range" and entry["inputs"][0]["dtype"] == "float32"
-    out = run_tflite(tmp_path / "image.tflite", batches[0][1].numpy())
-    assert cosine_to(towers[0](batches[0][1]).detach(), torch.from_numpy(out)) > 0.98
 
 
 class _Payload:
