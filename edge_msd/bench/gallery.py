@@ -136,6 +136,7 @@ def quality(vectors: np.ndarray, queries: np.ndarray, storages: list[str], reran
         _, ids = index.search(arrays, storage, queries, k, depth, vectors if depth else None)
         ms = (time.perf_counter() - t0) * 1e3 / len(queries)
         out[storage] = {"recall": {f"R@{n}": index.recall_at(ids, reference, n) for n in KS if n <= k},
+                        "overlap@10": index.overlap_at(ids, reference, k),
                         "rerank": depth, "ms_per_query": round(ms, 4)}
     return out
 
@@ -236,3 +237,20 @@ def check_compatible(found: GalleryIndex, bundle: Bundle) -> None:
         raise ConfigError(f"{found.root}: index built for student {ident.get('student')!r} (dim "
                           f"{ident.get('dim')}), the bundle {bundle.root} has student {student!r} "
                           f"(dim {dims[0]})")
+
+
+def format_index(manifest: dict[str, Any], out: Path) -> str:
+    """What ``edge-msd index`` prints: the index, then one line per storage and per timed N."""
+    ident, fp32_bytes = manifest["identity"], (manifest["storages"].get("fp32") or {}).get("bytes")
+    lines = [f"index: {out} ({manifest['n']} vectors of dim {ident['dim']}, student {ident['student']}, "
+             f"{manifest['runtime']}, built in {manifest['build_s']:.2f} s, {manifest['source']['skipped']} "
+             f"skipped); recall vs fp32 exact on {manifest['quality_queries']}",
+             f"{'storage':8} {'bytes':>11} {'×fp32':>6} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'ms/query':>9}"]
+    for name, e in manifest["storages"].items():
+        ratio = f"{fp32_bytes / e['bytes']:.2f}" if fp32_bytes else "-"
+        recall = " ".join(f"{e['recall'].get(k, float('nan')):>6.3f}" for k in ("R@1", "R@5", "R@10"))
+        lines.append(f"{name:8} {e['bytes']:>11} {ratio:>6} {recall} {e['ms_per_query']:>9.3f}")
+    for row in manifest["search_timings"]:
+        lines.append(f"N={row['n']:<8} {row['storage']:8} {row['bytes']:>11} bytes "
+                     f"{row['ms_per_query']:.3f} ms/query")
+    return "\n".join(lines)

@@ -161,7 +161,13 @@ def search(arrays: dict[str, np.ndarray], storage: str, queries: np.ndarray, k: 
 
 
 def recall_at(ids: np.ndarray, reference: np.ndarray, k: int) -> float:
-    """Mean fraction of the reference's top-k ids that ``ids`` finds in its own top-k."""
+    """R@k as faiss counts it (1-recall@k): the fraction of queries whose exact nearest neighbour
+    (``reference[:, 0]``) is among ``ids``' first k."""
+    return float(np.mean([ref in row[:k] for row, ref in zip(ids, reference[:, 0], strict=True)]))
+
+
+def overlap_at(ids: np.ndarray, reference: np.ndarray, k: int) -> float:
+    """The stricter k@k: mean fraction of the exact top-k that ``ids``' top-k holds."""
     hits = [len(set(a[:k]) & set(b[:k])) for a, b in zip(ids, reference, strict=True)]
     return float(np.mean(hits) / min(k, reference.shape[1]))
 
