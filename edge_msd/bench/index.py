@@ -123,7 +123,7 @@ def _hamming(query_bits: np.ndarray, bits: np.ndarray) -> np.ndarray:
 def _scores(arrays: dict[str, np.ndarray], storage: str, q: np.ndarray, rows_: slice) -> np.ndarray:
     """Scores (Q, rows) of one chunk of the gallery; higher is better."""
     if storage in ("fp32", "fp16"):
-        return q @ arrays["vectors"][rows_].astype(np.float32).T
+        return q @ np.asarray(arrays["vectors"][rows_], dtype=np.float32).T  # no copy for fp32
     if storage == "int8":
         q_codes, q_scales = quantize_int8(q)
         dot = _int_dot(q_codes, arrays["codes"][rows_])
