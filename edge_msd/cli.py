@@ -360,6 +360,22 @@ def bench_cmd(cfg: BenchOptions) -> None:
         sys.exit(130 if report["interrupted"] == "Ctrl-C" else 3)
 
 
+from edge_msd.bench.gallery import IndexOptions  # noqa: E402  (torch-free)
+
+
+@main.command("index")
+@config_command(IndexOptions, section="index")
+def index_cmd(cfg: IndexOptions) -> None:
+    """Embed a gallery (the bundle's eval split, or --images FOLDER) with the bundle's own runner into a
+    searchable index (fp32, fp16, int8, binary) with recall of each storage against fp32 exact search
+    (docs/index.md; the benchmark binary does the same: `python3 edge-msd-bench.pyz index`)."""
+    from edge_msd.bench.gallery import build_index, format_index
+    from edge_msd.paths import RUNS
+
+    out = Path(cfg.out) if cfg.out else RUNS / "index" / Path(cfg.bundle).name
+    click.echo(format_index(build_index(cfg, out), out))
+
+
 @main.command("report")
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", default="runs/report", show_default=True, type=click.Path(file_okay=False),

@@ -18,6 +18,7 @@ from typing import Any
 from edge_msd import __version__
 from edge_msd.bench.engine import OPTIONS as ENGINE_OPTIONS
 from edge_msd.bench.engine import build_engines
+from edge_msd.bench.gallery import IndexOptions, build_index, format_index
 from edge_msd.bench.options import BenchOptions
 from edge_msd.bench.run import print_report, run_bench
 from edge_msd.errors import EdgeMSDError
@@ -32,13 +33,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Benchmark an edge-msd deploy bundle on this device: latency, throughput, memory, power, "
         "recall and parity, written as a JSON report (schema edge-msd-bench/1).",
         epilog="Exit status: 0 complete, 2 error, 3 stopped by --time-limit (partial report), "
-        "130 Ctrl-C (partial report). TensorRT engines: edge-msd-bench build-engine BUNDLE (--help).",
+        "130 Ctrl-C (partial report). TensorRT engines: edge-msd-bench build-engine BUNDLE (--help); "
+        "gallery index: edge-msd-bench index (--help).",
     )
     p.add_argument("--version", action="version", version=f"edge-msd-bench {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show the runtime's own log lines (e.g. LiteRT's delegate creation)")
-    hints = typing.get_type_hints(BenchOptions)
-    for f in dataclasses.fields(BenchOptions):
+    return _add_options(p, BenchOptions)
+
+
+def _add_options(p: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
+    """One argparse option per field of an options dataclass (its help from the field's metadata)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         opt = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         help_text = f.metadata["help"]
@@ -89,10 +96,25 @@ def build_engine_main(argv: list[str]) -> int:
     return 0
 
 
+def index_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="edge-msd-bench index", description="Embed a gallery with the "
+                                "bundle's runner into a searchable index (docs/index.md).")
+    opts = IndexOptions(**vars(_add_options(p, IndexOptions).parse_args(argv)))
+    out = Path(opts.out or f"index-{Path(opts.bundle).name}")
+    try:
+        print(format_index(build_index(opts, out), out))
+    except EdgeMSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["build-engine"]:
         return build_engine_main(argv[1:])
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
     args = vars(_parser().parse_args(argv))
     verbose = args.pop("verbose")
     opts = BenchOptions(**args)

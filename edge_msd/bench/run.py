@@ -329,6 +329,22 @@ def default_out(opts: BenchOptions, bundle: Bundle, backend: type[Backend]) -> P
     return Path(f"bench-{target}-{backend.name}-{platform.node() or 'host'}.json")
 
 
+def bundle_backend(bundle: Bundle, towers: list[str], runtime: str | None, engine_dir: str | None
+                   ) -> tuple[dict, type[Backend]]:
+    """The towers' model files and the backend that runs them: ``runtime``, else the one the target
+    profile names, else the first installed one that fits (bench and the gallery index alike)."""
+    models = {t: bundle.model(t) for t in towers}
+    files = model_files(bundle.root, models, Path(engine_dir) if engine_dir else None)
+    profile_runtime = None if runtime else profile_defaults(bundle.target).get("runtime")
+    try:
+        return files, select_backend(runtime or profile_runtime or "auto", files)
+    except EdgeMSDError as e:
+        if profile_runtime is None:
+            raise
+        raise type(e)(f"{e} ({profile_runtime} is the target profile's [bench] runtime; --runtime chooses "
+                      "another)") from e
+
+
 def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark and write its report; Ctrl-C or ``time_limit`` → a report marked partial.
 
@@ -343,20 +359,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
         raise ConfigError(
             f"{bundle.root}: no {', '.join(missing)} tower in this bundle (it has {', '.join(bundle.towers)})"
         )
-    files = model_files(
-        bundle.root,
-        {t: bundle.model(t) for t in opts.towers},
-        Path(opts.engine_dir) if opts.engine_dir else None,
-    )
-    # the option, else the runtime the target profile names, else the first installed one that fits
-    profile_runtime = None if opts.runtime else profile_defaults(bundle.target).get("runtime")
-    try:
-        backend = select_backend(opts.runtime or profile_runtime or "auto", files)
-    except EdgeMSDError as e:
-        if profile_runtime is None:
-            raise
-        raise type(e)(f"{e} ({profile_runtime} is the target profile's [bench] runtime; --runtime chooses "
-                      "another)") from e
+    files, backend = bundle_backend(bundle, opts.towers, opts.runtime, opts.engine_dir)
     out = Path(opts.out) if opts.out else default_out(opts, bundle, backend)
     run = _Run(opts, bundle, backend, files, out, echo)
     echo(f"edge-msd bench: {bundle.root} with {backend.name} {run.report['runtime']['version']} → {out}")
