@@ -97,7 +97,7 @@ def test_search_timings_rows():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from bench.test_bench import make_bundle
+    from bench_helpers import make_bundle
 
     root = tmp_path_factory.mktemp("index")
     bundle = make_bundle(root / "onnx")
