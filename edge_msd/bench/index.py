@@ -4,7 +4,8 @@ Storages, per row: ``fp32``; ``fp16``; ``int8`` (symmetric per-row scale, codes 
 ``binary`` (sign bits, ``np.packbits``). ``search`` scores queries by inner product (the embeddings are
 unit vectors, so cosine): int8 as an int32 dot of quantized query and codes times both scales, binary by
 Hamming distance (popcount of XOR) with an optional fp32 re-rank of the best candidates.
-``search_timings`` times it over N random unit vectors, for bench's tables.
+``search_timings`` times it over N random unit vectors, for bench's tables. The approximate storage
+``hnsw`` (faiss, optional) is in ``ann``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from edge_msd.bench import ann
 from edge_msd.errors import ConfigError
 
-STORAGES = ("fp32", "fp16", "int8", "binary")
+STORAGES = ("fp32", "fp16", "int8", "binary")  # exact search in numpy: the default storages
+KNOWN = STORAGES + ann.APPROXIMATE
 QUERY_CHUNK = 1 << 24  # scores computed at once (queries × rows): bounds the memory of one search step
 # an int8·int8 dot over D dims is exact in float32 while D · 127² < 2²⁴ (BLAS instead of numpy's int loop)
 EXACT_FP32_DIM = (1 << 24) // (127 * 127)
@@ -36,7 +39,9 @@ def encode(vectors: np.ndarray, storage: str) -> dict[str, np.ndarray]:
         return {"codes": codes, "scales": scales}
     if storage == "binary":
         return {"bits": np.packbits(v > 0, axis=1), "dim": np.array(v.shape[1], dtype=np.int64)}
-    raise ConfigError(f"storage {storage!r}: expected one of {', '.join(STORAGES)}")
+    if storage == "hnsw":
+        return ann.encode_hnsw(v)
+    raise ConfigError(f"storage {storage!r}: expected one of {', '.join(KNOWN)}")
 
 
 def quantize_int8(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +63,13 @@ def decode(arrays: dict[str, np.ndarray], storage: str) -> np.ndarray:
         signs = np.unpackbits(arrays["bits"], axis=1, count=dim).astype(np.float32) * 2 - 1
         return signs / np.sqrt(dim, dtype=np.float32)
     raise ConfigError(f"storage {storage!r}: expected one of {', '.join(STORAGES)}")
+
+
+def dim_of(arrays: dict[str, Any]) -> int:
+    if "faiss" in arrays:
+        return ann.dim_of(arrays)
+    return arrays["vectors"].shape[1] if "vectors" in arrays else \
+        int(arrays["dim"]) if "dim" in arrays else arrays["codes"].shape[1]
 
 
 def rows(arrays: dict[str, np.ndarray]) -> int:
@@ -141,11 +153,11 @@ def search(arrays: dict[str, np.ndarray], storage: str, queries: np.ndarray, k: 
 
     ``rerank`` > 0: the best ``max(rerank, k)`` candidates of the storage are re-scored with the fp32
     vectors ``exact`` (N, D) and the k best of those returned."""
-    dim = arrays["vectors"].shape[1] if "vectors" in arrays else \
-        int(arrays["dim"]) if "dim" in arrays else arrays["codes"].shape[1]
-    q = check_queries(queries, dim)
+    q = check_queries(queries, dim_of(arrays))
     if k < 1:
         raise ConfigError(f"k must be ≥ 1, got {k}")
+    if storage == "hnsw":
+        return ann.search_hnsw(arrays, q, k)
     depth = max(k, rerank) if rerank else k
     best = None
     for part in _chunks(rows(arrays), len(q)):
@@ -182,7 +194,9 @@ def random_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def storage_bytes(arrays: dict[str, np.ndarray]) -> int:
+def storage_bytes(arrays: dict[str, Any]) -> int:
+    if "faiss" in arrays:
+        return ann.hnsw_bytes(arrays)
     return int(sum(a.nbytes for a in arrays.values()))
 
 

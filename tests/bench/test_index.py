@@ -160,10 +160,37 @@ def test_cli_index_on_a_bundle(built, tmp_path):
     bundle, _, _ = built
     out = tmp_path / "cli-idx"
     res = subprocess.run([sys.executable, "-m", "edge_msd.cli", "index", "--bundle", str(bundle), "--out",
-                          str(out), "--gallery", "1000"], capture_output=True, text=True, timeout=300)
+                          str(out), "--gallery", "1000", "--storage", "fp32,int8,binary,hnsw"],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "int8" in res.stdout and "N=1000" in res.stdout
+    assert "int8" in res.stdout and "N=1000" in res.stdout and "hnsw" in res.stdout
+    assert json.loads((out / "manifest.json").read_text())["storages"]["hnsw"]["recall"]["R@1"] == 1.0
     assert json.loads((out / "manifest.json").read_text())["search_timings"][0]["n"] == 1000
     res = subprocess.run([sys.executable, "-m", "edge_msd.cli", "index", "--bundle", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "bundle folder not found" in res.stderr
+
+
+def test_hnsw_storage_round_trips_through_npz_and_finds_the_neighbours(tmp_path):
+    pytest.importorskip("faiss")
+    v, q = _clustered(3000), _clustered(50, seed=4)
+    np.savez(tmp_path / "hnsw.npz", **index.encode(v, "hnsw"))
+    with np.load(tmp_path / "hnsw.npz", allow_pickle=False) as z:  # faiss's own bytes, no pickle
+        arrays = {k: z[k] for k in z.files}
+    _, exact = index.search(index.encode(v, "fp32"), "fp32", q, k=10)
+    scores, ids = index.search(arrays, "hnsw", q, k=10)
+    assert ids.shape == (50, 10) and np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    assert np.allclose(scores, np.sum(q[:, None, :] * v[ids], axis=2), atol=1e-5)  # inner products
+    assert index.recall_at(ids, exact, 10) >= 0.98
+    assert index.storage_bytes(arrays) > v.nbytes  # the graph keeps the vectors too
+
+
+def test_hnsw_without_faiss_names_the_extra(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "faiss"
+                        else real(name, *a, **k))
+    with pytest.raises(ConfigError, match=r"storage hnsw needs faiss-cpu \(pip install 'edge-msd\[index\]'"):
+        index.encode(_clustered(50), "hnsw")
