@@ -157,6 +157,7 @@ def config_command(cls: type, section: str | None = None) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
             base, _ = _base_type(hints[f.name])
             opt = "--" + f.name.replace("_", "-")
+            aliases = tuple(f.metadata.get("aliases", ()))
             help_text = f.metadata.get("help", "")
             default = f.default if f.default is not dataclasses.MISSING else None
             if default is not None and not isinstance(default, list | tuple):
@@ -164,7 +165,7 @@ def config_command(cls: type, section: str | None = None) -> Callable:
             if base is bool:
                 wrapper = click.option(f"{opt}/--no-{opt[2:]}", f.name, default=None, help=help_text)(wrapper)
             else:
-                wrapper = click.option(opt, f.name, type=_click_type(hints[f.name]), default=None,
+                wrapper = click.option(opt, *aliases, f.name, type=_click_type(hints[f.name]), default=None,
                                        help=help_text)(wrapper)
         wrapper = click.option(
             "--config", "config_file", type=click.Path(dir_okay=False),
@@ -176,11 +177,17 @@ def config_command(cls: type, section: str | None = None) -> Callable:
     return decorate
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """``dataclasses.field`` with a help text shown by the CLI."""
+def field(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002
+    aliases: tuple[str, ...] = (),
+    **kw: Any,
+) -> Any:
+    """``dataclasses.field`` with a help text shown by the CLI (and other option names for it there)."""
+    meta = {"help": help, "aliases": aliases}
     if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

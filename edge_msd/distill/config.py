@@ -36,7 +36,17 @@ class DistillConfig:
     val_split: str | None = field("val", help="split for validation R-sum (best checkpoint); empty: none")
     test_split: str | None = field("test", help="held-out split for the final eval.json; empty: none")
     out: str = field(str(paths.DISTILL), help="output folder (student/, eval.json, metrics, checkpoints)")
-    preset: str = field("edge-s", help="student preset (see `edge-msd students`)")
+    preset: str = field(
+        "edge-s",
+        help="student spec: a preset (see `edge-msd students`), open_clip:ARCH[@TAG|@/path/weights], "
+        "local-dir:/path/open_clip_folder or config:/path/model_config.json",
+        aliases=("--student",),
+    )
+    image_size: int | None = field(
+        None,
+        help="student image size [default: its config's]; native ViTs take multiples of the patch size, "
+        "timm and ResNet towers what their strides and pooling allow",
+    )
     embed_dim: int | None = field(
         None,
         help="student embedding dim [default: the teacher's; else a "
@@ -126,6 +136,8 @@ class DistillConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"field 'ema_decay': expected 0 (off) or in (0, 1), got {self.ema_decay}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"field 'image_size': expected an integer >= 16, got {self.image_size}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ConfigError(f"field 'embed_dim': expected a positive integer, got {self.embed_dim}")
 

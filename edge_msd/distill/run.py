@@ -16,7 +16,7 @@ from edge_msd.distill.splits import open_split
 from edge_msd.distill.trainer import TrainResult, train
 from edge_msd.distill.validation import encode_split
 from edge_msd.eval.retrieval import retrieval_metrics, subset_metrics, zero_shot_accuracy
-from edge_msd.students import preset_config
+from edge_msd.students.spec import run_model_config
 from edge_msd.torchrun import launch_rank
 
 
@@ -53,7 +53,7 @@ def distill_summary(report: dict, cfg: DistillConfig) -> str:
 
 def write_eval(cfg: DistillConfig, result: TrainResult) -> dict:
     to_uint8, mean, std = result.preprocess
-    size = int(preset_config(cfg.preset)["vision_cfg"]["image_size"])
+    size = int(run_model_config(cfg.preset, cfg.image_size, cfg.init)["vision_cfg"]["image_size"])
     test = open_split(
         cfg, cfg.test_split, result.teacher, result.teacher_id, to_uint8, size, result.tokenizer
     )

@@ -74,13 +74,9 @@ from edge_msd.distill.splits import SplitData, open_split, resolve_teacher
 from edge_msd.distill.validation import plot_metrics, validate
 from edge_msd.errors import ConfigError, EdgeMSDError
 from edge_msd.lineage import StudentRecord
-from edge_msd.students import (
-    create_student,
-    load_open_clip_student,
-    preset_config,
-    save_student,
-    student_transform,
-)
+from edge_msd.students import load_open_clip_student, save_student, student_transform
+from edge_msd.students.presets import WEIGHTS_FILE, embed_dim_of
+from edge_msd.students.spec import build_of, build_student, init_start, remember_build, run_model_config
 from edge_msd.torchrun import barrier, is_distributed, process_group, rank_device, rank_world
 
 
@@ -166,10 +162,12 @@ def _student_and_adaptor(
             raise ConfigError(
                 f"field 'init': {cfg.init} is a {loaded.preset} student but preset is {cfg.preset}"
             )
-        student = loaded.model
+        start = init_start(cfg.preset, cfg.init, loaded.manifest["files"][WEIGHTS_FILE])
+        student = remember_build(loaded.model, run_model_config(cfg.preset, cfg.image_size, cfg.init), start)
     if student is None:
-        student = create_student(cfg.preset, embed_dim=cfg.embed_dim or t_dim)
-    s_dim = int(student.text_projection.shape[1]) if hasattr(student, "text_projection") else t_dim
+        student = build_student(cfg.preset, cfg.embed_dim, cfg.image_size, default_dim=t_dim).model
+    has_text = hasattr(student, "text_projection") or hasattr(student, "text")
+    s_dim = embed_dim_of(student) if has_text else t_dim
     adaptor: nn.Module = nn.Identity()
     if s_dim != t_dim:
         # Shared by both towers so that the student's own image and text spaces stay aligned.
@@ -193,7 +191,7 @@ class _Data:
 def _open_data(cfg: DistillConfig, device: torch.device) -> _Data:
     import open_clip
 
-    model_cfg = preset_config(cfg.preset)  # validates the preset name (lists the known ones)
+    model_cfg = run_model_config(cfg.preset, cfg.image_size, cfg.init)  # validates the spec first
     teacher, teacher_id = resolve_teacher(cfg, device)
     to_uint8, mean, std = split_preprocess(student_transform(model_cfg))
     size = int(model_cfg["vision_cfg"]["image_size"])
@@ -517,9 +515,11 @@ def _finish(run: _Run, save: bool) -> TrainResult:
                                    teacher=cfg.teacher, teacher_id=data.teacher_id,
                                    splits={"train": cfg.train_split, "val": cfg.val_split,
                                            "test": cfg.test_split})
-            result.student_dir = save_student(run.model, folder, cfg.preset, extra_manifest={
-                "distill_config": config_to_dict(cfg), "steps": state["step"],
-                "skipped_steps": state["skipped"], "best_val": run.val, **record.to_manifest()})
+            extra = {"distill_config": config_to_dict(cfg), "steps": state["step"],
+                     "skipped_steps": state["skipped"], "best_val": run.val, **record.to_manifest()}
+            model_cfg, start = build_of(run.model)  # the spec's config and start (spec, weights, sha256)
+            result.student_dir = save_student(run.model, folder, cfg.preset, extra_manifest=extra,
+                                              model_cfg=model_cfg, start=start)
     return result
 
 

@@ -87,9 +87,21 @@ def _quiet_open_clip() -> Iterator[None]:
         root.setLevel(level)
 
 
+def embed_dim_of(model: nn.Module) -> int:
+    """The embedding size of an open_clip model (CLIP keeps the text projection on the model,
+    CustomTextCLIP on its ``.text`` tower)."""
+    owner = model if hasattr(model, "text_projection") else getattr(model, "text", None)
+    proj = getattr(owner, "text_projection", None)
+    if isinstance(proj, nn.Linear):
+        return int(proj.out_features)
+    if isinstance(proj, torch.Tensor):
+        return int(proj.shape[1])
+    raise ConfigError(f"{type(model).__name__}: no text projection to read the embedding size from")
+
+
 def student_model_config(model: nn.Module, preset: str) -> dict[str, Any]:
     """The preset's config with the embed dim the model actually has."""
-    return preset_config(preset, embed_dim=int(model.text_projection.shape[1]))
+    return preset_config(preset, embed_dim=embed_dim_of(model))
 
 
 def preprocess_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -122,11 +134,18 @@ def save_student(
     preset: str,
     extra_manifest: dict[str, Any] | None = None,
     force: bool = True,
+    model_cfg: dict[str, Any] | None = None,
+    start: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the student folder atomically: open_clip config + safetensors + manifest."""
+    """Write the student folder atomically: open_clip config + safetensors + manifest.
+
+    ``preset`` is the student spec (a preset name or another form, ``edge_msd.students.spec``);
+    ``model_cfg`` the open_clip config the model was built from (default: the preset's) and ``start``
+    what it started from (spec, weights file and sha256), recorded in the manifest.
+    """
     from safetensors.torch import save_file
 
-    model_cfg = student_model_config(model, preset)
+    model_cfg = model_cfg if model_cfg is not None else student_model_config(model, preset)
     out_dir = Path(out_dir)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out_dir, force=force) as tmp:
@@ -147,6 +166,7 @@ def save_student(
             model_cfg=model_cfg,
             tokenizer={**TOKENIZER_INFO, "context_length": model_cfg["text_cfg"]["context_length"]},
             params=tower_params(model),
+            start=start or {"spec": preset},
             **(extra_manifest or {}),
         )
     return out_dir

@@ -18,7 +18,8 @@ class SweepConfig:
     """``edge-msd sweep``: mean R@1 against measured latency for several students, Pareto front marked."""
 
     presets: list[str] | None = field(
-        None, help="student presets to train (or reuse from --out), comma-separated "
+        None, help="student specs to train (or reuse from --out), comma-separated: presets or any form "
+        "of distill's --student (open_clip:ARCH[@TAG|@FILE], local-dir:DIR, config:FILE) "
         "[default: all of `edge-msd students`; none when --students or --reports is given]"
     )
     students: list[str] = field([], help="already-trained student folders to include (not retrained)")

@@ -84,16 +84,18 @@ def _runs_here(target: str) -> None:
 
 
 def _presets(cfg: SweepConfig) -> list[str]:
-    """The presets to train: as given (all known, checked before any training), else every preset
-    unless students were given."""
+    """The student specs to train: as given (each parsed, files checked, before any training), else every
+    preset unless students were given."""
     from edge_msd.students.presets import list_presets
+    from edge_msd.students.spec import parse_student_spec
 
-    known = list_presets()
     if cfg.presets is None:
-        return [] if cfg.students else known
-    unknown = [p for p in cfg.presets if p not in known]
-    if unknown:
-        raise ConfigError(f"field 'presets': unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        return [] if cfg.students else list_presets()
+    for spec in cfg.presets:
+        try:
+            parse_student_spec(spec)
+        except ConfigError as e:
+            raise ConfigError(f"field 'presets': {e}") from e
     return list(cfg.presets)
 
 
@@ -164,8 +166,9 @@ def train_preset(cfg: SweepConfig, base: DistillConfig, preset: str) -> Candidat
     """``out/<preset>``: distilled unless a student of the same settings is there; resumes a cut run."""
     from edge_msd.distill.checkpoint import CKPT_DIR, LAST, run_identity
     from edge_msd.distill.run import distill_summary, run_distill
+    from edge_msd.students.spec import spec_folder_name
 
-    run_dir = cfg.out_dir() / preset
+    run_dir = cfg.out_dir() / spec_folder_name(preset)
     dcfg = replace(base, preset=preset, out=str(run_dir), resume=False, force=False)
     dcfg.validate()
     identity = run_identity(dcfg)

@@ -95,8 +95,13 @@ class OpenClipTeacher:
 # ---- open_clip:MODEL@PRETRAINED -------------------------------------------------------------
 
 
-def _known_model(name: str) -> str:
-    """The registered open_clip model name, registering a ``.json`` model config file first."""
+def known_model(
+    name: str,
+    what: str = "teacher spec",
+    usage: str = "or a model config file open_clip:/path/config.json@WEIGHTS",
+) -> str:
+    """The registered open_clip model name, registering a ``.json`` model config file first; ``what``
+    and ``usage`` say in the error whose spec it is and what else it may be."""
     import open_clip
 
     if name.endswith(".json"):
@@ -110,8 +115,7 @@ def _known_model(name: str) -> str:
     close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
     hint = f"; close names: {', '.join(close)}" if close else ""
     raise ConfigError(
-        f"teacher spec: '{name}' is not an open_clip model{hint}. "
-        "Use a name from open_clip.list_models(), or a model config file open_clip:/path/config.json@WEIGHTS"
+        f"{what}: '{name}' is not an open_clip model{hint}. Use a name from open_clip.list_models(), {usage}"
     )
 
 
@@ -167,10 +171,10 @@ def _create(name: str, device: str, **kwargs: Any) -> torch.nn.Module:
         return open_clip.create_model(name, device=device, weights_only=True, **kwargs)
     except Exception as e:  # unpickling, safetensors, shape mismatch, HF config: all mean a bad file here
         where = kwargs.get("pretrained") or name
-        raise ArtifactError(f"{where}: could not load open_clip model {name}: {_load_error(e)}") from e
+        raise ArtifactError(f"{where}: could not load open_clip model {name}: {load_error(e)}") from e
 
 
-def _load_error(e: Exception) -> str:
+def load_error(e: Exception) -> str:
     """One line: torch's load_state_dict error lists missing/unexpected keys and size mismatches below
     its first line, and those say what the checkpoint is; any other error keeps its first line."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
@@ -193,7 +197,7 @@ def load_open_clip(spec: str, rest: str, device: str = "cpu") -> OpenClipTeacher
             f"teacher spec {spec!r}: expected open_clip:MODEL@PRETRAINED (a pretrained tag such as "
             "ViT-B-32@laion2b_s34b_b79k, or a weights file open_clip:ViT-B-32@/path/weights.safetensors)"
         )
-    name = _known_model(model_name)
+    name = known_model(model_name)
     path = Path(pretrained).expanduser()
     extra: dict[str, Any] = {}
     if path.is_file() or path.suffix in WEIGHT_SUFFIXES or os.sep in pretrained:
