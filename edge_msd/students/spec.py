@@ -115,9 +115,11 @@ def _unknown_bare_name(spec: str) -> str:
 
     if spec.replace("/", "-") in open_clip.list_models():
         return f"student spec {spec!r}: an open_clip architecture is written open_clip:{spec}"
-    close = difflib.get_close_matches(spec, list_presets() + open_clip.list_models(), n=5, cutoff=0.6)
+    names = list(dict.fromkeys(list_presets() + open_clip.list_models()))  # the presets are registered too
+    close = difflib.get_close_matches(spec, names, n=5, cutoff=0.6)
     hint = f"; close names: {', '.join(close)}" if close else ""
-    return f"student spec {spec!r}: not a preset ({', '.join(list_presets())}){hint}; expected one of {FORMS}"
+    return (f"student spec {spec!r}: not a preset (known: {', '.join(list_presets())}){hint}; "
+            f"expected one of {FORMS}")
 
 
 def spec_folder_name(spec: str) -> str:

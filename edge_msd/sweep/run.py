@@ -95,7 +95,8 @@ def _presets(cfg: SweepConfig) -> list[str]:
         try:
             parse_student_spec(spec)
         except ConfigError as e:
-            raise ConfigError(f"field 'presets': {e}") from e
+            known = ", ".join(list_presets())
+            raise ConfigError(f"field 'presets': unknown {spec}; known: {known}, or another form ({e})") from e
     return list(cfg.presets)
 
 

@@ -376,7 +376,7 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
         t3 = time.perf_counter()
         history = train_heads(model.to(cfg.device), feats, states, masks, train.caption_image_index, cfg)
         t4 = time.perf_counter()
-        teacher = _save_teacher(tmp, model, cfg)
+        teacher = _save_teacher(tmp, model, cfg, out)
         test_emb = embed_dataset(teacher, test, BATCH)
         metrics = evaluate(teacher, test, test_emb, cfg.probe_images)
         t5 = time.perf_counter()
@@ -407,15 +407,21 @@ def fit_demo_teacher(cfg: DemoTeacherConfig, force: bool = False) -> Path:
     return out
 
 
-def _save_teacher(folder: Path, model: torch.nn.Module, cfg: DemoTeacherConfig) -> Any:
-    """Write the open_clip folder (weights, config, HF text config and tokenizer); returns it loaded."""
+def _save_teacher(folder: Path, model: torch.nn.Module, cfg: DemoTeacherConfig, final: Path) -> Any:
+    """Write the open_clip folder (weights, config, HF text config and tokenizer) into ``folder``, the
+    temporary twin of ``final``; returns it loaded.
+
+    The folder carries its own HF config and tokenizer. open_clip reads the text tower's config from
+    ``hf_model_name`` as given (transformers resolves it against the working directory or the hub;
+    ``local-dir:`` redirects only the tokenizer), so no name there is relocatable: it is the folder's
+    absolute final path, which plain open_clip loads from any working directory while the folder stays
+    there. edge-msd's loader reads the folder's own files wherever it is (``load_local_dir``).
+    """
     from safetensors.torch import save_file
 
-    # The folder carries its own HF config and tokenizer; hf_model_name "." names the folder itself,
-    # so a copied or moved teacher still loads (edge-msd resolves it against the folder).
     for name in HF_FILES:
         shutil.copy2(minilm_dir() / name, folder / name)
-    atomic_write_json(folder / "open_clip_config.json", model_config(cfg, "."))
+    atomic_write_json(folder / "open_clip_config.json", model_config(cfg, str(final.resolve())))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     save_config(cfg, folder / "config.toml")

@@ -250,12 +250,13 @@ def load_local_dir(spec: str, folder: str | Path, device: str = "cpu") -> OpenCl
     kwargs: dict[str, Any] = {}
     text_cfg = dict(model_cfg.get("text_cfg", {}))
     hf_name = text_cfg.get("hf_model_name")
-    # A folder that carries its own HF text config (like the demo teacher, whose hf_model_name is ".")
-    # loads wherever it is: a relative name resolves against the folder, one that names no folder (a
-    # path from where it was built) falls back to the folder itself.
+    # A folder that carries its own HF text config (like the demo teacher) loads wherever it is: a relative
+    # name resolves against the folder; an absolute one (where it was built, which plain open_clip reads)
+    # or one that names no folder is the folder itself, so a copied or moved teacher reads its own files.
     if hf_name and (folder / "config.json").is_file():
         local = folder / hf_name
-        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(local if local.is_dir() else folder)
+        own = not Path(hf_name).is_absolute() and local.is_dir()
+        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(local if own else folder)
         text_cfg["hf_model_pretrained"] = False  # the weights come from the folder's checkpoint
         kwargs["text_cfg"] = text_cfg
     model = _create(f"local-dir:{folder}", device, **kwargs)

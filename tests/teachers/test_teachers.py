@@ -215,9 +215,9 @@ def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
     before = (out / "manifest.json").stat().st_mtime_ns
     assert fit_demo_teacher(cfg) == out and (out / "manifest.json").stat().st_mtime_ns == before
 
-    # Plain open_clip loads it (run from the folder: its HF text config is "." there), and the locked
-    # parts still hold the pre-trained weights.
-    monkeypatch.chdir(out)
+    # Plain open_clip loads it from an unrelated folder (its HF text config names the folder's absolute
+    # path), and the locked parts still hold the pre-trained weights.
+    monkeypatch.chdir(out.parent.parent)
     model = open_clip.create_model(f"local-dir:{out}")
     trunk_sd = model.visual.trunk.state_dict()
     src = [v for k, v in efficientnet_lite0_weights().items() if not k.startswith("_fc.")]
@@ -242,15 +242,15 @@ def test_tiny_lit_fit_writes_a_loadable_teacher(tiny_fit, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_teacher_folder_is_relocatable(tiny_fit, tmp_path):
-    """A copy of the teacher folder loads and embeds the same with the original gone: nothing in its
-    open_clip config points outside the folder."""
+    """A copy of the teacher folder loads and embeds the same with the original gone: the absolute path
+    in its open_clip config (for plain open_clip) is where it was built, and edge-msd reads the copy's own."""
     import shutil
 
     from edge_msd.teachers.open_clip_teacher import load_local_dir
 
     _, out = tiny_fit
     text_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
-    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "."
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == str(out.resolve())
     original = load_local_dir("original", out)
     x = _images(original)
     want = original.encode_image(x), original.encode_text(original.tokenize(TEXTS))
