@@ -96,7 +96,8 @@ def _presets(cfg: SweepConfig) -> list[str]:
             parse_student_spec(spec)
         except ConfigError as e:
             known = ", ".join(list_presets())
-            raise ConfigError(f"field 'presets': unknown {spec}; known: {known}, or another form ({e})") from e
+            message = f"field 'presets': unknown {spec}; known: {known}, or another form ({e})"
+            raise ConfigError(message) from e
     return list(cfg.presets)
 
 

@@ -62,7 +62,8 @@ def embed(model: torch.nn.Module, tokenizer, preprocess) -> tuple[list[float], l
     model.eval()
     with torch.no_grad():
         text = model.encode_text(tokenizer(["a red circle"]), normalize=True)[0]
-        image = model.encode_image(preprocess(Image.new("RGB", (40, 40), (200, 30, 30)))[None], normalize=True)[0]
+        pixels = preprocess(Image.new("RGB", (40, 40), (200, 30, 30)))[None]
+        image = model.encode_image(pixels, normalize=True)[0]
     return text.tolist(), image.tolist()
 
 
@@ -244,7 +245,8 @@ def test_a_few_distill_steps_with_an_open_clip_arch(features, tmp_path):
     manifest = read_manifest(folder)
     assert manifest["preset"] == "open_clip:ViT-S-16"
     assert manifest["start"] == {"spec": "open_clip:ViT-S-16", "kind": "open_clip", "image_size": 32}
-    assert manifest["model_cfg"]["vision_cfg"]["image_size"] == 32 and manifest["model_cfg"]["embed_dim"] == 32
+    model_cfg = manifest["model_cfg"]
+    assert model_cfg["vision_cfg"]["image_size"] == 32 and model_cfg["embed_dim"] == TinyTeacher.embed_dim
     plain = plain_open_clip(folder, tmp_path)
     assert plain["context_length"] == 77 and len(plain["image"]) == 32
 
