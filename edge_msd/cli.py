@@ -140,6 +140,8 @@ def students_cmd() -> None:
     from edge_msd.students.presets import print_presets_table
 
     print_presets_table()
+    click.echo("other students: distill --student open_clip:ARCH[@TAG|@FILE], local-dir:DIR or config:FILE "
+               "(any open_clip architecture, checkpoint or model config; --image-size N)")
     click.echo("to choose one by recall and measured latency: edge-msd sweep (trains, exports, benchmarks)")
 
 
