@@ -219,7 +219,10 @@ def given_student(cfg: SweepConfig, folder: str) -> Candidate:
         raise ArtifactError(f"{folder}: not a student folder (no {MANIFEST}; `edge-msd distill` writes one)")
     preset = _json(record.folder / MANIFEST).get("preset", "student")
     tag = hashlib.sha256(str(record.folder.resolve()).encode()).hexdigest()[:8]
-    return Candidate(f"{preset} ({folder})", record.folder, cfg.out_dir() / "students" / f"{preset}-{tag}")
+    from edge_msd.students.spec import spec_folder_name
+
+    work = cfg.out_dir() / "students" / f"{spec_folder_name(preset)}-{tag}"
+    return Candidate(f"{preset} ({folder})", record.folder, work)
 
 
 def export(cfg: SweepConfig, c: Candidate) -> None:
