@@ -275,3 +275,25 @@ def test_demo_teacher_folder_loads_in_plain_open_clip_from_another_cwd(tmp_path)
     assert plain["tokenizer"] == "HFTokenizer" and plain["context_length"] == cfg.context_length
     text = teacher.encode_text(teacher.tokenize(["a red circle"]))[0]
     torch.testing.assert_close(torch.tensor(plain["text"]), text, atol=1e-5, rtol=1e-4)
+
+
+# ---- the sweep's list of students ---------------------------------------------------------------
+
+
+def test_sweep_takes_student_specs_and_refuses_a_bad_one_before_training(tiny_config, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_msd.cli import main
+    from edge_msd.sweep.config import SweepConfig
+    from edge_msd.sweep.run import _presets
+
+    specs = ["edge-xs", f"config:{tiny_config}", "open_clip:ViT-S-16"]
+    assert _presets(SweepConfig(presets=specs)) == specs
+
+    def refuse(*args, **kw):
+        raise AssertionError("trained before the specs were checked")
+
+    monkeypatch.setattr("edge_msd.distill.run.run_distill", refuse)
+    r = CliRunner().invoke(main, ["sweep", "--presets", "edge-xs,open_clip:ViT-S-61", "--out", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert "field 'presets': unknown open_clip:ViT-S-61" in r.output and "close names: ViT-S-16" in r.output
