@@ -114,6 +114,14 @@ def test_unknown_pretrained_tag_lists_the_tags():
         build_student("open_clip:ViT-B-32@nope")
 
 
+def test_a_pretrained_tag_not_on_this_machine_says_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, whatever this machine has
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"ViT-B-32@laion2b_s34b_b79k are not on this machine .*looked for: "
+                                          r"Hugging Face cache: laion/"):
+        build_student("open_clip:ViT-B-32@laion2b_s34b_b79k")
+
+
 @pytest.mark.parametrize(
     "spec,why",
     [
@@ -234,6 +242,16 @@ def _distill_cfg(features: Path, out: Path, **kw) -> DistillConfig:
     base = dict(teacher=None, data=DATA, features=str(features), out=str(out), test_split=None, steps=2,
                 batch_size=8, queue_size=16, warmup_steps=1, eval_every=2, ckpt_every=2, ema_decay=0.0)
     return build_config(DistillConfig, {**base, **kw})
+
+
+def test_distill_cli_takes_student_as_the_preset_option(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_msd.cli import main
+
+    args = ["distill", "--student", "open_clip:ViT-S-61", "--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "student spec 'open_clip:ViT-S-61'" in r.output and "ViT-S-16" in r.output
 
 
 def test_distill_refuses_a_student_with_another_tokenizer(features, tmp_path):
