@@ -72,12 +72,13 @@ def create_student(preset: str, embed_dim: int | None = None) -> nn.Module:
     """A freshly initialised open_clip model of ``preset`` (random weights, float32, CPU)."""
     cfg = preset_config(preset, embed_dim)  # validates the name first
     _register()
-    with _quiet_open_clip():  # it warns that no pretrained weights were loaded: a student starts random
+    with quiet_open_clip():  # it warns that no pretrained weights were loaded: a student starts random
         return open_clip.create_model(preset, **({"embed_dim": cfg["embed_dim"]} if embed_dim else {}))
 
 
 @contextlib.contextmanager
-def _quiet_open_clip() -> Iterator[None]:
+def quiet_open_clip() -> Iterator[None]:
+    """open_clip's warnings off while a student is built (it warns that no pretrained weights were loaded)."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))

@@ -28,7 +28,7 @@ from torch import nn
 
 from edge_msd.artifacts import sha256_file
 from edge_msd.errors import ArtifactError, ConfigError
-from edge_msd.students.presets import _quiet_open_clip, list_presets, preset_config
+from edge_msd.students.presets import list_presets, preset_config, quiet_open_clip
 from edge_msd.teachers.open_clip_teacher import (
     WEIGHT_SUFFIXES,
     known_model,
@@ -255,7 +255,7 @@ def _create(cfg: dict[str, Any], s: StudentSpec) -> nn.Module:
         cfg["vision_cfg"]["timm_model_pretrained"] = False  # a student's weights are its start, or random
     cls = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
     try:
-        with _quiet_open_clip():
+        with quiet_open_clip():
             model = cls(**cfg)
     except Exception as e:  # a bad user config: an unknown key or a wrong shape surfaces here
         why = load_error(e)
