@@ -34,12 +34,13 @@ class FusedImageInput(nn.Module):
         super().__init__()
         self.tower = tower
         a, b = affine(prep)
-        self.register_buffer("a", torch.from_numpy(a).view(1, 1, 1, 3))
-        self.register_buffer("b", torch.from_numpy(b).view(1, 1, 1, 3))
+        self.register_buffer("a", torch.from_numpy(a).view(1, 3, 1, 1))
+        self.register_buffer("b", torch.from_numpy(b).view(1, 3, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.to(torch.float32) * self.a + self.b
-        return self.tower(x.permute(0, 3, 1, 2))
+        # permute the uint8 frame first: a quarter of the bytes of a float transpose
+        x = image.permute(0, 3, 1, 2).to(torch.float32) * self.a + self.b
+        return self.tower(x)
 
 
 def uint8_example(batch: int, size: tuple[int, int]) -> np.ndarray:
