@@ -114,3 +114,33 @@ def test_litert_float_fused_input_bundle(tmp_path, student_dir):
     ops = [o["op_name"] for o in interpreter(tmp_path / "tflite-uint8_nhwc" / m["models"]["image"]["file"])
            ._get_ops_details()]
     assert "CAST" in ops and "TRANSPOSE" not in ops[: ops.index("CONV_2D")]
+
+
+@pytest.mark.slow
+def test_coreml_image_type_spec(tmp_path, student_dir):
+    """Core ML's own preprocessing: an RGB ImageType whose scale (1/255) and bias (-mean) open the
+    program, then the model's per-channel 1/std; prediction needs macOS, so the spec is what is checked."""
+    import coremltools as ct
+
+    m = _export(tmp_path, student_dir, _profile(tmp_path, "coreml", "uint8_nhwc"), precision="fp32")
+    contract = m["models"]["image"]["inputs"][0]
+    assert contract == {"name": "image", "shape": [1, 32, 32, 3], "dtype": "uint8", "layout": "NHWC",
+                        IN_MODEL: True}
+    spec = ct.models.MLModel(str(tmp_path / "coreml-uint8_nhwc" / m["models"]["image"]["file"]),
+                             skip_model_load=True).get_spec()
+    image = spec.description.input[0].type.imageType
+    assert (image.width, image.height) == (32, 32)
+    assert image.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
+    ops = next(iter(spec.mlProgram.functions["main"].block_specializations.values())).operations
+    consts = {op.outputs[0].name: op.attributes["val"].immediateValue for op in ops if op.type == "const"}
+    first = [op for op in ops if op.type != "const"][:2]
+    assert [op.type for op in first] == ["mul", "add"]
+
+    def value(op, arg):  # the constant an op reads as ``arg``
+        imm = consts[op.inputs[arg].arguments[0].name]
+        return np.asarray(imm.tensor.floats.values or [imm.tensor.floats.values], np.float32)
+
+    y_arg = "y"
+    assert np.allclose(value(first[0], y_arg), 1 / 255)
+    mean = load_student_towers(student_dir).preprocess.mean
+    assert np.allclose(value(first[1], y_arg).ravel(), -np.asarray(mean), atol=1e-6)
