@@ -144,3 +144,13 @@ def test_coreml_image_type_spec(tmp_path, student_dir):
     assert np.allclose(value(first[0], y_arg), 1 / 255)
     mean = load_student_towers(student_dir).preprocess.mean
     assert np.allclose(value(first[1], y_arg).ravel(), -np.asarray(mean), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_executorch_fused_input_bundle(tmp_path, student_dir):
+    """The same FusedImageInput lowered to XNNPACK; the .pte's input is uint8 (N, H, W, 3)."""
+    m = _export(tmp_path, student_dir, _profile(tmp_path, "executorch", "uint8_nhwc"), precision="fp32")
+    contract = m["models"]["image"]["inputs"][0]
+    assert contract == {"name": "image", "shape": [1, 32, 32, 3], "dtype": "uint8", "layout": "NHWC",
+                        IN_MODEL: True}
+    assert m["parity"]["passed"] and m["parity"]["image"]["min_cos"] > 0.9999
