@@ -84,20 +84,23 @@ def test_int8_refuses_the_fused_input(tmp_path, student_dir):
 
 
 @pytest.mark.slow
-def test_onnx_fused_input_bundle(tmp_path, student_dir):
-    """The ONNX graph takes uint8 NHWC: Cast, Mul, Add, Transpose before the first Conv; parity is
-    measured through it, and the bench input is the uint8 frames themselves."""
+@pytest.mark.parametrize("target", ["onnx", "jetson-orin"])
+def test_onnx_fused_input_bundle(tmp_path, student_dir, target):
+    """The ONNX graph (dynamo; TorchScript for TensorRT) takes uint8 NHWC: Transpose, Cast, Mul, Add
+    before the first Conv; parity is measured through it, and the bench input is the uint8 frames."""
     import onnx
 
-    m = _export(tmp_path, student_dir, _profile(tmp_path, "onnx", "uint8_nhwc"))
+    m = _export(tmp_path, student_dir, _profile(tmp_path, target, "uint8_nhwc"), precision="fp32")
+    folder = tmp_path / f"{target}-uint8_nhwc"
     contract = m["models"]["image"]["inputs"][0]
     assert contract == {"name": "image", "shape": [-1, 32, 32, 3], "dtype": "uint8", "layout": "NHWC",
                         IN_MODEL: True}
+    # TensorRT's parity runs the engine's source ONNX in ONNX Runtime
     assert m["parity"]["passed"] and m["parity"]["image"]["min_cos"] > 0.9999
-    graph = onnx.load(str(tmp_path / "onnx-uint8_nhwc" / m["models"]["image"]["file"])).graph
+    graph = onnx.load(str(folder / m["models"]["image"]["file"])).graph
     ops = [n.op_type for n in graph.node]
     assert ops.index("Cast") < ops.index("Mul") < ops.index("Add") < ops.index("Conv")
-    bundle = open_bundle(tmp_path / "onnx-uint8_nhwc")
+    bundle = open_bundle(folder)
     x = tower_inputs(bundle, "image", bundle.load_npz("probe.npz"))
     assert x.dtype == np.uint8 and x.shape[1:] == (32, 32, 3)
 
