@@ -43,7 +43,8 @@ def random_student(folder: Path, preset: str) -> Path:
 
 
 def export(student: Path, family: str, image_input: str, tmp: Path, dataset) -> Path:
-    """A bundle of ``student`` for the packaged ``family`` profile, fp32, asking for ``image_input``."""
+    """A bundle of ``student`` for the packaged ``family`` profile, fp32, asking for ``image_input``;
+    export checks its parity with the torch student (through the fused input where it is fused)."""
     text = known_targets()[family].read_text()
     text = text if "[options]" in text else text + "\n[options]\n"
     profile = tmp / f"{family}-{image_input}.toml"
@@ -91,7 +92,8 @@ def measure(family: str, student: Path, tmp: Path, dataset, iters: int, threads:
             call()
     ms = time_interleaved(calls, iters)
     cos = float(row_cosine(fused_q(frames), host_s.run(feed)).min())
-    return {"family": family, "runtime": backend.name, **ms, "cos": cos}
+    parity = fused_b.manifest["parity"]["image"]["min_cos"]
+    return {"family": family, "runtime": backend.name, **ms, "cos": cos, "parity": parity}
 
 
 def main() -> None:
@@ -110,13 +112,13 @@ def main() -> None:
     print(f"student: {args.student or 'edge-s (random weights)'}, batch 1, {args.threads} thread(s), "
           f"{args.iters} interleaved calls each, medians\n")
     print("| family | runtime | model alone (ms) | host normalise + model (ms) | ratio | fused uint8 "
-          "(ms) | ratio | min cos fused vs float |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "(ms) | ratio | min cos fused vs float | fused parity min cos (probe) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         base = r["model alone"]
         print(f"| {r['family']} fp32 | {r['runtime']} | {base:.4f} | {r['host + model']:.4f} | "
               f"{r['host + model'] / base:.2f}× | {r['fused']:.4f} | {r['fused'] / base:.2f}× | "
-              f"{r['cos']:.6f} |")
+              f"{r['cos']:.6f} | {r['parity']:.6f} |")
 
 
 if __name__ == "__main__":
