@@ -57,9 +57,42 @@ def open_bundle(path: str | Path, expect_digest: str | None = None, public_key: 
     return Bundle(Path(path), checked.manifest, checked.digest, checked.signature)
 
 
-def _input_layout(bundle: Bundle, tower: str) -> str:
-    inputs = bundle.model(tower).get("inputs") or [{}]
-    return inputs[0].get("layout") or bundle.manifest.get("preprocessing", {}).get("layout", "NCHW")
+# an input entry's flag (docs/bundle.md): the model casts and normalises uint8 NHWC frames itself
+IN_MODEL = "normalised_in_model"
+
+
+def input_contract(bundle: Bundle, tower: str) -> dict[str, Any]:
+    """What the first input of ``tower``'s model takes: dtype, layout, shape and whether normalisation is
+    in the model; bundles written before the flag existed take float32 normalised by the host."""
+    entry = dict((bundle.model(tower).get("inputs") or [{}])[0])
+    entry.setdefault("dtype", "float32")
+    if tower == "image":
+        entry.setdefault("layout", bundle.manifest.get("preprocessing", {}).get("layout", "NCHW"))
+        entry.setdefault(IN_MODEL, False)
+    return entry
+
+
+def describe_contract(contract: dict[str, Any]) -> str:
+    """One line naming an input's contract, for errors."""
+    where = "normalised in the model" if contract.get(IN_MODEL) else "normalised by the host"
+    shape = "×".join("N" if i == 0 else str(d) for i, d in enumerate(contract.get("shape") or []))
+    return (f"input {contract.get('name', '?')!r} takes {contract.get('dtype')} "
+            f"{contract.get('layout', '')} {shape} ({where})").replace("  ", " ")
+
+
+def image_model_input(
+    images: np.ndarray, preprocessing: dict[str, Any], contract: dict[str, Any]
+) -> np.ndarray:
+    """uint8 (N, H, W, 3) RGB frames at model size → the image model's input, as its contract says: the
+    frames themselves where normalisation is in the model, else ``preprocess_images``. The one place
+    that decides; a raw-file decode step hands its uint8 frames here."""
+    if not contract.get(IN_MODEL):
+        return preprocess_images(images, preprocessing, contract.get("layout", "NCHW"))
+    want = tuple(int(d) for d in (contract.get("shape") or [])[1:])
+    if images.dtype != np.uint8 or images.ndim != 4 or (want and images.shape[1:] != want):
+        raise ArtifactError(f"image query is {images.dtype} {tuple(images.shape)}; the model's "
+                            f"{describe_contract(contract)}")
+    return np.ascontiguousarray(images)
 
 
 def preprocess_images(images: np.ndarray, preprocessing: dict[str, Any], layout: str = "NCHW") -> np.ndarray:
@@ -83,7 +116,7 @@ def preprocess_images(images: np.ndarray, preprocessing: dict[str, Any], layout:
 def tower_inputs(bundle: Bundle, tower: str, data: dict[str, np.ndarray]) -> np.ndarray:
     """The model input of one tower for all rows of ``data`` (a probe or eval set)."""
     if tower == "image":
-        return preprocess_images(
-            data["images"], bundle.manifest.get("preprocessing", {}), _input_layout(bundle, tower)
+        return image_model_input(
+            data["images"], bundle.manifest.get("preprocessing", {}), input_contract(bundle, tower)
         )
     return np.ascontiguousarray(data["tokens"], dtype=np.int32)

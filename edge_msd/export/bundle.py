@@ -47,6 +47,7 @@ from edge_msd.contract.format import (
     model_file,
 )
 from edge_msd.contract.integrity import Verified, bundle_digest, check_bundle
+from edge_msd.contract.reading import image_model_input
 from edge_msd.contract.signing import write_signature
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.distill.images import split_preprocess
@@ -147,6 +148,9 @@ def export_precision(cfg: ExportConfig, profile: TargetProfile) -> str:
     precision = "int8" if cfg.quantized else cfg.precision or profile.precision
     if precision not in profile.precisions:
         raise ConfigError(f"target {profile.name}: precision {precision!r} not in {profile.precisions}")
+    if precision == "int8" and profile.options.image_input == "uint8_nhwc":
+        raise ConfigError(f"{profile.source}: the int8 recipes do not fuse the uint8_nhwc image input yet; "
+                          'set [options] image_input = "float_nchw" for int8')
     return precision
 
 
@@ -247,7 +251,8 @@ def run_parity(exporter: Family, models: dict, folder: Path, student: Student, p
     skipped = {t: r for t, r in runners.items() if isinstance(r, str)}
     if skipped:
         return {"skipped": next(iter(skipped.values())), "passed": None, "thresholds": dict(thresholds)}
-    x = student.preprocess.normalise(probe["images"])
+    # through the model's own input contract: uint8 frames where normalisation is in the model
+    x = image_model_input(probe["images"], student.preprocess.to_manifest(), models["image"]["inputs"][0])
     out = {"image": runners["image"](x), "text": runners["text"](probe["tokens"])}
     report = parity_report(ref, out, probe["caption_image_index"], thresholds)
     report["runtime"] = models["image"].get("parity_runtime", exporter.format)

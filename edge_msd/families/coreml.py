@@ -26,6 +26,7 @@ from torch import nn
 
 from edge_msd import __version__
 from edge_msd.contract.numerics import run_batched
+from edge_msd.contract.reading import IN_MODEL
 from edge_msd.delegation import check_towers, coreml_findings
 from edge_msd.errors import ArtifactError, ConfigError, QuantError
 from edge_msd.families.common.base import (
@@ -35,10 +36,12 @@ from edge_msd.families.common.base import (
     Family,
     Runner,
     example_inputs,
+    fused_input,
     io_entry,
     tower_module,
 )
 from edge_msd.families.common.embedding import int8_token_embedding
+from edge_msd.families.common.fused_input import SCALE
 from edge_msd.families.common.quantizer import (
     Quantizer,
     calibrate,
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
 
 
 DESCRIPTIONS = {"image": "RGB image, (x/255 - mean)/std, NCHW float32",
+                "image_type": "RGB image (CVPixelBuffer); x/255 - mean in the ImageType, / std in the model",
                 "text": "int32 CLIP BPE token ids: sot, tokens, eot, zero padding"}
 
 
@@ -71,20 +75,45 @@ def _after_l2_norm(op) -> bool:  # noqa: ANN001 - a coremltools MIL Operation
     return op is not None and op.op_type == "reduce_l2_norm"
 
 
-def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision: str, opts: CoreMLOptions):
+class StdScale(nn.Module):
+    """The image tower behind Core ML's ImageType preprocessing: the ImageType computes ``x * scale +
+    bias`` with one scale for all channels (NeuralNetworkImageScaler), so it takes ``x / 255 - mean`` and
+    the per-channel ``/ std`` stays in the model, one Mul before the first conv."""
+
+    def __init__(self, tower: nn.Module, std: Iterable[float]):
+        super().__init__()
+        self.tower = tower
+        self.register_buffer("inv_std", 1.0 / torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.tower(image * self.inv_std)
+
+
+def image_type(student: Student, shape: tuple[int, ...]) -> Any:
+    """``ct.ImageType`` for RGB frames: scale 1/255 and bias -mean, Core ML's own preprocessing."""
+    import coremltools as ct
+
+    return ct.ImageType(name=INPUT_NAMES["image"], shape=shape, scale=SCALE,
+                        bias=[-float(m) for m in student.preprocess.mean], color_layout=ct.colorlayout.RGB)
+
+
+def _convert(module: torch.nn.Module, example: np.ndarray, tower: str, precision: str, opts: CoreMLOptions,
+             input_type: Any = None):
+    """``input_type``: the ct input type (an ImageType), else a TensorType of the example."""
     import coremltools as ct
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, (torch.from_numpy(example),)).run_decompositions({})
         dtype = np.int32 if tower == "text" else np.float32
+        tensor = ct.TensorType(name=INPUT_NAMES[tower], shape=example.shape, dtype=dtype)
         fp32_ops = set(opts.fp32_ops)
         precision_arg = (ct.precision.FLOAT32 if precision == "fp32" else
                          ct.transform.FP16ComputePrecision(
                              op_selector=lambda op: op.op_type not in fp32_ops and not _after_l2_norm(op)))
         try:
             return ct.convert(
-                ep, inputs=[ct.TensorType(name=INPUT_NAMES[tower], shape=example.shape, dtype=dtype)],
+                ep, inputs=[input_type or tensor],
                 outputs=[ct.TensorType(name=OUTPUT_NAME)], convert_to="mlprogram",
                 minimum_deployment_target=getattr(ct.target, opts.minimum_deployment_target),
                 compute_precision=precision_arg,
@@ -100,7 +129,8 @@ def _annotate(mlmodel, tower: str, student: Student, precision: str, opts: CoreM
     mlmodel.license = opts.license
     mlmodel.version = f"{student.name} (edge-msd {__version__})"
     mlmodel.short_description = f"{student.name} {tower} tower: L2-normalised embedding"
-    mlmodel.input_description[INPUT_NAMES[tower]] = DESCRIPTIONS[tower]
+    is_image = mlmodel.get_spec().description.input[0].type.WhichOneof("Type") == "imageType"
+    mlmodel.input_description[INPUT_NAMES[tower]] = DESCRIPTIONS["image_type" if is_image else tower]
     mlmodel.output_description[OUTPUT_NAME] = f"L2-normalised {student.embed_dim}-d embedding"
     meta = {"preprocessing": json.dumps(student.preprocess.to_manifest()) if tower == "image"
             else json.dumps({"context_length": student.context_length}),
@@ -124,8 +154,11 @@ def spec_check(spec, path: Path, tower: str, precision: str, fp32_ops: list[str]
     want = "INT32" if tower == "text" else "FLOAT32"
     arr = ct.proto.FeatureTypes_pb2.ArrayFeatureType
     name = INPUT_NAMES[tower]
-    if name not in ins or arr.ArrayDataType.Name(ins[name].type.multiArrayType.dataType) != want:
-        raise ArtifactError(f"{path}: input {INPUT_NAMES[tower]!r} missing or not {want}")
+    kind = ins[name].type.WhichOneof("Type") if name in ins else None
+    got = "image" if kind == "imageType" else arr.ArrayDataType.Name(ins[name].type.multiArrayType.dataType) \
+        if kind else None
+    if got not in (want, "image" if tower == "image" else want):
+        raise ArtifactError(f"{path}: input {INPUT_NAMES[tower]!r} missing or not {want} (or an RGB image)")
     if OUTPUT_NAME not in outs:
         raise ArtifactError(f"{path}: output {OUTPUT_NAME!r} missing")
     ops: dict[str, dict[str, int]] = {}
@@ -329,11 +362,16 @@ class CoreMLFamily(Family):
     quantizer = CoreMLQuantizer
     format = "mlpackage"
     ext = "mlpackage"
+    fused_input = True  # as an ImageType (Core ML's own preprocessing) plus the per-channel / std
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         opts = req.profile.options
         example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]
-        mlmodel = _convert(tower_module(req.student, tower), example, tower, req.precision, opts)
+        module, input_type = tower_module(req.student, tower), None
+        if tower == "image" and fused_input(req):
+            module = StdScale(module, req.student.preprocess.std)
+            input_type = image_type(req.student, example.shape)
+        mlmodel = _convert(module, example, tower, req.precision, opts, input_type)
         _annotate(mlmodel, tower, req.student, req.precision, opts)
         mlmodel.save(str(path))
 
@@ -354,6 +392,9 @@ class CoreMLFamily(Family):
         arr = ct.proto.FeatureTypes_pb2.ArrayFeatureType
 
         def io(feature, layout: str | None = None) -> dict:
+            if feature.type.WhichOneof("Type") == "imageType":  # an RGB frame per call: uint8 (1, H, W, 3)
+                t = feature.type.imageType
+                return io_entry(feature.name, [1, t.height, t.width, 3], "uint8", "NHWC")
             t = feature.type.multiArrayType
             return io_entry(feature.name, list(t.shape), arr.ArrayDataType.Name(t.dataType).lower(), layout)
 
@@ -378,6 +419,11 @@ class CoreMLFamily(Family):
 
         model = ct.models.MLModel(str(bundle_dir / entry["file"]))
         name = entry["inputs"][0]["name"]
+        if entry["inputs"][0].get(IN_MODEL):  # an ImageType: coremltools predicts it from PIL frames
+            from PIL import Image
+
+            return lambda x: np.concatenate([np.asarray(model.predict({name: Image.fromarray(f, "RGB")})
+                                                        [OUTPUT_NAME]) for f in x])
         return lambda x: run_batched(lambda c: np.asarray(model.predict({name: c})[OUTPUT_NAME]), x,
                                      entry["inputs"][0]["shape"][0])
 

@@ -18,6 +18,14 @@ from edge_msd.contract.format import DEFAULT_TIMING_CACHE, ENGINE_DEFAULTS
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")  # coremltools' ct.ComputeUnit
 DELEGATES = ("xnnpack", "coreml")  # ExecuTorch backends a float program is lowered to
+# the image tower's input contract: float32 NCHW normalised by the host, or uint8 NHWC frames with
+# scale/mean/std folded into the model (edge_msd.families.common.fused_input)
+IMAGE_INPUTS = ("float_nchw", "uint8_nhwc")
+
+
+def image_input_field(default: str) -> Any:
+    return field(default, help=f"image tower input: {' | '.join(IMAGE_INPUTS)} (uint8_nhwc: the model "
+                               "casts and normalises uint8 RGB frames itself; float fp32/fp16 exports only)")
 
 
 @dataclasses.dataclass
@@ -28,6 +36,13 @@ class FamilyOptions:
         default_factory=dict,
         metadata={"help": "[options.quant]: tuning of the family's int8 recipe (edge_msd.quant.recipes)"},
     )
+    # float_nchw where the family's int8 recipe does not fuse the input yet: one profile, one contract
+    image_input: str = image_input_field("float_nchw")
+
+    def __post_init__(self) -> None:
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(f"field 'image_input' is {self.image_input!r}; expected one of "
+                             f"{', '.join(IMAGE_INPUTS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +92,11 @@ class OnnxOptions(FamilyOptions):
     """``[options]`` of an onnx profile."""
 
     opset: int = field(18, help="ONNX opset of the export (17 or later: LayerNormalization)")
+    # uint8_nhwc: fp32 only (no int8 recipe to keep in step); ONNX Runtime runs the Cast+Mul+Add here
+    image_input: str = image_input_field("uint8_nhwc")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.opset < 17:
             raise ValueError(f"field 'opset' is {self.opset}; expected 17 or later (LayerNormalization)")
 
@@ -88,6 +106,8 @@ class TensorRTOptions(OnnxOptions):
     """``[options]`` of a tensorrt profile: the ONNX export here and the engine build on the device."""
 
     opset: int = field(17, help="ONNX opset (TensorRT 8.6/10 parse opset 17 fully)")
+    # float_nchw: its int8 Q/DQ export does not fuse the input yet, and no engine builds here
+    image_input: str = image_input_field("float_nchw")
     workspace_mib: int = field(ENGINE_DEFAULTS["workspace_mib"], help="builder workspace in MiB")
     dla_core: int = field(ENGINE_DEFAULTS["dla_core"], help="DLA core (0 or 1 on Orin AGX/NX), -1: GPU only")
     gpu_fallback: bool = field(ENGINE_DEFAULTS["gpu_fallback"], help="layers the DLA cannot run go to GPU")
@@ -106,6 +126,7 @@ class CoreMLOptions(FamilyOptions):
     license: str = field("", help="model licence, as Xcode shows it")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.compute_units not in COMPUTE_UNITS:
             raise ValueError(f"field 'compute_units' is {self.compute_units!r}; "
                              f"expected one of {', '.join(COMPUTE_UNITS)}")
@@ -118,6 +139,7 @@ class ExecuTorchOptions(FamilyOptions):
     delegate: str = field("xnnpack", help=f"backend the float program is lowered to: {', '.join(DELEGATES)}")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.delegate not in DELEGATES:
             raise ValueError(f"field 'delegate' is {self.delegate!r}; expected one of {', '.join(DELEGATES)}")
 

@@ -28,9 +28,8 @@ from edge_msd.families.common.base import (
     ExportRequest,
     Family,
     Runner,
-    example_inputs,
+    export_tower,
     io_entry,
-    tower_module,
 )
 from edge_msd.families.common.pt2e import PT2EQuantizer, converted, finite_inputs, keep_float_filter
 from edge_msd.families.common.quantizer import first_line, io_entries, quiet
@@ -141,12 +140,13 @@ class ExecuTorchFamily(Family):
     format = "pte"
     ext = "pte"
     quantizer = XNNPACKInt8
+    fused_input = True  # the same FusedImageInput; XNNPACK or the interpreter runs the cast
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> dict[str, Any]:
-        example = torch.from_numpy(example_inputs(req.student, req.profile.batch_sizes[0])[tower])
+        module, example = export_tower(req, tower, req.profile.batch_sizes[0])
         try:
             with quiet():
-                return {"delegation": lower_to_pte(tower_module(req.student, tower), example, path,
+                return {"delegation": lower_to_pte(module, torch.from_numpy(example), path,
                                                    req.profile.options.delegate)}
         except Exception as e:  # the lowering raises many types; its first line names the op
             raise ConfigError(f"ExecuTorch lowering of the {tower} tower failed: {first_line(e)}") from e

@@ -17,9 +17,8 @@ from edge_msd.families.common.base import (
     ExportRequest,
     Family,
     Runner,
-    example_inputs,
+    export_tower,
     io_entry,
-    tower_module,
 )
 from edge_msd.families.declarations import DECLARATIONS
 
@@ -129,11 +128,12 @@ class OnnxFamily(Family):
     format = "onnx"
     ext = "onnx"
     dynamo = True  # the TensorRT subclass uses the TorchScript exporter
+    fused_input = True  # Cast → Mul → Add → Transpose before the first conv
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
         batch = 2 if req.profile.dynamic_batch else req.profile.batch_sizes[0]
-        example = example_inputs(req.student, batch)[tower]
-        export_onnx(tower_module(req.student, tower), example, path, INPUT_NAMES[tower],
+        module, example = export_tower(req, tower, batch)
+        export_onnx(module, example, path, INPUT_NAMES[tower],
                     req.profile.options.opset, req.profile.dynamic_batch, dynamo=self.dynamo)
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:

@@ -37,10 +37,10 @@ from edge_msd.families.common.base import (
     ExportRequest,
     Family,
     Runner,
-    example_inputs,
+    export_tower,
     io_entry,
-    tower_module,
 )
+from edge_msd.families.common.fused_input import FusedImageInput
 from edge_msd.families.common.pt2e import (
     PT2EQuantizer,
     converted,
@@ -71,8 +71,9 @@ class ChannelsLast(nn.Module):
 
 
 def channels_last(module: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
-    """``module`` and its example as converted: image towers (4-D input) NHWC, text towers unchanged."""
-    if example.ndim != 4:
+    """``module`` and its example as converted: image towers (4-D input) NHWC, text towers and the fused
+    uint8 input (NHWC already) unchanged."""
+    if example.ndim != 4 or isinstance(module, FusedImageInput):
         return module, example
     return ChannelsLast(module), example.permute(0, 2, 3, 1).contiguous()
 
@@ -246,10 +247,10 @@ class TFLiteFamily(Family):
     format = "tflite"
     ext = "tflite"
     quantizer = LiteRTQuantizer
+    fused_input = True  # the float model takes uint8 NHWC; litert-torch keeps the cast (CAST → MUL → ADD)
 
     def write(self, req: ExportRequest, tower: str, path: Path) -> None:
-        example = example_inputs(req.student, req.profile.batch_sizes[0])[tower]
-        convert_float(tower_module(req.student, tower), example, req.precision, path)
+        convert_float(*export_tower(req, tower, req.profile.batch_sizes[0]), req.precision, path)
 
     def describe(self, folder: Path, rel: str, tower: str, precision: str, profile: TargetProfile) -> dict:
         inputs, outputs, quant = tflite_io(folder / rel)

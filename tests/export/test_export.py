@@ -82,7 +82,7 @@ def test_profile_options_and_bench_are_typed_by_the_family(tmp_path):
     fp16 = onnx.replace('precisions = ["fp32"]', 'precisions = ["fp32", "fp16"]')
     bad = [  # (profile text, the error it gets)
         (onnx.replace("opset = 18", "opset = 18\nopsett = 17"),
-         r"dev.toml \[options\]: unknown field\(s\) opsett; known: opset"),
+         r"dev.toml \[options\]: unknown field\(s\) opsett; known: image_input, opset"),
         (onnx.replace("opset = 18", 'opset = "18"'),
          r"dev.toml \[options\]: field 'opset': expected int, got '18'"),
         (onnx.replace("opset = 18", "opset = 16"),
@@ -98,7 +98,7 @@ def test_profile_options_and_bench_are_typed_by_the_family(tmp_path):
         (tflite.replace("dynamic_batch = false", "dynamic_batch = true"),
          r"dev.toml: dynamic_batch is not supported by tflite; set false"),
         (tflite.replace("[bench]", "[options]\ndelegate = 'gpu'\n[bench]"),
-         r"dev.toml \[options\]: unknown field\(s\) delegate; known: quant"),
+         r"dev.toml \[options\]: unknown field\(s\) delegate; known: image_input, quant"),
     ]
     for text, error in bad:
         p.write_text(text)

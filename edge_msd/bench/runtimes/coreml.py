@@ -21,10 +21,18 @@ class CoreMlSession(Session):
         spec = model.get_spec().description
         self.in_name = spec.input[0].name
         self.out_name = spec.output[0].name
+        self.image = spec.input[0].type.WhichOneof("Type") == "imageType"  # the fused uint8 frame input
         self.compute_units = compute_units
         self.input_dtype = dtype
 
     def prepare(self, x: np.ndarray) -> Any:
+        if self.image:  # coremltools predicts an ImageType from a PIL image, one frame per call
+            from PIL import Image
+
+            if x.dtype != np.uint8 or x.shape[0] != 1:
+                raise ConfigError(f"Core ML image input {self.in_name!r} takes one uint8 RGB frame, "
+                                  f"not {x.dtype} {tuple(x.shape)}")
+            return {self.in_name: Image.fromarray(x[0], "RGB")}
         return {self.in_name: np.ascontiguousarray(x, dtype=self.input_dtype)}
 
     def run(self, feed: Any) -> np.ndarray:

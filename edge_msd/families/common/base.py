@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from torch import nn
 
 from edge_msd.contract.format import TOWERS, model_file
 from edge_msd.contract.numerics import Runner
+from edge_msd.contract.reading import IN_MODEL
 from edge_msd.errors import ConfigError
+from edge_msd.families.common.fused_input import FusedImageInput, uint8_example
 from edge_msd.families.common.quantizer import Quantizer, quiet
 from edge_msd.families.declarations import FamilyDecl, FamilyOptions, Recipe
 from edge_msd.students.towers import Student
@@ -50,6 +53,7 @@ class Family(ABC):
     format: str  # onnx | tflite | mlpackage | pte
     ext: str
     quantizer: type[Quantizer] | None = None  # the toolchain that applies ``recipe``
+    fused_input = False  # whether ``write`` takes the uint8 NHWC image input (``export_tower``)
 
     # the declared facts, read from ``declaration`` (their one home)
     @property
@@ -82,6 +86,9 @@ class Family(ABC):
         if req.precision not in self.float_precisions:
             raise ConfigError(f"target {req.profile.name}: {self.name} float export is "
                               f"{' or '.join(self.float_precisions)}, not {req.precision}")
+        if fused_input(req) and not self.fused_input:
+            raise ConfigError(f"target {req.profile.name}: {self.name} does not export the uint8_nhwc image "
+                              'input yet; set [options] image_input = "float_nchw"')
 
     @abstractmethod
     def write(self, req: ExportRequest, tower: str, path: Path) -> dict[str, Any] | None:
@@ -102,6 +109,8 @@ class Family(ABC):
             with quiet():  # converters and runtimes print progress and C++ logs
                 found = self.write(req, tower, out_dir / rel) or {}
                 entry = self.describe(out_dir, rel, tower, req.precision, req.profile)
+            if tower == "image" and fused_input(req):  # the file says uint8 (N, H, W, 3), not what it means
+                entry["inputs"][0] |= {"layout": "NHWC", IN_MODEL: True}
             entries[tower] = {**entry, **found}
         return entries
 
@@ -140,3 +149,17 @@ def example_inputs(student: Student, batch: int) -> dict[str, np.ndarray]:
 
 def tower_module(student: Student, tower: str):
     return student.image if tower == "image" else student.text
+
+
+def fused_input(req: ExportRequest) -> bool:
+    """Whether the profile asks for the image tower to take uint8 NHWC frames and normalise itself."""
+    return req.profile.options.image_input == "uint8_nhwc"
+
+
+def export_tower(req: ExportRequest, tower: str, batch: int) -> tuple[nn.Module, np.ndarray]:
+    """The module a float export converts for ``tower`` and its example batch: the image tower behind
+    ``FusedImageInput`` (uint8 NHWC example) where the profile asks for it, else the tower itself."""
+    if tower == "image" and fused_input(req):
+        module = FusedImageInput(req.student.image, req.student.preprocess).eval()
+        return module, uint8_example(batch, req.student.preprocess.size)
+    return tower_module(req.student, tower), example_inputs(req.student, batch)[tower]
