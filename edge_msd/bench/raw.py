@@ -27,6 +27,9 @@ from edge_msd.contract.reading import Bundle
 from edge_msd.errors import ArtifactError
 
 NOT_IN_BUNDLE = "not in bundle"
+# JPEG draft (DCT-scaled) decode to at least this many times the resize output: 2 keeps the resize
+# antialiasing from real pixels (1: fastest, most drift; 0: full decode, equal to the host)
+DRAFT = 2
 
 
 def pillow_missing() -> str | None:
@@ -68,27 +71,29 @@ def _centre_crop(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return a[top:top + th, left:left + tw]
 
 
-def decode_image(data: bytes, preprocessing: dict[str, Any]) -> np.ndarray:
+def decode_image(data: bytes, preprocessing: dict[str, Any], draft: int = DRAFT) -> np.ndarray:
     """One encoded image → uint8 (H, W, 3) RGB at the model's size, by the manifest's rules.
 
-    JPEGs decode in draft mode (libjpeg's DCT scaling) to the smallest scale still at least as large as
-    the resize's output, then resize as the host did; the output size comes from the full image's size."""
+    JPEGs decode in draft mode (libjpeg's DCT scaling) to the smallest scale still at least ``draft``
+    times the resize's output, then resize as the host did; the output size comes from the full
+    image's size. Other formats (and ``draft`` 0) decode fully: equal to the host's preparation."""
     from PIL import Image
 
     size = tuple(int(s) for s in preprocessing.get("size", (224, 224)))
     resample = Image.BILINEAR if preprocessing.get("resize") == "bilinear" else Image.BICUBIC
     with Image.open(io.BytesIO(data)) as img:
         out_w, out_h = _resized_size(*img.size, size, preprocessing.get("resize_mode", "shortest"))
-        img.draft("RGB", (out_w, out_h))
+        if draft > 0:
+            img.draft("RGB", (draft * out_w, draft * out_h))
         rgb = img.convert("RGB")
     if rgb.size != (out_w, out_h):
         rgb = rgb.resize((out_w, out_h), resample)
     return _centre_crop(np.asarray(rgb, dtype=np.uint8), size)
 
 
-def decode_images(files: list[bytes], preprocessing: dict[str, Any]) -> np.ndarray:
+def decode_images(files: list[bytes], preprocessing: dict[str, Any], draft: int = DRAFT) -> np.ndarray:
     """Encoded images → uint8 (N, H, W, 3) at the model's size."""
-    return np.stack([decode_image(f, preprocessing) for f in files])
+    return np.stack([decode_image(f, preprocessing, draft) for f in files])
 
 
 def bundle_tokenizer(bundle: Bundle) -> Tokenizer:
@@ -120,7 +125,8 @@ def raw_inputs(bundle: Bundle, sets: dict[str, dict[str, np.ndarray] | None]) ->
     """Make ``eval_raw`` / ``probe_raw`` in ``sets`` from the raw inputs of ``eval`` / ``probe``; returns
     the report's ``raw_inputs`` entry (per set: status, sizes, decode and tokenize times, token diffs,
     pixel differences against the host-prepared images)."""
-    out: dict[str, Any] = {"images": at(bundle.manifest, "data", "raw", "images"), "sets": {}}
+    out: dict[str, Any] = {"images": at(bundle.manifest, "data", "raw", "images"), "jpeg_draft": DRAFT,
+                           "sets": {}}
     tokenizer = None
     for name in ("eval", "probe"):
         data = sets.get(name)
