@@ -4,10 +4,13 @@ files and caption strings, pickle-free, hashed like every bundle file, and bench
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import _clean_env
 from export_helpers import CAPTIONS, make_tiny_student, tiny_dataset
 from PIL import Image
 
@@ -130,3 +133,14 @@ def test_older_bundle_without_raw_sets_still_benches(bundle, tmp_path):
     assert {s["status"] for s in report["raw_inputs"]["sets"].values()} == {raw.NOT_IN_BUNDLE}
     assert "eval_raw" not in report["recall"] and "eval" in report["recall"]
     assert "| eval | not in bundle |" in format_table(report)
+
+
+@pytest.mark.slow
+def test_pyz_decodes_and_tokenizes_without_torch(pyz, bundle, tmp_path):
+    out = tmp_path / "pyz.json"
+    cmd = [sys.executable, "-S", str(pyz), "--bundle", str(bundle), "--iters", "2", "--warmup", "1",
+           "--batch", "1", "--threads", "1", "--no-cold", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    sets = json.loads(out.read_text())["raw_inputs"]["sets"]
+    assert sets["eval"]["status"] == "measured" and sets["eval"]["token_diffs"]["ids"] == 0
