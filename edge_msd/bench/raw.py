@@ -134,7 +134,11 @@ def raw_inputs(bundle: Bundle, sets: dict[str, dict[str, np.ndarray] | None]) ->
         if reason:
             out["sets"][name] = {"status": reason}
             continue
-        tokenizer = tokenizer or bundle_tokenizer(bundle)
+        try:
+            tokenizer = tokenizer or bundle_tokenizer(bundle)
+        except (OSError, ValueError, KeyError) as e:  # the host-prepared path still benches
+            out["sets"][name] = {"status": f"bundle tokenizer unusable: {e}"}
+            continue
         t0 = time.perf_counter()
         images = decode_images(unpack_files(data, str(bundle.root / name)),
                                bundle.manifest.get("preprocessing") or {})
