@@ -102,3 +102,12 @@ def test_report_rows_measured_and_not_in_bundle():
                        "-0.25", "0.99950 / 0.99000"]
     assert rows[1][:2] == ["probe", "not in bundle"]
     assert "raw inputs: decoded and tokenized here" in format_table(report)
+
+
+def test_unusable_tokenizer_skips_the_raw_path_with_its_reason(photos, tmp_path):
+    from edge_msd.contract.reading import Bundle
+
+    sets = {"eval": _set(photos), "probe": None}
+    out = raw.raw_inputs(Bundle(tmp_path, {}, ""), sets)
+    assert out["sets"]["eval"]["status"].startswith("bundle tokenizer unusable:")
+    assert out["sets"]["probe"]["status"] == raw.NOT_IN_BUNDLE and "eval_raw" not in sets
