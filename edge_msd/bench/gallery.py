@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 
 from edge_msd.artifacts import atomic_dir, is_inside, read_manifest, verify_files, write_manifest
-from edge_msd.bench import index, sysinfo
+from edge_msd.bench import index, raw, sysinfo
 from edge_msd.bench.options import _opt
 from edge_msd.bench.run import bundle_backend, embed, profile_defaults
 from edge_msd.bench.timing import Deadline
 from edge_msd.contract.format import EVALSET
-from edge_msd.contract.reading import Bundle, open_bundle, preprocess_images, tower_inputs
+from edge_msd.contract.reading import Bundle, image_model_input, input_contract, open_bundle, tower_inputs
 from edge_msd.errors import ArtifactError, ConfigError, DataError
 
 KIND = "edge-msd-index"
@@ -54,25 +54,12 @@ class IndexOptions:
             raise ConfigError("--rerank must be ≥ 0, --gallery sizes and --batch ≥ 1")
 
 
-def _resize(img: Any, size: tuple[int, int], pre: dict[str, Any]) -> np.ndarray:
-    """The manifest's rule: shortest side to the model size (``resize`` filter), then a center crop."""
-    from PIL import Image
-
-    h, w = size
-    filt = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[pre.get("resize",
-                                                                                                  "bicubic")]
-    scale = max(h / img.height, w / img.width)
-    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), filt)
-    left, top = (img.width - w) // 2, (img.height - h) // 2
-    return np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.uint8)
-
-
 def folder_images(folder: Path, pre: dict[str, Any], strict: bool) -> tuple[np.ndarray, list[str], list[str]]:
     """uint8 (N, H, W, 3) of the folder's images (sorted by name), their names, and the unreadable ones."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError as e:
-        raise ConfigError("indexing a folder of images needs Pillow (pip install pillow)") from e
+    if reason := raw.pillow_missing():
+        raise ConfigError(f"indexing a folder of images needs Pillow: {reason}")
+    from PIL import Image, UnidentifiedImageError
+
     if not folder.is_dir():
         raise ConfigError(f"--images {folder}: not a folder")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -82,8 +69,7 @@ def folder_images(folder: Path, pre: dict[str, Any], strict: bool) -> tuple[np.n
     images, names, bad = [], [], []
     for p in files:
         try:
-            with Image.open(p) as img:
-                images.append(_resize(img.convert("RGB"), size, pre))
+            images.append(raw.decode_image(p.read_bytes(), pre))  # the bundle's own decode rules
             names.append(p.relative_to(folder).as_posix())
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if strict:
@@ -157,8 +143,7 @@ def build_index(opts: IndexOptions, out: Path) -> dict[str, Any]:
         if evalset is None:
             raise ArtifactError(f"{bundle.root}: no {EVALSET} to index; give --images FOLDER")
         images, names, source = evalset["images"], None, {"kind": "evalset", "path": EVALSET, "skipped": 0}
-    x = preprocess_images(images, pre, (bundle.model("image").get("inputs") or [{}])[0].get("layout")
-                          or pre.get("layout", "NCHW"))
+    x = image_model_input(images, pre, input_contract(bundle, "image"))
     vectors, runtime = _session_embed(bundle, "image", x, opts)
     build_s = time.perf_counter() - t0
     queries, described = _queries(bundle, vectors, opts)

@@ -13,6 +13,7 @@ from typing import Any
 from edge_msd.artifacts import read_json
 from edge_msd.bench.placement import PLACEMENT_HEAD, placement_notes, placement_rows
 from edge_msd.bench.tables import markdown, render
+from edge_msd.contract.format import at
 from edge_msd.errors import ArtifactError
 
 SCHEMA = "edge-msd-bench/1"
@@ -91,6 +92,8 @@ COLD_HEAD = [
     "peak in inference MB",
 ]
 VENDOR_HEAD = ["tower", "tool", "tool ms", "ours ms", "ours / tool", "verdict (±5%)"]
+RAW_HEAD = ["set", "raw inputs", "files MB", "decode ms/image", "token ids differing",
+            "mean R@1 host-prepared", "mean R@1 device", "Δ pt", "image emb cos mean/min"]
 
 
 def latency_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -156,6 +159,25 @@ def vendor_rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def raw_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Recall from the device's own decode and tokenizer beside the host-prepared inputs, per set."""
+    raw = report.get("raw_inputs") or {}
+    out = []
+    for name, s in raw.get("sets", {}).items():
+        if s.get("status") != "measured":
+            out.append([name, s.get("status", "?"), *["–"] * 7])
+            continue
+        tok, cos = s["token_diffs"], s.get("image_cosine")
+        out.append([
+            name, raw.get("images") or "measured", _f(s["file_bytes"] / 1e6, ".2f"),
+            _f(s["decode_ms_per_image"], ".3f"), f"{tok['ids']} ({tok['rows']} of {tok['n_rows']} rows)",
+            _f(s.get("mean_R@1_host"), ".2f"), _f(s.get("mean_R@1_device"), ".2f"),
+            _f(s.get("delta_mean_R@1"), "+.2f"),
+            f"{cos['mean_cos']:.5f} / {cos['min_cos']:.5f}" if cos else "–",
+        ])
+    return out
+
+
 def warnings(report: dict[str, Any]) -> list[str]:
     """Everything that makes a number doubtful: oversubscribed threads, unstable or short runs, throttling."""
     out = []
@@ -192,6 +214,7 @@ def format_table(report: dict[str, Any], style: str | None = None) -> str:
             cold_rows(report),
         ),
         ("vendor tool beside the harness", VENDOR_HEAD, vendor_rows(report)),
+        ("raw inputs: decoded and tokenized here vs prepared on the host", RAW_HEAD, raw_rows(report)),
     ]
     for title, head, body in sections:
         if body:
@@ -208,6 +231,8 @@ def format_table(report: dict[str, Any], style: str | None = None) -> str:
     lines.append("")
     for tower, p in (report.get("parity") or {}).items():
         lines.append(f"parity {tower}: cosine min {p['min_cos']:.5f} mean {p['mean_cos']:.5f} (n={p['n']})")
+    for tower, p in (at(report, "raw_inputs", "sets", "probe", "parity") or {}).items():
+        lines.append(f"parity {tower}, raw inputs: cosine min {p['min_cos']:.5f} mean {p['mean_cos']:.5f}")
     for name, r in (report.get("recall") or {}).items():
         if isinstance(r, dict):
             lines.append(
@@ -429,6 +454,7 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
         ("Op placement notes", ["run", "note"], _per_run(reports, note_rows)),
         ("Cold start and the runtime's own memory", ["run", *COLD_HEAD], _per_run(reports, cold_rows)),
         ("Vendor tool beside the harness", ["run", *VENDOR_HEAD], _per_run(reports, vendor_rows)),
+        ("Raw inputs decoded and tokenized on the device", ["run", *RAW_HEAD], _per_run(reports, raw_rows)),
         (
             "Recall (%) and parity",
             ["run", "set", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10"],

@@ -20,12 +20,14 @@ from edge_msd.bench import sysinfo, vendor
 from edge_msd.bench.coldstart import cold_start
 from edge_msd.bench.options import BenchOptions, ProfileBench
 from edge_msd.bench.placement import unavailable
+from edge_msd.bench.raw import compare_raw, raw_inputs
 from edge_msd.bench.report import SCHEMA, format_table
 from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
 from edge_msd.bench.sustained import sustained
 from edge_msd.bench.timing import Deadline, Stop, Timing, time_loop
 from edge_msd.contract.format import EVALSET, PROBE
-from edge_msd.contract.numerics import row_cosine, run_batched
+from edge_msd.contract.numerics import cosine_summary, run_batched
+from edge_msd.contract.raw import first_files, has_files
 from edge_msd.contract.reading import Bundle, open_bundle, tower_inputs
 from edge_msd.errors import ConfigError, EdgeMSDError
 from edge_msd.eval.retrieval import first_images, retrieval_metrics
@@ -73,8 +75,7 @@ def embed(session: Session, x: np.ndarray, batch: int, deadline: Deadline) -> np
 
 def parity(device: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Per-row cosine similarity between embeddings made here and the PyTorch student's."""
-    cos = row_cosine(device, reference)
-    return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "n": int(len(cos))}
+    return cosine_summary(device, reference)
 
 
 def eval_subset(
@@ -87,7 +88,9 @@ def eval_subset(
     if limit is None or limit >= n_all:
         return evalset, None
     n, caps = first_images(cap, n_all, limit)
-    subset = {k: v[:n] if k == "images" else v[caps] for k, v in evalset.items()}  # the rest: per caption
+    per_image = {"images": evalset["images"][:n], **(first_files(evalset, n) if has_files(evalset) else {})}
+    # the rest: per caption
+    subset = {k: per_image[k] if k in per_image else v[caps] for k, v in evalset.items()}
     return subset, {"n_images": n, "of_images": n_all, "n_texts": len(caps), "of_texts": len(cap)}
 
 
@@ -235,9 +238,10 @@ class _Run:
             raise Stop
         return session
 
-    def tower(self, tower: str, evalset: dict | None, probe: dict | None, deadline: Deadline) -> dict:
-        """Time every batch size, then embed the eval and probe sets with the last session."""
-        data = evalset or probe
+    def tower(self, tower: str, sets: dict[str, dict | None], deadline: Deadline) -> dict:
+        """Time every batch size, then embed every set (eval, probe and their raw-input versions) with
+        the last session."""
+        data = sets.get("eval") or sets.get("probe")
         if data is None:
             raise EdgeMSDError(f"{self.bundle.root}: neither {EVALSET} nor {PROBE}: no inputs to time")
         x = tower_inputs(self.bundle, tower, data)
@@ -257,7 +261,7 @@ class _Run:
         if self.opts.recall and session is not None:
             batch = self.batches[-1]
             t0 = time.perf_counter()
-            for name, d in (("eval", evalset), ("probe", probe)):
+            for name, d in sets.items():
                 if d is not None:
                     emb[name] = embed(
                         session, x if d is data else tower_inputs(self.bundle, tower, d), batch, deadline
@@ -301,15 +305,19 @@ class _Run:
         if evalset is not None:
             evalset, subset = eval_subset(evalset, self.opts.eval_limit)
         probe = self.bundle.load_npz(PROBE)
+        sets: dict[str, dict | None] = {"eval": evalset, "probe": probe}
+        if self.opts.recall:
+            self.echo("  raw inputs: decoding the sets' image files, tokenizing their captions …")
+            self.report["raw_inputs"] = raw_inputs(self.bundle, sets)  # adds eval_raw, probe_raw
         embs = {}
         for tower in self.towers:
-            embs[tower] = self.tower(tower, evalset, probe, deadline)
+            embs[tower] = self.tower(tower, sets, deadline)
             if probe is not None and "probe" in embs[tower]:
                 self.report["parity"][tower] = parity(embs[tower]["probe"], probe[f"{tower}_emb"])
             self.save()
         if self.opts.recall and {"image", "text"} <= set(embs):
             recall: dict[str, Any] = {}
-            for name, d in (("eval", evalset), ("probe", probe)):
+            for name, d in sets.items():
                 if d is not None and name in embs["image"] and name in embs["text"]:
                     recall[name] = retrieval_metrics(
                         embs["image"][name], embs["text"][name], d["caption_image_index"]
@@ -322,6 +330,7 @@ class _Run:
                 if "probe" in recall:
                     recall["probe_delta_mean_R@1"] = recall["probe"]["mean_R@1"] - ref["mean_R@1"]
             self.report["recall"] = recall
+            compare_raw(self.report["raw_inputs"], sets, embs, recall)
 
 
 def default_out(opts: BenchOptions, bundle: Bundle, backend: type[Backend]) -> Path:

@@ -44,3 +44,9 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return (a * b).sum(axis=1)
+
+
+def cosine_summary(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Min and mean of ``row_cosine(a, b)`` and the row count, as reports keep them."""
+    cos = row_cosine(a, b)
+    return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()), "n": int(len(cos))}

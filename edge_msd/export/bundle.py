@@ -12,6 +12,7 @@ error, failing parity) never leaves a half-written bundle nor touches an existin
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -47,9 +48,11 @@ from edge_msd.contract.format import (
     model_file,
 )
 from edge_msd.contract.integrity import Verified, bundle_digest, check_bundle
+from edge_msd.contract.raw import IMAGE_BYTES, JPEG_QUALITY, pack_files
 from edge_msd.contract.reading import image_model_input
 from edge_msd.contract.signing import write_signature
 from edge_msd.data.base import ImageTextDataset
+from edge_msd.data.files import FileImageDataset
 from edge_msd.distill.images import split_preprocess
 from edge_msd.errors import ArtifactError, ConfigError
 from edge_msd.eval.retrieval import first_images
@@ -70,8 +73,24 @@ def model_images(student: Student, ds: ImageTextDataset, indices: list[int]) -> 
     return np.stack([to_uint8(ds.load_image(i)) for i in indices])
 
 
+def image_file(ds: ImageTextDataset, index: int) -> bytes:
+    """Image ``index`` as an encoded file for the device to decode: the dataset's own file when it has
+    files, else a JPEG (quality ``JPEG_QUALITY``, no chroma subsampling) of the decoded image."""
+    if isinstance(ds, FileImageDataset):
+        return Path(ds.paths[index]).read_bytes()
+    buf = io.BytesIO()
+    ds.load_image(index).convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buf.getvalue()
+
+
+def image_files_kind(ds: ImageTextDataset) -> str:
+    """How ``image_file`` encodes this dataset's images (recorded in the manifest)."""
+    return "source files" if isinstance(ds, FileImageDataset) else f"jpeg q{JPEG_QUALITY} 4:4:4"
+
+
 def image_text_set(student: Student, ds: ImageTextDataset, n_images: int) -> dict[str, np.ndarray]:
-    """The first ``n_images`` images (0: all) with all their captions, as bundle arrays."""
+    """The first ``n_images`` images (0: all) with all their captions, as bundle arrays: the images
+    prepared here (``images``, ``tokens``) and raw (``image_bytes``/``image_offsets``, ``texts``)."""
     cap_idx = np.asarray(ds.caption_image_index, dtype=np.int64)
     n, caps = first_images(cap_idx, ds.n_images, n_images)
     if len(caps) == 0:
@@ -79,7 +98,8 @@ def image_text_set(student: Student, ds: ImageTextDataset, n_images: int) -> dic
     texts = [ds.captions[j] for j in caps]
     tokens = np.asarray(student.tokenizer(texts), dtype=np.int32)
     return {"images": model_images(student, ds, list(range(n))), "tokens": tokens,
-            "caption_image_index": cap_idx[caps], "texts": np.array(texts, dtype=str)}
+            "caption_image_index": cap_idx[caps], "texts": np.array(texts, dtype=str),
+            **pack_files([image_file(ds, i) for i in range(n)])}
 
 
 @torch.no_grad()
@@ -220,7 +240,9 @@ def export_bundle(cfg: ExportConfig, dataset: ImageTextDataset | None = None,
             "models": models, "preprocessing": student.preprocess.to_manifest(), "tokenizer": tokenizer,
             "parity": parity, "calibration": calibration, "quantization": quantization,
             "data": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint(),
-                     "probe_images": len(probe["images"]), "eval_images": len(evalset["images"])},
+                     "probe_images": len(probe["images"]), "eval_images": len(evalset["images"]),
+                     "raw": {"images": image_files_kind(dataset), "probe_bytes": int(probe[IMAGE_BYTES].size),
+                             "eval_bytes": int(evalset[IMAGE_BYTES].size)}},
             "delegate_check": delegate_check, "delegate_warnings": delegate_warnings,
             "export_seconds": round(export_s, 2), "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")

@@ -57,11 +57,13 @@ def test_row_cosine_per_row_and_zero_rows():
 
 def test_host_and_device_share_one_implementation():
     """Export parity, the families' runners and bench use the contract's numerics, not copies."""
-    from edge_msd.bench import run
+    from edge_msd.bench import raw, run
     from edge_msd.bench.runtimes import litert
+    from edge_msd.contract.numerics import cosine_summary
     from edge_msd.export import parity
 
-    assert run.row_cosine is parity.row_cosine is row_cosine and run.run_batched is run_batched
+    assert parity.row_cosine is row_cosine and run.run_batched is run_batched
+    assert run.cosine_summary is raw.cosine_summary is cosine_summary  # over row_cosine
     assert litert.quantize is quantize and litert.dequantize is dequantize
     pytest.importorskip("torch")
     from edge_msd.families import onnx, tflite
