@@ -44,7 +44,8 @@ def _fake_caches(root: Path, splits: tuple[str, ...]) -> None:
     rng = np.random.default_rng(0)
     for split in splits:
         ds = open_dataset(DATA, split)
-        img, txt = (rng.standard_normal((n, TEACHER_DIM)).astype(np.float32) for n in (ds.n_images, ds.n_captions))
+        sizes = (ds.n_images, ds.n_captions)
+        img, txt = (rng.standard_normal((n, TEACHER_DIM), dtype=np.float32) for n in sizes)
         img /= np.linalg.norm(img, axis=1, keepdims=True)
         txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         write_feature_cache("random-unit-vectors", ds, root / split, img, txt)
@@ -147,9 +148,10 @@ def profile(stage: str, steps: int, images: int, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with tempfile.TemporaryDirectory(prefix="demo-profile-") as d:
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            (run_distill if stage == "distill" else run_teacher)(steps if stage == "distill" else images, Path(d))
+    run, size = (run_distill, steps) if stage == "distill" else (run_teacher, images)
+    cpu = [ProfilerActivity.CPU]
+    with tempfile.TemporaryDirectory(prefix="demo-profile-") as d, torch_profile(activities=cpu) as prof:
+        run(size, Path(d))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
