@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from edge_msd.distill.text import encode_text
 from edge_msd.torchrun import is_distributed, rank_world
 
 
@@ -96,7 +97,7 @@ class StudentStep(nn.Module):
         self.model, self.adaptor = model, adaptor
 
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        return self.adaptor(self.model.encode_image(images)), self.adaptor(self.model.encode_text(tokens))
+        return self.adaptor(self.model.encode_image(images)), self.adaptor(encode_text(self.model, tokens))
 
 
 def data_parallel(step: StudentStep, device: torch.device) -> nn.Module:

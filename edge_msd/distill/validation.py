@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from edge_msd.artifacts import atomic_write_bytes
 from edge_msd.distill.splits import SplitData
+from edge_msd.distill.text import encode_text
 from edge_msd.eval.retrieval import retrieval_metrics
 
 
@@ -35,7 +36,7 @@ def encode_split(
         x = (images[s : s + batch].to(device).float() / 255 - mean.to(device)) / std.to(device)
         img.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
     for s in range(0, len(tokens), batch):
-        txt.append(F.normalize(model.encode_text(tokens[s : s + batch].to(device)).float(), dim=-1).cpu())
+        txt.append(F.normalize(encode_text(model, tokens[s : s + batch].to(device)).float(), dim=-1).cpu())
     model.train(was)
     empty = np.zeros((0, 0), np.float32)
     return (torch.cat(img).numpy() if img else empty), (torch.cat(txt).numpy() if txt else empty)
