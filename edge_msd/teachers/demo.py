@@ -163,13 +163,19 @@ BATCH = 256  # images/captions per tower call, as `edge-msd features` batches th
 
 @torch.inference_mode()
 def cache_image_features(model: torch.nn.Module, dataset: Any, cfg: DemoTeacherConfig) -> torch.Tensor:
-    """Pooled trunk features (N, 1280) of every image: what the trainable image head sees."""
+    """Pooled trunk features (N, 1280) of every image: what the trainable image head sees.
+
+    The trunk runs channels-last (weights and input): oneDNN's convolutions take ~40% less CPU time
+    than on NCHW tensors here; the features agree to float rounding (the trunk is restored after).
+    """
     transform, trunk, out = _image_transform(cfg), model.visual.trunk.to(cfg.device), []
+    trunk.to(memory_format=torch.channels_last)
     for s in track(range(0, dataset.n_images, BATCH), description="image tower (locked)"):
         batch = torch.stack(
             [transform(dataset.load_image(i)) for i in range(s, min(s + BATCH, dataset.n_images))]
         )
-        out.append(trunk(batch.to(cfg.device)).float().cpu())
+        out.append(trunk(batch.to(cfg.device, memory_format=torch.channels_last)).float().cpu())
+    trunk.to(memory_format=torch.contiguous_format)
     return torch.cat(out)
 
 
