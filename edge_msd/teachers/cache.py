@@ -22,12 +22,13 @@ shards are dealt out round-robin by rank and rank 0 writes the manifest after a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from edge_msd.errors import ArtifactError, BadSampleError, ConfigError, DataErro
 from edge_msd.teachers.base import Teacher
 from edge_msd.teachers.encode import embed_images, embed_texts, teacher_device
 from edge_msd.teachers.features_config import FeaturesConfig
+from edge_msd.teachers.shards import ShardRows
 from edge_msd.torchrun import barrier, broadcast_from_rank0, process_group, rank_device, rank_world
 
 KIND = "edge-msd-features"
@@ -195,8 +197,8 @@ def _write_shard(out: Path, kind: str, k: int, start: int, rows: np.ndarray, ski
     data = buf.getvalue()
     name = _shard_name(kind, k)
     atomic_write_bytes(out / name, data)
-    record = {"file": name, "sha256": sha256_bytes(data), "start": start, "rows": len(rows),
-              "skipped": skipped}
+    record = {"file": name, "sha256": sha256_bytes(data), "bytes": len(data), "start": start,
+              "rows": len(rows), "skipped": skipped}
     atomic_write_json(_done_path(out, kind, k), record)
 
 
@@ -336,18 +338,42 @@ def write_feature_cache(
     fit, so that the teacher need not run over the split again. Like ``build_feature_cache``, a
     matching complete cache is kept and one of another teacher or data is refused unless ``force``.
     """
-    out = Path(out_dir)
     dim = int(image_emb.shape[1]) if image_emb.ndim == 2 else -1
+    embs = {"image": image_emb, "text": text_emb}
+    for kind, n in (("image", dataset.n_images), ("text", dataset.n_captions)):
+        if embs[kind].shape != (n, dim):
+            raise ArtifactError(f"teacher {teacher_id} returned {kind} embeddings of shape "
+                                f"{embs[kind].shape}, expected ({n}, {dim}) (its embed_dim)")
+    return write_feature_rows(teacher_id, dataset, out_dir, dim, lambda kind, a, b: embs[kind][a:b],
+                              batch_size=batch_size, shard_size=shard_size, force=force, config=config)
+
+
+def write_feature_rows(
+    teacher_id: str,
+    dataset: ImageTextDataset,
+    out_dir: Path,
+    dim: int,
+    rows: Callable[[str, int, int], np.ndarray],
+    *,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    force: bool = False,
+    config: Any = None,
+) -> Path:
+    """``write_feature_cache`` for embeddings produced a shard at a time: ``rows(kind, start, stop)``
+    gives rows ``start..stop-1`` of ``kind`` ("image" or "text"), so no whole array is ever held."""
+    out = Path(out_dir)
     ident = _identity(teacher_id, dim, dataset, shard_size)
     if _prepare_dir(out, ident, dataset, force):
         return out
     n_shards = {}
-    for kind, emb, n in (("image", image_emb, dataset.n_images), ("text", text_emb, dataset.n_captions)):
-        _check_embeddings(emb, n, dim, teacher_id, kind)
+    for kind, n in (("image", dataset.n_images), ("text", dataset.n_captions)):
         n_shards[kind] = math.ceil(n / shard_size)
         for k in range(n_shards[kind]):
-            start = k * shard_size
-            _write_shard(out, kind, k, start, emb[start : start + shard_size].astype(np.float16), [])
+            start, stop = k * shard_size, min((k + 1) * shard_size, n)
+            emb = np.asarray(rows(kind, start, stop))
+            _check_embeddings(emb, stop - start, dim, teacher_id, kind)
+            _write_shard(out, kind, k, start, emb.astype(np.float16), [])
     _finish(out, ident, n_shards, dataset, config, dict(
         batch_size=batch_size, shard_size=shard_size, skip_bad=False, num_workers=0, world_size=1))
     return out
@@ -436,32 +462,39 @@ def built_skipping_bad(path: str | os.PathLike) -> bool:
 
 
 class FeatureCache:
-    """A complete feature cache, memory-mapped: ``image(indices)`` / ``text(indices)`` → float32 rows."""
+    """A complete feature cache: ``image(indices)`` / ``text(indices)`` → float32 rows, read per call from
+    the shards (see ``ShardRows``): nothing is copied into memory and few files are open at a time."""
 
     def __init__(self, path: Path, manifest: dict) -> None:
         self.path, self.manifest = path, manifest
-        self._shards: dict[str, list[np.ndarray]] = {}
+        self._rows: dict[str, ShardRows] = {}
+        files = manifest.get("files", {})
         for kind, n in (("image", self.n_images), ("text", self.n_captions)):
-            arrays = []
-            for rec in manifest["shards"][kind]:
-                arr = np.load(path / rec["file"], mmap_mode="r", allow_pickle=False)
-                if arr.dtype != np.float16 or arr.shape != (rec["rows"], self.dim):
-                    raise ArtifactError(f"{path / rec['file']}: {arr.dtype} {arr.shape}, "
-                                        f"expected float16 ({rec['rows']}, {self.dim})")
-                arrays.append(arr)
-            if (rows := sum(len(a) for a in arrays)) != n:
-                raise ArtifactError(f"{path}: {kind} shards hold {rows} rows, expected {n}")
-            self._shards[kind] = arrays
-        index = path / "index"
-        self._caption_image_index = np.load(index / "caption_image_index.npy", allow_pickle=False)
-        self._image_keys: list[str] = json.loads((index / "image_keys.json").read_text(encoding="utf-8"))
-        self._valid = np.ones(self.n_images, dtype=bool)
-        self._valid[[s["image_index"] for s in manifest["skipped_images"]]] = False
+            records = manifest["shards"][kind]
+            for rec in records:  # the shard records and the manifest's file hashes must agree
+                if files.get(rec["file"]) != rec["sha256"]:
+                    raise ArtifactError(f"{path / MANIFEST}: shard {rec['file']} has sha256 "
+                                        f"{str(rec['sha256'])[:16]}… in its record, "
+                                        f"{str(files.get(rec['file']))[:16]}… in the file list")
+            rows = ShardRows(path, records, int(manifest["shard_size"]), self.dim)
+            if rows.n != n:
+                raise ArtifactError(f"{path}: {kind} shards hold {rows.n} rows, expected {n}")
+            rows.check_sizes()
+            self._rows[kind] = rows
+        # Memory-mapped: a consumer that needs all of it reads it, opening the cache does not.
+        index = path / "index" / "caption_image_index.npy"
+        self._caption_image_index = np.load(index, mmap_mode="r", allow_pickle=False)
+        if self._caption_image_index.shape != (self.n_captions,):
+            raise ArtifactError(f"{index}: shape {self._caption_image_index.shape}, expected "
+                                f"({self.n_captions},)")
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, teacher_id: str | None = None,
-             dataset_fingerprint: str | None = None, verify: bool = True) -> FeatureCache:
-        """Open the cache at ``path``; refuse one of another teacher/data, or (``verify``) a tampered one."""
+             dataset_fingerprint: str | None = None, verify: bool = False) -> FeatureCache:
+        """Open the cache at ``path``; refuse one of another teacher/data or one whose shards do not
+        match their records (missing, other size, header or hash record). ``verify`` also re-hashes
+        every file (reads the whole cache: only on request); a re-run of ``edge-msd features`` does
+        that too and repairs what is damaged."""
         path = Path(path)
         if not (path / MANIFEST).is_file() and (path / RUN).is_file():
             n_done = len(list((path / "done").glob("*.json"))) if (path / "done").is_dir() else 0
@@ -500,14 +533,17 @@ class FeatureCache:
     def caption_image_index(self) -> np.ndarray:
         return self._caption_image_index
 
-    @property
+    @functools.cached_property
     def valid_images(self) -> np.ndarray:
         """False for images skipped as unreadable (their rows are zeros)."""
-        return self._valid
+        valid = np.ones(self.n_images, dtype=bool)
+        valid[[s["image_index"] for s in self.manifest["skipped_images"]]] = False
+        return valid
 
-    @property
+    @functools.cached_property
     def image_keys(self) -> list[str]:
-        return self._image_keys
+        """Read on first use: a list of every key is large, and training needs none."""
+        return json.loads((self.path / "index" / "image_keys.json").read_text(encoding="utf-8"))
 
     def image(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         return self._gather("image", indices, self.n_images)
@@ -522,10 +558,4 @@ class FeatureCache:
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
             raise IndexError(f"{kind} index out of range 0..{n - 1}: {bad}")
-        size = int(self.manifest["shard_size"])
-        shard, offset = np.divmod(idx, size)
-        out = np.empty((len(idx), self.dim), dtype=np.float32)
-        for s in np.unique(shard):
-            m = shard == s
-            out[m] = self._shards[kind][s][offset[m]]
-        return out
+        return self._rows[kind].gather(idx)

@@ -216,7 +216,7 @@ def test_tampered_shard_detected_and_repaired(tmp_path):
     raw[-3] ^= 0xFF
     shard.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match=r"text/00004.npy: sha256 .* differs"):
-        FeatureCache.open(out)
+        FeatureCache.open(out, verify=True)
     # A re-run recomputes exactly the damaged shard (1 shard = 2 text batches).
     teacher = TinyTeacher()
     _build(teacher, data, out)
