@@ -9,6 +9,7 @@ and open files therefore do not grow with the number of rows; a gather costs O(b
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -59,9 +60,10 @@ class ShardRows:
         uniq, back = np.unique(idx, return_inverse=True)  # sorted: consecutive ids read together
         buf = np.empty((len(uniq), self.dim), DTYPE)
         shard, offset = np.divmod(uniq, self.shard_size)
-        starts = np.flatnonzero(np.r_[True, (np.diff(uniq) != 1) | (np.diff(shard) != 0)])
+        breaks = (np.diff(uniq) != 1) | (np.diff(shard) != 0)
+        edges = np.flatnonzero(np.r_[True, breaks, True]) if len(uniq) else [0]  # run a: edges[a..a+1]
         row_bytes = self.dim * DTYPE.itemsize
-        for a, b in zip(starts.tolist(), np.r_[starts[1:], len(uniq)].tolist(), strict=True):
+        for a, b in itertools.pairwise(np.asarray(edges).tolist()):
             k = int(shard[a])
             f = self._file(k)
             view = memoryview(buf[a:b]).cast("B")
