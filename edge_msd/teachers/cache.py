@@ -64,7 +64,7 @@ from edge_msd.errors import ArtifactError, BadSampleError, ConfigError, DataErro
 from edge_msd.teachers.base import Teacher
 from edge_msd.teachers.encode import embed_images, embed_texts, teacher_device
 from edge_msd.teachers.features_config import FeaturesConfig
-from edge_msd.teachers.shards import ShardRows
+from edge_msd.teachers.joined import gather, join, open_rows, region_done
 from edge_msd.torchrun import barrier, broadcast_from_rank0, process_group, rank_device, rank_world
 
 KIND = "edge-msd-features"
@@ -157,6 +157,8 @@ def _prepare_dir(out: Path, ident: dict, dataset: ImageTextDataset, force: bool)
             raise ArtifactError(f"{why}; pass --force to recompute it")
         if why or force:
             shutil.rmtree(out)
+        elif (out / MANIFEST).is_file() and "joined" not in have:  # shards not yet joined: finish it
+            (out / MANIFEST).unlink()
         elif (out / MANIFEST).is_file():
             try:
                 verify_files(out, have)
@@ -176,7 +178,8 @@ def _prepare_dir(out: Path, ident: dict, dataset: ImageTextDataset, force: bool)
 
 
 def _is_done(out: Path, kind: str, k: int) -> bool:
-    """A shard is done when its record exists and the shard file still has the recorded sha256."""
+    """A shard is done when its record exists and the shard file still has the recorded sha256, or,
+    once joined and its file removed, its rows in the joined file still have theirs."""
     rec_path = _done_path(out, kind, k)
     if not rec_path.is_file():
         return False
@@ -184,6 +187,8 @@ def _is_done(out: Path, kind: str, k: int) -> bool:
         rec = json.loads(rec_path.read_text(encoding="utf-8"))
         shard = out / rec["file"]
         if shard.is_file() and sha256_file(shard) == rec["sha256"]:
+            return True
+        if not shard.is_file() and region_done(out, kind, k):
             return True
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         pass
@@ -197,8 +202,8 @@ def _write_shard(out: Path, kind: str, k: int, start: int, rows: np.ndarray, ski
     data = buf.getvalue()
     name = _shard_name(kind, k)
     atomic_write_bytes(out / name, data)
-    record = {"file": name, "sha256": sha256_bytes(data), "bytes": len(data), "start": start,
-              "rows": len(rows), "skipped": skipped}
+    record = {"file": name, "sha256": sha256_bytes(data), "start": start, "rows": len(rows),
+              "skipped": skipped}
     atomic_write_json(_done_path(out, kind, k), record)
 
 
@@ -370,6 +375,8 @@ def write_feature_rows(
     for kind, n in (("image", dataset.n_images), ("text", dataset.n_captions)):
         n_shards[kind] = math.ceil(n / shard_size)
         for k in range(n_shards[kind]):
+            if _is_done(out, kind, k):  # a resumed write: finished shards are kept
+                continue
             start, stop = k * shard_size, min((k + 1) * shard_size, n)
             emb = np.asarray(rows(kind, start, stop))
             _check_embeddings(emb, stop - start, dim, teacher_id, kind)
@@ -430,7 +437,8 @@ def _embed_texts(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards:
 
 def _finish(out: Path, ident: dict, n_shards: dict[str, int], dataset: ImageTextDataset, config: Any,
             build: dict) -> None:
-    """Rank 0, after every rank is done: gather the shard records and write the manifest."""
+    """Rank 0, after every rank is done: gather the shard records, join the shards into one file per
+    modality and write the manifest."""
     shards: dict[str, list[dict]] = {}
     skipped: list[dict] = []
     for kind in MODALITIES:
@@ -442,11 +450,12 @@ def _finish(out: Path, ident: dict, n_shards: dict[str, int], dataset: ImageText
             rec = json.loads(rec_path.read_text(encoding="utf-8"))
             skipped += rec.pop("skipped")
             shards[kind].append(rec)
+    joined = {kind: join(out, kind, shards[kind], int(ident["dim"])) for kind in MODALITIES}
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         save_config(config, out / "config.toml")
         config = dataclasses.asdict(config)
     write_manifest(
-        out, KIND, config=config, **ident, dtype="float16", build=build, shards=shards,
+        out, KIND, config=config, **ident, dtype="float16", build=build, shards=shards, joined=joined,
         skipped_images=sorted(skipped, key=lambda s: s["image_index"]),
         dataset_skipped=list(dataset.skipped),  # dropped by the dataset reader under --skip-bad
     )
@@ -463,24 +472,21 @@ def built_skipping_bad(path: str | os.PathLike) -> bool:
 
 class FeatureCache:
     """A complete feature cache: ``image(indices)`` / ``text(indices)`` → float32 rows, read per call from
-    the shards (see ``ShardRows``): nothing is copied into memory and few files are open at a time."""
+    one memory-mapped file per modality: nothing is copied into memory, two files are open."""
 
     def __init__(self, path: Path, manifest: dict) -> None:
         self.path, self.manifest = path, manifest
-        self._rows: dict[str, ShardRows] = {}
-        files = manifest.get("files", {})
+        if "joined" not in manifest:
+            raise ArtifactError(f"feature cache {path} keeps its rows in shard files (written before caches "
+                                "were joined into one file per modality); re-run `edge-msd features` with "
+                                "the same settings to join it (nothing is recomputed)")
+        self._rows: dict[str, np.memmap] = {}
         for kind, n in (("image", self.n_images), ("text", self.n_captions)):
-            records = manifest["shards"][kind]
-            for rec in records:  # the shard records and the manifest's file hashes must agree
-                if files.get(rec["file"]) != rec["sha256"]:
-                    raise ArtifactError(f"{path / MANIFEST}: shard {rec['file']} has sha256 "
-                                        f"{str(rec['sha256'])[:16]}… in its record, "
-                                        f"{str(files.get(rec['file']))[:16]}… in the file list")
-            rows = ShardRows(path, records, int(manifest["shard_size"]), self.dim)
-            if rows.n != n:
-                raise ArtifactError(f"{path}: {kind} shards hold {rows.n} rows, expected {n}")
-            rows.check_sizes()
-            self._rows[kind] = rows
+            rec = manifest["joined"][kind]
+            if manifest.get("files", {}).get(rec["file"]) != rec["sha256"]:  # the records must agree
+                raise ArtifactError(f"{path / MANIFEST}: {rec['file']} has sha256 {str(rec['sha256'])[:16]}… "
+                                    "in its join record, another in the file list")
+            self._rows[kind] = open_rows(path / rec["file"], n, self.dim, rec["bytes"])
         # Memory-mapped: a consumer that needs all of it reads it, opening the cache does not.
         index = path / "index" / "caption_image_index.npy"
         self._caption_image_index = np.load(index, mmap_mode="r", allow_pickle=False)
@@ -558,4 +564,4 @@ class FeatureCache:
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
             raise IndexError(f"{kind} index out of range 0..{n - 1}: {bad}")
-        return self._rows[kind].gather(idx)
+        return gather(self._rows[kind], idx)

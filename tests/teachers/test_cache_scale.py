@@ -14,8 +14,8 @@ from PIL import Image
 from edge_msd.data.base import ImageTextDataset
 from edge_msd.distill.schedule import Schedule
 from edge_msd.errors import ArtifactError
+from edge_msd.teachers import joined
 from edge_msd.teachers.cache import FeatureCache, write_feature_cache, write_feature_rows
-from edge_msd.teachers.shards import MAX_OPEN
 
 DIM = 6
 
@@ -43,40 +43,96 @@ def _write(out: Path, n: int, shard_size: int) -> tuple[Path, np.ndarray, np.nda
     return out, img, txt
 
 
-def _full_copy(out: Path, kind: str) -> np.ndarray:
-    """What the cache served before: every shard loaded and concatenated, as float32."""
-    return np.concatenate([np.load(p) for p in sorted((out / kind).glob("*.npy"))]).astype(np.float32)
-
-
 def test_gathers_equal_the_full_copy_in_any_order(tmp_path):
-    out, img, _ = _write(tmp_path / "c", n=53, shard_size=4)
+    out, img, txt = _write(tmp_path / "c", n=53, shard_size=4)
     cache = FeatureCache.open(out)
-    full_img, full_txt = _full_copy(out, "image"), _full_copy(out, "text")
-    np.testing.assert_array_equal(full_img, img.astype(np.float16).astype(np.float32))
+    # What the schedule used to hold: the whole cache as float32.
+    full_img, full_txt = (e.astype(np.float16).astype(np.float32) for e in (img, txt))
     rng = np.random.default_rng(1)
     for size in (1, 7, 53, 200):  # duplicates, unsorted, across shard boundaries, all rows
         idx = rng.integers(0, 53, size)
         np.testing.assert_array_equal(cache.image(idx), full_img[idx])
         cidx = rng.integers(0, 159, size)
         np.testing.assert_array_equal(cache.text(cidx), full_txt[cidx])
-    np.testing.assert_array_equal(cache.text(np.arange(159)), full_txt)  # consecutive runs
+    np.testing.assert_array_equal(cache.text(np.arange(159)), full_txt)
     assert cache.image([]).shape == (0, DIM)
 
 
-def test_streamed_writer_equals_whole_array_writer(tmp_path):
-    ref, img, txt = _write(tmp_path / "ref", n=21, shard_size=5)
-    embs = {"image": img, "text": txt}
-    calls = []
+class _Rows:
+    """``rows(kind, a, b)`` for the streamed writer; counts the rows asked for, fails on call ``fail_at``."""
 
-    def rows(kind: str, a: int, b: int) -> np.ndarray:
-        calls.append(b - a)
-        return embs[kind][a:b]
+    def __init__(self, n: int, fail_at: int = -1) -> None:
+        img, txt = _embeddings(n)
+        self.embs, self.asked, self.fail_at, self.calls = {"image": img, "text": txt}, 0, fail_at, 0
 
+    def __call__(self, kind: str, a: int, b: int) -> np.ndarray:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected failure")
+        self.asked += b - a
+        return self.embs[kind][a:b]
+
+
+def test_streamed_writer_equals_whole_array_writer_and_resumes(tmp_path):
+    ref, _, _ = _write(tmp_path / "ref", n=21, shard_size=5)
+    with pytest.raises(RuntimeError, match="injected"):
+        write_feature_rows("t", RowsData(21), tmp_path / "s", DIM, _Rows(21, fail_at=4), shard_size=5)
+    rows = _Rows(21)
     out = write_feature_rows("t", RowsData(21), tmp_path / "s", DIM, rows, shard_size=5)
-    assert max(calls) == 5  # one shard at a time
-    for kind in ("image", "text"):
-        for p in sorted((ref / kind).glob("*.npy")):
-            assert (out / kind / p.name).read_bytes() == p.read_bytes()
+    assert rows.asked == 21 - 15 + 63  # the 3 finished image shards are kept
+    for name in ("image.npy", "text.npy"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
+
+
+def _resume_equals(out: Path, ref: Path) -> None:
+    """A re-run finishes ``out`` without recomputing a row, as the uninterrupted run ``ref`` made it."""
+    rows = _Rows(21)
+    write_feature_rows("t", RowsData(21), out, DIM, rows, shard_size=5)
+    assert rows.asked == 0  # every shard is done: in its file or in the joined file
+    assert not list(out.glob("*/0*.npy")) and not list(out.glob(".*.tmp"))
+    for name in ("image.npy", "text.npy"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
+    FeatureCache.open(out, verify=True)
+
+
+def test_join_killed_while_copying_leaves_no_joined_file(tmp_path, monkeypatch):
+    ref, _, _ = _write(tmp_path / "ref", n=21, shard_size=5)
+    out, real, calls = tmp_path / "c", joined._digest, []
+
+    def dying_digest(rows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(rows)
+
+    monkeypatch.setattr(joined, "_digest", dying_digest)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_feature_rows("t", RowsData(21), out, DIM, _Rows(21), shard_size=5)
+    monkeypatch.undo()
+    assert not (out / "image.npy").exists() and (out / ".image.npy.tmp").exists()
+    assert len(list((out / "image").glob("*.npy"))) == 5  # the shards are intact
+    _resume_equals(out, ref)
+
+
+def test_join_killed_while_removing_shards_resumes_without_recomputing(tmp_path, monkeypatch):
+    ref, _, _ = _write(tmp_path / "ref", n=21, shard_size=5)
+    out, real_unlink, removed = tmp_path / "c", Path.unlink, []
+
+    def dying_unlink(self, missing_ok=False):
+        if self.parent.name == "text" and self.suffix == ".npy":
+            removed.append(self.name)
+            if len(removed) == 2:
+                raise RuntimeError("killed")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_feature_rows("t", RowsData(21), out, DIM, _Rows(21), shard_size=5)
+    monkeypatch.undo()
+    # Joined and recorded, one of the 13 text shard files removed, no manifest yet.
+    assert (out / "text.npy").is_file() and (out / "done" / "text.json").is_file()
+    assert not (out / "manifest.json").exists() and len(list((out / "text").glob("*.npy"))) == 12
+    _resume_equals(out, ref)
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd (Linux)")
@@ -86,16 +142,14 @@ def test_open_files_do_not_grow_with_shard_count(tmp_path):
         before = len(os.listdir("/proc/self/fd"))
         cache = FeatureCache.open(out)
         rng = np.random.default_rng(0)
-        for _ in range(5):
+        for _ in range(3):
             cache.image(rng.permutation(n))
             cache.text(rng.permutation(3 * n))
         grown = len(os.listdir("/proc/self/fd")) - before
         del cache
         return grown
 
-    small, large = fds_after_gathers(20), fds_after_gathers(400)  # 40 vs 800 shards
-    assert large <= 2 * MAX_OPEN + 2  # two modalities' LRUs and the caption index map
-    assert large - small <= MAX_OPEN
+    assert fds_after_gathers(20) == fds_after_gathers(400) <= 3  # 40 vs 800 shards: 2 rows, 1 index
 
 
 def test_schedule_draws_each_epoch_once_and_resumes_exactly():
@@ -129,40 +183,32 @@ def test_open_checks_records_without_hashing(tmp_path, monkeypatch):
     monkeypatch.setattr("edge_msd.artifacts.sha256_file", lambda p: pytest.fail(f"hashed {p}"))
     FeatureCache.open(out)  # no file is hashed
 
-    shard = out / "image" / "00001.npy"
-    data = shard.read_bytes()
-    shard.write_bytes(data[:-5])  # truncated
-    with pytest.raises(ArtifactError, match=r"image/00001.npy: \d+ bytes, the manifest records"):
+    joined = out / "image.npy"
+    data = joined.read_bytes()
+    joined.write_bytes(data[:-5])  # truncated
+    with pytest.raises(ArtifactError, match=r"image.npy: .*the cache records float16 \(12, 6\)"):
         FeatureCache.open(out)
-    shard.unlink()
-    with pytest.raises(ArtifactError, match="00001.npy: listed in the manifest but missing"):
+    joined.unlink()
+    with pytest.raises(ArtifactError, match="image.npy: missing"):
         FeatureCache.open(out)
-    shard.write_bytes(data)
-    # A shard record that disagrees with the manifest's file hashes (e.g. a replaced record).
-    _rewrite_manifest(out, lambda m: m["shards"]["text"][2].update(sha256="0" * 64))
-    with pytest.raises(ArtifactError, match="text/00002.npy has sha256 0000"):
+    joined.write_bytes(data)
+    np.save(out / "text.npy", np.zeros((6, 36), np.float16))  # replaced: same byte count, other shape
+    with pytest.raises(ArtifactError, match=r"text.npy: float16 \(6, 36\).*records float16 \(36, 6\)"):
         FeatureCache.open(out)
-
-
-def test_replaced_shard_of_other_shape_refused_at_first_read(tmp_path):
-    out, _, _ = _write(tmp_path / "c", n=12, shard_size=4)
-    shard = out / "text" / "00003.npy"
-    np.save(shard, np.zeros((2, 12), np.float16))  # same byte count, other shape
-    _rewrite_manifest(out, lambda m: m["shards"]["text"][3].pop("bytes"))  # as a cache from before
-    cache = FeatureCache.open(out)
-    cache.text([0, 1])  # other shards read fine
-    with pytest.raises(ArtifactError, match=r"text/00003.npy: float16 \(2, 12\).*expected float16 \(4, 6\)"):
-        cache.text([13])
+    # A join record that disagrees with the manifest's file hashes (e.g. a replaced record).
+    _rewrite_manifest(out, lambda m: m["joined"]["image"].update(sha256="0" * 64))
+    with pytest.raises(ArtifactError, match="image.npy has sha256 0000"):
+        FeatureCache.open(out)
 
 
 def test_verify_rehashes_and_finds_a_flipped_byte(tmp_path):
     out, _, _ = _write(tmp_path / "c", n=12, shard_size=4)
-    shard = out / "image" / "00002.npy"
-    raw = bytearray(shard.read_bytes())
+    joined = out / "image.npy"
+    raw = bytearray(joined.read_bytes())
     raw[-1] ^= 0x01
-    shard.write_bytes(bytes(raw))
+    joined.write_bytes(bytes(raw))
     FeatureCache.open(out)  # same size and header: only a re-hash can tell
-    with pytest.raises(ArtifactError, match=r"image/00002.npy: sha256 .* differs"):
+    with pytest.raises(ArtifactError, match=r"image.npy: sha256 .* differs"):
         FeatureCache.open(out, verify=True)
 
 
