@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     root = Path(tempfile.mkdtemp(prefix="cache-ladder-", dir=args.dir))
-    need = max(sizes) * args.dim * 2 * (1 + CAPTIONS) * 1.1 + max(sizes) * 24  # shards + index
+    need = max(sizes) * args.dim * 2 * (1 + CAPTIONS) * 2.2 + max(sizes) * 24  # shards + joined + index
     free = shutil.disk_usage(root).free
     if need > free:
         raise SystemExit(f"{root}: {free / 2**30:.1f} GiB free, the largest cache needs "

@@ -6,9 +6,11 @@ The student learns only from these embeddings, so the teacher runs once per data
       run.json                   identity of the run (teacher, dataset fingerprint, counts, shard size)
       index/image_keys.json      image key per image index
       index/caption_image_index.npy
-      image/00000.npy ...        fp16 (rows, D): shard k holds images k*S .. k*S+S-1
-      text/00000.npy ...         fp16 (rows, D): shard k holds captions k*S .. k*S+S-1
+      image/00000.npy ...        fp16 (rows, D): shard k holds images k*S .. k*S+S-1 (while building)
+      text/00000.npy ...         fp16 (rows, D): shard k holds captions k*S .. k*S+S-1 (while building)
+      image.npy, text.npy        fp16 (n, D): the shards joined once all are done (see joined.py)
       done/image-00000.json ...  one record per finished shard: its sha256 and skipped images
+      done/image.json ...        the join record: sha256 and size of image.npy, sha256 of each shard's rows
       config.toml                resolved config (when given)
       manifest.json              written last, once every shard is done: the cache is complete
 
@@ -497,8 +499,9 @@ class FeatureCache:
     @classmethod
     def open(cls, path: str | os.PathLike, *, teacher_id: str | None = None,
              dataset_fingerprint: str | None = None, verify: bool = False) -> FeatureCache:
-        """Open the cache at ``path``; refuse one of another teacher/data or one whose shards do not
-        match their records (missing, other size, header or hash record). ``verify`` also re-hashes
+        """Open the cache at ``path``; refuse one of another teacher/data or one whose row files do not
+        match their records (missing, other size or header, join record against the file list); no
+        file is hashed, so opening costs the same at any size. ``verify`` also re-hashes
         every file (reads the whole cache: only on request); a re-run of ``edge-msd features`` does
         that too and repairs what is damaged."""
         path = Path(path)
