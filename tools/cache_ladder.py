@@ -80,6 +80,16 @@ def _rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def _anon_mb() -> float:
+    """Private (anonymous) memory now: RSS also counts the pages of the mapped cache file that a gather
+    touched, which are page cache, shared and dropped by the kernel under pressure."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return -1.0
+    line = next(x for x in status.read_text().splitlines() if x.startswith("RssAnon:"))
+    return int(line.split()[1]) / 2**10
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
 
@@ -89,7 +99,7 @@ def measure(path: Path, batch: int, gathers: int) -> dict:
     from edge_msd.distill.schedule import Schedule
     from edge_msd.teachers.cache import FeatureCache
 
-    res = {"rss_start_mb": _rss_mb(), "fds_start": _fds()}
+    res = {"rss_start_mb": _rss_mb(), "fds_start": _fds(), "anon_start_mb": _anon_mb()}
     t = time.perf_counter()
     cache = FeatureCache.open(path)
     res.update(open_s=time.perf_counter() - t, rss_open_mb=_rss_mb(), fds_open=_fds())
@@ -101,18 +111,21 @@ def measure(path: Path, batch: int, gathers: int) -> dict:
         t = time.perf_counter()
         cache.image(imgs), cache.text(caps)
         times.append(time.perf_counter() - t)
-    res.update(gather_ms=1e3 * float(np.median(times)), rss_gather_mb=_rss_mb(), fds_gather=_fds())
+    res.update(gather_ms=1e3 * float(np.median(times)), rss_gather_mb=_rss_mb(), fds_gather=_fds(),
+               anon_gather_mb=_anon_mb())
     t = time.perf_counter()
     schedule = Schedule(cache.valid_images, cache.caption_image_index, batch, CAPTIONS, 0)
     schedule.step(0)
-    res.update(perm_s=time.perf_counter() - t, rss_perm_mb=_rss_mb())
+    res.update(perm_s=time.perf_counter() - t, rss_perm_mb=_rss_mb(), anon_perm_mb=_anon_mb())
     return res
 
 
 COLUMNS = [("rows", "n"), ("shards/modality", "shards"), ("build s", "build_s"), ("open ms", "open_ms"),
            ("fds open", "fds_open"), ("fds after gathers", "fds_gather"), ("RSS start MB", "rss_start_mb"),
            ("RSS open MB", "rss_open_mb"), ("RSS gathers MB", "rss_gather_mb"),
-           ("gather ms/batch", "gather_ms"), ("RSS +schedule MB", "rss_perm_mb"), ("schedule s", "perm_s")]
+           ("anon start MB", "anon_start_mb"), ("anon gathers MB", "anon_gather_mb"),
+           ("gather ms/batch", "gather_ms"), ("RSS +schedule MB", "rss_perm_mb"),
+           ("anon +schedule MB", "anon_perm_mb"), ("schedule s", "perm_s")]
 BEGIN, END = "<!-- ladder:begin -->", "<!-- ladder:end -->"
 
 
@@ -133,6 +146,12 @@ def _write_doc(doc: Path, rows: list[dict], title: str, command: str) -> None:
     doc.write_text(text, encoding="utf-8")
 
 
+def _child(*args: str) -> dict:
+    """Run this script with ``args`` in a fresh process; its last stdout line is its JSON result."""
+    child = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100000,300000,1000000,3000000,10000000")
@@ -141,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gathers", type=int, default=200)
     ap.add_argument("--dir", type=Path, default=None, help="where the caches are built (default: a temp dir)")
     ap.add_argument("--doc", type=Path, default=None, help="write the table (markdown) into this file")
-    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-size child process
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child processes: the parent stays
+    ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # small, and ru_maxrss of a child
+    ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)  # starts from its parent's peak
     args = ap.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.measure, args.batch, args.gathers)))
+        return 0
+    if args.build:
+        print(json.dumps({"build_s": build(args.build, args.rows, args.dim)}))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     root = Path(tempfile.mkdtemp(prefix="cache-ladder-", dir=args.dir))
@@ -157,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in sizes:
             out = root / f"c{n}"
-            build_s = build(out, n, args.dim)
-            cmd = [sys.executable, __file__, "--measure", str(out), "--batch", str(args.batch),
-                   "--gathers", str(args.gathers)]
-            child = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            res = json.loads(child.stdout.strip().splitlines()[-1])
+            build_s = _child("--build", str(out), "--rows", str(n), "--dim", str(args.dim))["build_s"]
+            res = _child("--measure", str(out), "--batch", str(args.batch), "--gathers", str(args.gathers))
             shards = len(json.loads((out / "manifest.json").read_text())["shards"]["image"])
             rows.append({"n": n, "shards": shards, "build_s": build_s, **res, "open_ms": 1e3 * res["open_s"]})
             console.print(f"{n:,} rows: open {1e3 * res['open_s']:.1f} ms, gather {res['gather_ms']:.2f} ms")

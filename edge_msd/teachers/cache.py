@@ -452,7 +452,10 @@ def _finish(out: Path, ident: dict, n_shards: dict[str, int], dataset: ImageText
             rec = json.loads(rec_path.read_text(encoding="utf-8"))
             skipped += rec.pop("skipped")
             shards[kind].append(rec)
-    joined = {kind: join(out, kind, shards[kind], int(ident["dim"])) for kind in MODALITIES}
+    joined = {}
+    for kind in MODALITIES:  # the per-shard row hashes stay in done/<kind>.json: a small manifest opens fast
+        rec = join(out, kind, shards[kind], int(ident["dim"]))
+        joined[kind] = {k: rec[k] for k in ("file", "rows", "dim", "bytes", "sha256")}
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         save_config(config, out / "config.toml")
         config = dataclasses.asdict(config)
