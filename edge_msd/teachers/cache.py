@@ -485,13 +485,13 @@ class FeatureCache:
             raise ArtifactError(f"feature cache {path} keeps its rows in shard files (written before caches "
                                 "were joined into one file per modality); re-run `edge-msd features` with "
                                 "the same settings to join it (nothing is recomputed)")
-        self._rows: dict[str, np.memmap] = {}
+        self._rows: dict[str, np.ndarray] = {}
         for kind, n in (("image", self.n_images), ("text", self.n_captions)):
             rec = manifest["joined"][kind]
             if manifest.get("files", {}).get(rec["file"]) != rec["sha256"]:  # the records must agree
                 raise ArtifactError(f"{path / MANIFEST}: {rec['file']} has sha256 {str(rec['sha256'])[:16]}… "
                                     "in its join record, another in the file list")
-            self._rows[kind] = open_rows(path / rec["file"], n, self.dim, rec["bytes"])
+            self._rows[kind] = open_rows(path / rec["file"], n, self.dim, rec["bytes"], at_random=True)
         # Memory-mapped: a consumer that needs all of it reads it, opening the cache does not.
         index = path / "index" / "caption_image_index.npy"
         self._caption_image_index = np.load(index, mmap_mode="r", allow_pickle=False)

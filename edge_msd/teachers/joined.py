@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,10 @@ def _read_record(out: Path, kind: str) -> dict | None:
         return None
 
 
-def open_rows(path: Path, rows: int, dim: int, size: int | None = None) -> np.memmap:
-    """``path`` mapped read-only, once its size is ``size`` and its header says float16 (rows, dim)."""
+def open_rows(path: Path, rows: int, dim: int, size: int | None = None, *,
+              at_random: bool = False) -> np.ndarray:
+    """``path`` mapped read-only, once its size is ``size`` and its header says float16 (rows, dim).
+    ``at_random``: the kernel reads only the pages asked for (no readahead), as batches are random."""
     def damaged(what: str) -> ArtifactError:
         return ArtifactError(f"{path}: {what}; the cache records float16 ({rows}, {dim}), {size} bytes "
                              "(truncated or replaced?); re-run `edge-msd features` to repair the cache")
@@ -53,13 +56,21 @@ def open_rows(path: Path, rows: int, dim: int, size: int | None = None) -> np.me
         raise ArtifactError(f"{path}: missing; re-run `edge-msd features` to repair the cache") from None
     if size is not None and have != size:
         raise damaged(f"{have} bytes")
-    try:
-        mm = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise damaged(f"not a readable .npy file ({e})") from None
-    if mm.dtype != DTYPE or mm.shape != (rows, dim):
-        raise damaged(f"{mm.dtype} {mm.shape}")
-    return mm
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError as e:
+            raise damaged(f"not a readable .npy file ({e})") from None
+        data = rows * dim * DTYPE.itemsize
+        if dtype != DTYPE or fortran or shape != (rows, dim) or have != f.tell() + data:
+            raise damaged(f"{dtype} {shape}, {have} bytes")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if at_random and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, DTYPE, buffer=mapped, offset=have - data)
 
 
 def _digest(rows: np.ndarray) -> str:
@@ -78,7 +89,7 @@ def region_done(out: Path, kind: str, k: int) -> bool:
     return _digest(mm[rec["starts"][k] : rec["starts"][k + 1]]) == rec["rows_sha256"][k]
 
 
-def _previous(out: Path, kind: str, dim: int) -> np.memmap | None:
+def _previous(out: Path, kind: str, dim: int) -> np.ndarray | None:
     """The joined file of an earlier ``join`` (shards whose files are gone are read from it), if intact."""
     rec = _read_record(out, kind)
     try:
