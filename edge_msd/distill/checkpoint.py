@@ -156,7 +156,7 @@ def start_afresh(cfg: DistillConfig, out: Path) -> None:
 def run_identity(cfg: DistillConfig) -> dict[str, Any]:
     """The settings a resumed run must share (not resume/force/workers/progress-only knobs)."""
     d = config_to_dict(cfg)
-    for k in ("resume", "force", "num_workers", "predecode_mb", "out"):
+    for k in ("resume", "force", "num_workers", "predecode_mb", "verify_cache", "out"):
         d.pop(k)
     return json.loads(json.dumps(d))
 

@@ -93,6 +93,11 @@ class DistillConfig:
         4096,
         help="decode all training images once into memory if they fit in this many MB; else decode per batch",
     )
+    verify_cache: bool = field(
+        False,
+        help="re-hash every feature cache file before training (reads the whole cache); without it a "
+        "cache is checked by its records (shard sizes, headers, recorded hashes)",
+    )
     resume: bool = field(False, help="continue from out/checkpoints/last.pt exactly where it stopped")
     force: bool = field(False, help="start afresh even if out/ holds another run")
 

@@ -40,9 +40,15 @@ class Schedule:
             self.images = self.images[counts[self.images] > 0]
         self.batch, self.k, self.seed = batch, captions_per_image, seed
         self.steps_per_epoch = len(self.images) // batch
+        self._epoch, self._order = -1, self.images
 
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.images)
+        """Epoch ``epoch``'s image order, drawn once per epoch (8 bytes per image) from (seed, epoch)
+        alone, so a resumed run draws the same one."""
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._order = epoch, rng.permutation(self.images)
+        return self._order
 
     def step(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image ids (B,), caption ids (B*k,), caption image ids (B*k,)) of global step ``step``."""
@@ -90,8 +96,6 @@ class Batches:
         self.data, self.micro, self.device = data, micro, device
         self.augment, self.seed, self.k = cfg.augment, cfg.seed, cfg.captions_per_image
         self.mean, self.std = mean.to(device), std.to(device)
-        self.t_img = torch.from_numpy(cache.image(np.arange(cache.n_images)))
-        self.t_txt = torch.from_numpy(cache.text(np.arange(cache.n_captions)))
         self.rows = local_slice(micro)
 
     def __call__(self, gstep: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -105,11 +109,12 @@ class Batches:
             x = augment(x, augment_params(self.micro, gen)[rows].to(dev))
         x = x.sub_(self.mean).div_(self.std)
         tokens = self.data.tokens[caps[rows.start * self.k : rows.stop * self.k]]
+        cache = self.data.cache  # the global batch's teacher rows, read for this batch only
         return (
             x,
             tokens.to(dev, non_blocking=True),
-            self.t_img[imgs].to(dev),
-            self.t_txt[caps].to(dev),
+            torch.from_numpy(cache.image(imgs)).to(dev),
+            torch.from_numpy(cache.text(caps)).to(dev),
             torch.from_numpy(imgs).to(dev),
             torch.from_numpy(cap_img).to(dev),
         )

@@ -70,7 +70,8 @@ def open_split(
         if rank_world()[0] == 0:
             console.print(f"[bold]feature cache {path} missing: teacher {cfg.teacher!r} builds it ({split})")
         build_feature_cache(teacher, dataset, path)
-    cache = FeatureCache.open(path, teacher_id=teacher_id, dataset_fingerprint=dataset.fingerprint())
+    cache = FeatureCache.open(path, teacher_id=teacher_id, dataset_fingerprint=dataset.fingerprint(),
+                              verify=cfg.verify_cache)
     if cache.n_images != dataset.n_images or cache.n_captions != dataset.n_captions:
         raise ArtifactError(
             f"feature cache {path} has {cache.n_images} images / {cache.n_captions} captions, "

@@ -6,9 +6,11 @@ The student learns only from these embeddings, so the teacher runs once per data
       run.json                   identity of the run (teacher, dataset fingerprint, counts, shard size)
       index/image_keys.json      image key per image index
       index/caption_image_index.npy
-      image/00000.npy ...        fp16 (rows, D): shard k holds images k*S .. k*S+S-1
-      text/00000.npy ...         fp16 (rows, D): shard k holds captions k*S .. k*S+S-1
+      image/00000.npy ...        fp16 (rows, D): shard k holds images k*S .. k*S+S-1 (while building)
+      text/00000.npy ...         fp16 (rows, D): shard k holds captions k*S .. k*S+S-1 (while building)
+      image.npy, text.npy        fp16 (n, D): the shards joined once all are done (see joined.py)
       done/image-00000.json ...  one record per finished shard: its sha256 and skipped images
+      done/image.json ...        the join record: sha256 and size of image.npy, sha256 of each shard's rows
       config.toml                resolved config (when given)
       manifest.json              written last, once every shard is done: the cache is complete
 
@@ -22,12 +24,13 @@ shards are dealt out round-robin by rank and rank 0 writes the manifest after a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ from edge_msd.errors import ArtifactError, BadSampleError, ConfigError, DataErro
 from edge_msd.teachers.base import Teacher
 from edge_msd.teachers.encode import embed_images, embed_texts, teacher_device
 from edge_msd.teachers.features_config import FeaturesConfig
+from edge_msd.teachers.joined import gather, join, open_rows, region_done
 from edge_msd.torchrun import barrier, broadcast_from_rank0, process_group, rank_device, rank_world
 
 KIND = "edge-msd-features"
@@ -155,6 +159,8 @@ def _prepare_dir(out: Path, ident: dict, dataset: ImageTextDataset, force: bool)
             raise ArtifactError(f"{why}; pass --force to recompute it")
         if why or force:
             shutil.rmtree(out)
+        elif (out / MANIFEST).is_file() and "joined" not in have:  # shards not yet joined: finish it
+            (out / MANIFEST).unlink()
         elif (out / MANIFEST).is_file():
             try:
                 verify_files(out, have)
@@ -174,7 +180,8 @@ def _prepare_dir(out: Path, ident: dict, dataset: ImageTextDataset, force: bool)
 
 
 def _is_done(out: Path, kind: str, k: int) -> bool:
-    """A shard is done when its record exists and the shard file still has the recorded sha256."""
+    """A shard is done when its record exists and the shard file still has the recorded sha256, or,
+    once joined and its file removed, its rows in the joined file still have theirs."""
     rec_path = _done_path(out, kind, k)
     if not rec_path.is_file():
         return False
@@ -182,6 +189,8 @@ def _is_done(out: Path, kind: str, k: int) -> bool:
         rec = json.loads(rec_path.read_text(encoding="utf-8"))
         shard = out / rec["file"]
         if shard.is_file() and sha256_file(shard) == rec["sha256"]:
+            return True
+        if not shard.is_file() and region_done(out, kind, k):
             return True
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         pass
@@ -336,18 +345,44 @@ def write_feature_cache(
     fit, so that the teacher need not run over the split again. Like ``build_feature_cache``, a
     matching complete cache is kept and one of another teacher or data is refused unless ``force``.
     """
-    out = Path(out_dir)
     dim = int(image_emb.shape[1]) if image_emb.ndim == 2 else -1
+    embs = {"image": image_emb, "text": text_emb}
+    for kind, n in (("image", dataset.n_images), ("text", dataset.n_captions)):
+        if embs[kind].shape != (n, dim):
+            raise ArtifactError(f"teacher {teacher_id} returned {kind} embeddings of shape "
+                                f"{embs[kind].shape}, expected ({n}, {dim}) (its embed_dim)")
+    return write_feature_rows(teacher_id, dataset, out_dir, dim, lambda kind, a, b: embs[kind][a:b],
+                              batch_size=batch_size, shard_size=shard_size, force=force, config=config)
+
+
+def write_feature_rows(
+    teacher_id: str,
+    dataset: ImageTextDataset,
+    out_dir: Path,
+    dim: int,
+    rows: Callable[[str, int, int], np.ndarray],
+    *,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    force: bool = False,
+    config: Any = None,
+) -> Path:
+    """``write_feature_cache`` for embeddings produced a shard at a time: ``rows(kind, start, stop)``
+    gives rows ``start..stop-1`` of ``kind`` ("image" or "text"), so no whole array is ever held."""
+    out = Path(out_dir)
     ident = _identity(teacher_id, dim, dataset, shard_size)
     if _prepare_dir(out, ident, dataset, force):
         return out
     n_shards = {}
-    for kind, emb, n in (("image", image_emb, dataset.n_images), ("text", text_emb, dataset.n_captions)):
-        _check_embeddings(emb, n, dim, teacher_id, kind)
+    for kind, n in (("image", dataset.n_images), ("text", dataset.n_captions)):
         n_shards[kind] = math.ceil(n / shard_size)
         for k in range(n_shards[kind]):
-            start = k * shard_size
-            _write_shard(out, kind, k, start, emb[start : start + shard_size].astype(np.float16), [])
+            if _is_done(out, kind, k):  # a resumed write: finished shards are kept
+                continue
+            start, stop = k * shard_size, min((k + 1) * shard_size, n)
+            emb = np.asarray(rows(kind, start, stop))
+            _check_embeddings(emb, stop - start, dim, teacher_id, kind)
+            _write_shard(out, kind, k, start, emb.astype(np.float16), [])
     _finish(out, ident, n_shards, dataset, config, dict(
         batch_size=batch_size, shard_size=shard_size, skip_bad=False, num_workers=0, world_size=1))
     return out
@@ -404,7 +439,8 @@ def _embed_texts(teacher: Teacher, dataset: ImageTextDataset, out: Path, shards:
 
 def _finish(out: Path, ident: dict, n_shards: dict[str, int], dataset: ImageTextDataset, config: Any,
             build: dict) -> None:
-    """Rank 0, after every rank is done: gather the shard records and write the manifest."""
+    """Rank 0, after every rank is done: gather the shard records, join the shards into one file per
+    modality and write the manifest."""
     shards: dict[str, list[dict]] = {}
     skipped: list[dict] = []
     for kind in MODALITIES:
@@ -416,11 +452,15 @@ def _finish(out: Path, ident: dict, n_shards: dict[str, int], dataset: ImageText
             rec = json.loads(rec_path.read_text(encoding="utf-8"))
             skipped += rec.pop("skipped")
             shards[kind].append(rec)
+    joined = {}
+    for kind in MODALITIES:  # the per-shard row hashes stay in done/<kind>.json: a small manifest opens fast
+        rec = join(out, kind, shards[kind], int(ident["dim"]))
+        joined[kind] = {k: rec[k] for k in ("file", "rows", "dim", "bytes", "sha256")}
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         save_config(config, out / "config.toml")
         config = dataclasses.asdict(config)
     write_manifest(
-        out, KIND, config=config, **ident, dtype="float16", build=build, shards=shards,
+        out, KIND, config=config, **ident, dtype="float16", build=build, shards=shards, joined=joined,
         skipped_images=sorted(skipped, key=lambda s: s["image_index"]),
         dataset_skipped=list(dataset.skipped),  # dropped by the dataset reader under --skip-bad
     )
@@ -436,32 +476,37 @@ def built_skipping_bad(path: str | os.PathLike) -> bool:
 
 
 class FeatureCache:
-    """A complete feature cache, memory-mapped: ``image(indices)`` / ``text(indices)`` → float32 rows."""
+    """A complete feature cache: ``image(indices)`` / ``text(indices)`` → float32 rows, read per call from
+    one memory-mapped file per modality: nothing is copied into memory, two files are open."""
 
     def __init__(self, path: Path, manifest: dict) -> None:
         self.path, self.manifest = path, manifest
-        self._shards: dict[str, list[np.ndarray]] = {}
+        if "joined" not in manifest:
+            raise ArtifactError(f"feature cache {path} keeps its rows in shard files (written before caches "
+                                "were joined into one file per modality); re-run `edge-msd features` with "
+                                "the same settings to join it (nothing is recomputed)")
+        self._rows: dict[str, np.ndarray] = {}
         for kind, n in (("image", self.n_images), ("text", self.n_captions)):
-            arrays = []
-            for rec in manifest["shards"][kind]:
-                arr = np.load(path / rec["file"], mmap_mode="r", allow_pickle=False)
-                if arr.dtype != np.float16 or arr.shape != (rec["rows"], self.dim):
-                    raise ArtifactError(f"{path / rec['file']}: {arr.dtype} {arr.shape}, "
-                                        f"expected float16 ({rec['rows']}, {self.dim})")
-                arrays.append(arr)
-            if (rows := sum(len(a) for a in arrays)) != n:
-                raise ArtifactError(f"{path}: {kind} shards hold {rows} rows, expected {n}")
-            self._shards[kind] = arrays
-        index = path / "index"
-        self._caption_image_index = np.load(index / "caption_image_index.npy", allow_pickle=False)
-        self._image_keys: list[str] = json.loads((index / "image_keys.json").read_text(encoding="utf-8"))
-        self._valid = np.ones(self.n_images, dtype=bool)
-        self._valid[[s["image_index"] for s in manifest["skipped_images"]]] = False
+            rec = manifest["joined"][kind]
+            if manifest.get("files", {}).get(rec["file"]) != rec["sha256"]:  # the records must agree
+                raise ArtifactError(f"{path / MANIFEST}: {rec['file']} has sha256 {str(rec['sha256'])[:16]}… "
+                                    "in its join record, another in the file list")
+            self._rows[kind] = open_rows(path / rec["file"], n, self.dim, rec["bytes"], at_random=True)
+        # Memory-mapped: a consumer that needs all of it reads it, opening the cache does not.
+        index = path / "index" / "caption_image_index.npy"
+        self._caption_image_index = np.load(index, mmap_mode="r", allow_pickle=False)
+        if self._caption_image_index.shape != (self.n_captions,):
+            raise ArtifactError(f"{index}: shape {self._caption_image_index.shape}, expected "
+                                f"({self.n_captions},)")
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, teacher_id: str | None = None,
-             dataset_fingerprint: str | None = None, verify: bool = True) -> FeatureCache:
-        """Open the cache at ``path``; refuse one of another teacher/data, or (``verify``) a tampered one."""
+             dataset_fingerprint: str | None = None, verify: bool = False) -> FeatureCache:
+        """Open the cache at ``path``; refuse one of another teacher/data or one whose row files do not
+        match their records (missing, other size or header, join record against the file list); no
+        file is hashed, so opening costs the same at any size. ``verify`` also re-hashes
+        every file (reads the whole cache: only on request); a re-run of ``edge-msd features`` does
+        that too and repairs what is damaged."""
         path = Path(path)
         if not (path / MANIFEST).is_file() and (path / RUN).is_file():
             n_done = len(list((path / "done").glob("*.json"))) if (path / "done").is_dir() else 0
@@ -500,14 +545,17 @@ class FeatureCache:
     def caption_image_index(self) -> np.ndarray:
         return self._caption_image_index
 
-    @property
+    @functools.cached_property
     def valid_images(self) -> np.ndarray:
         """False for images skipped as unreadable (their rows are zeros)."""
-        return self._valid
+        valid = np.ones(self.n_images, dtype=bool)
+        valid[[s["image_index"] for s in self.manifest["skipped_images"]]] = False
+        return valid
 
-    @property
+    @functools.cached_property
     def image_keys(self) -> list[str]:
-        return self._image_keys
+        """Read on first use: a list of every key is large, and training needs none."""
+        return json.loads((self.path / "index" / "image_keys.json").read_text(encoding="utf-8"))
 
     def image(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         return self._gather("image", indices, self.n_images)
@@ -522,10 +570,4 @@ class FeatureCache:
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
             raise IndexError(f"{kind} index out of range 0..{n - 1}: {bad}")
-        size = int(self.manifest["shard_size"])
-        shard, offset = np.divmod(idx, size)
-        out = np.empty((len(idx), self.dim), dtype=np.float32)
-        for s in np.unique(shard):
-            m = shard == s
-            out[m] = self._shards[kind][s][offset[m]]
-        return out
+        return gather(self._rows[kind], idx)

@@ -93,7 +93,8 @@ def _build(teacher: Teacher, data: ImageTextDataset, out: Path, **kw) -> Path:
 
 
 def _shard_hashes(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.glob("*/*.npy"))}
+    files = sorted([*out.glob("*.npy"), *out.glob("*/*.npy")])  # joined files, shards left, the index
+    return {p.relative_to(out).as_posix(): sha256_file(p) for p in files}
 
 
 def test_shapes_keys_and_fp16_storage(tmp_path):
@@ -104,11 +105,12 @@ def test_shapes_keys_and_fp16_storage(tmp_path):
     assert cache.image_keys == data.image_keys and cache.valid_images.all()
     assert cache.caption_image_index.dtype == np.int64
     np.testing.assert_array_equal(cache.caption_image_index, data.caption_image_index)
-    # 37 images in shards of 8 -> 5 files, the last one holding 5 rows; stored as fp16.
-    shards = sorted((out / "image").glob("*.npy"))
-    assert len(shards) == 5 and len(sorted((out / "text").glob("*.npy"))) == 10
-    last = np.load(shards[-1])
-    assert last.dtype == np.float16 and last.shape == (5, 8)
+    # 37 images in shards of 8 -> 5 shards, the last one holding 5 rows, joined into one fp16 file.
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["rows"] for s in m["shards"]["image"]] == [8, 8, 8, 8, 5] and len(m["shards"]["text"]) == 10
+    joined = np.load(out / "image.npy")
+    assert joined.dtype == np.float16 and joined.shape == (37, 8)
+    assert not list((out / "image").glob("*.npy"))  # the shard files go once joined
     # Rows are keyed by sample id, whatever the order asked for, and match the teacher to fp16.
     idx = np.array([36, 0, 17, 17, 9])
     with torch.no_grad():
@@ -121,7 +123,7 @@ def test_shapes_keys_and_fp16_storage(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["kind"] == "edge-msd-features" and m["dtype"] == "float16"
     assert m["dataset"]["fingerprint"] == data.fingerprint() and m["teacher_id"] == teacher.id
-    assert all(rec["sha256"] == sha256_file(out / rec["file"]) for rec in m["shards"]["image"])
+    assert m["joined"]["image"]["sha256"] == sha256_file(out / "image.npy") == m["files"]["image.npy"]
     with pytest.raises(IndexError, match="out of range"):
         cache.text([74])
 
@@ -140,13 +142,15 @@ def test_resume_after_crash_equals_uninterrupted_and_skips_finished(tmp_path):
     with pytest.raises(ArtifactError, match="incomplete"):
         FeatureCache.open(out)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "image").glob("*.npy")}
+    records = {p: p.stat().st_mtime_ns for p in (out / "done").glob("*.json")}
 
     teacher = TinyTeacher()
     _build(teacher, data, out)
     # Only the 2 unfinished image shards (rows 24..36: 2 + 2 batches) and the 10 text shards
     # (9 of 8 captions = 2 batches each, then 2 captions = 1 batch) were computed.
     assert teacher.calls == {"image": 4, "text": 19}
-    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert len(mtimes) == 3 and all(not p.exists() for p in mtimes)  # joined, then removed
+    assert all(p.stat().st_mtime_ns == t for p, t in records.items())  # finished shards not rewritten
     assert _shard_hashes(out) == _shard_hashes(ref)
     a, b = FeatureCache.open(ref), FeatureCache.open(out)
     assert np.array_equal(a.image(np.arange(37)), b.image(np.arange(37)))
@@ -211,12 +215,12 @@ def test_tampered_shard_detected_and_repaired(tmp_path):
     data = TinyData()
     out = _build(TinyTeacher(), data, tmp_path / "c")
     ref = _shard_hashes(out)
-    shard = out / "text" / "00004.npy"
-    raw = bytearray(shard.read_bytes())
-    raw[-3] ^= 0xFF
-    shard.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match=r"text/00004.npy: sha256 .* differs"):
-        FeatureCache.open(out)
+    joined = out / "text.npy"
+    raw = bytearray(joined.read_bytes())
+    raw[np.load(joined, mmap_mode="r").offset + (4 * 8 + 3) * 8 * 2 + 5] ^= 0xFF  # in shard 4's rows
+    joined.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match=r"text.npy: sha256 .* differs"):
+        FeatureCache.open(out, verify=True)
     # A re-run recomputes exactly the damaged shard (1 shard = 2 text batches).
     teacher = TinyTeacher()
     _build(teacher, data, out)
