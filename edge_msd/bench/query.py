@@ -23,6 +23,7 @@ from edge_msd.bench.timing import Deadline, Stop, latency_stats
 from edge_msd.contract.format import EVALSET
 from edge_msd.contract.raw import TEXTS, unpack_files
 from edge_msd.contract.reading import Bundle, image_model_input, input_contract
+from edge_msd.errors import ConfigError
 
 QUERIES = 64  # timed queries per direction (the eval set's items, cycled)
 K = 10
@@ -149,6 +150,12 @@ def gallery_rows(gallery: np.ndarray, sizes: Sequence[int], storage: str, querie
         samples = time_pipeline([("search", search)], list(queries), deadline)["search"]
         out.append({"n": n, "source": source, "storage": storage, "k": K, "search_ms": brief(samples)})
     return out
+
+
+def check_storage(storage: str) -> None:
+    """``--gallery-storage`` names one of the exact storages (index.STORAGES)."""
+    if storage not in index.STORAGES:
+        raise ConfigError(f"--gallery-storage {storage!r}: expected {' | '.join(index.STORAGES)}")
 
 
 def skip_reason(sets: dict[str, dict | None], embs: dict[str, dict], recall: bool) -> str | None:

@@ -20,7 +20,7 @@ from edge_msd.bench import sysinfo, vendor
 from edge_msd.bench.coldstart import cold_start
 from edge_msd.bench.options import BenchOptions, ProfileBench
 from edge_msd.bench.placement import unavailable
-from edge_msd.bench.query import query_report
+from edge_msd.bench.query import check_storage, query_report
 from edge_msd.bench.raw import compare_raw, raw_inputs
 from edge_msd.bench.report import SCHEMA, batch1_p50, format_table
 from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
@@ -386,6 +386,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
     Returns the report; the caller prints it (``format_table``) and sets the exit status.
     """
     opts.validate()
+    check_storage(opts.gallery_storage)
     deadline = Deadline.after(opts.time_limit)
     # the bundle rules first (digest, signature, checksums): a tampered bundle is refused, file named
     bundle = open_bundle(opts.bundle, opts.expect_digest, opts.public_key)
