@@ -114,8 +114,8 @@ def image_query(bundle: Bundle, data: dict, session: Session, search: Callable, 
 
 def text_query(bundle: Bundle, data: dict, session: Session, search: Callable, deadline: Deadline,
                model_alone_ms: float | None) -> dict[str, Any]:
-    """The text direction: warm tokenization (the word cache has seen the captions: the untimed first
-    pass and the cycling fill it) in the pipeline, cold tokenization (cache emptied per query) beside it."""
+    """The text direction: warm tokenization (every caption tokenized once before timing, so the word
+    cache holds their words) in the pipeline, cold tokenization (cache emptied per query) beside it."""
     tokenizer = bundle_tokenizer(bundle)
     captions = _cycle([str(t) for t in data[TEXTS]])
     stages = [("tokenize", lambda c: tokenize(tokenizer, [c])), ("model", _model(session)),

@@ -182,7 +182,8 @@ QUERY_HEAD = ["query", "stage", "p50 ms", "p90 ms", "share of total p50"]
 GALLERY_HEAD = ["gallery", "N", "storage", "k", "search p50 ms", "p90 ms"]
 STAGE_LABELS = {"tokenize": "tokenize (warm cache)", "normalise": "normalise (input contract)",
                 "tokenize_cold": "tokenize (cold: cache emptied per query)", "model": "model (batch 1)"}
-QUERY_STAGES = ("decode", "normalise", "tokenize", "model", "search")  # stacked in the plot, in order
+QUERY_STAGES = ("decode", "normalise", "tokenize", "model", "search")  # a query's path, in order
+QUERY_ROW_ORDER = (*QUERY_STAGES, "total", "tokenize_cold")  # (reports written with sorted keys)
 GOALS = {"image": ("frame_over_model", "uint8 frame → embedding", 1.3),
          "text": ("caption_over_model", "caption → embedding (warm tokenizer)", 1.5)}
 
@@ -198,8 +199,9 @@ def query_rows(report: dict[str, Any]) -> list[list[str]]:
         if d.get("skipped"):
             out.append([direction, f"not measured: {d['skipped']}", "–", "–", "–"])
             continue
-        total = (d.get("stages", {}).get("total") or {}).get("p50")
-        for stage, st in d.get("stages", {}).items():
+        stages = d.get("stages", {})
+        total = (stages.get("total") or {}).get("p50")
+        for stage, st in ((name, stages[name]) for name in QUERY_ROW_ORDER if name in stages):
             share = st["p50"] / total if total and stage not in ("total", "tokenize_cold") else None
             out.append([direction, STAGE_LABELS.get(stage, stage), _f(st["p50"]), _f(st["p90"]),
                         _f(share, ".0%")])

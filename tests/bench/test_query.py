@@ -96,9 +96,12 @@ def test_printed_table_and_goal_notes(report):
 
 def test_merged_report_table_and_stacked_plot(report, tmp_path):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps(report))
+    path.write_text(json.dumps(report, sort_keys=True))  # as reports are written: stages keep their order
     out = merge_reports([path, path], tmp_path / "merged")
     md = out["markdown"].read_text()
+    section = md.split("## End-to-end query (ms)")[1].split("##")[0]
+    image_stages = [line.split(" | ")[2] for line in section.splitlines() if " | image | " in line][:5]
+    assert image_stages == ["decode", "normalise (input contract)", "model (batch 1)", "search", "total"]
     assert "## End-to-end query (ms)" in md and "![query_stages](query_stages.png)" in md
     assert "End-to-end query (ms)" in out["html"].read_text()
     assert out["query_stages"].stat().st_size > 1000
