@@ -432,14 +432,14 @@ def _sustained_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], o
 
 def _query_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], out: Path) -> Path | None:
     """One bar per run × query direction: its stages' p50 stacked, so the model's share shows."""
-    bars = [(f"{name}\n{direction} query", d["stages"])
+    bars = [(f"{name}\n{direction} query".replace(" · ", "\n"), d["stages"])  # narrow labels
             for name, r in zip(names, reports, strict=True)
             for direction in ("image", "text")
             if (d := (r.get("query") or {}).get(direction)) and d.get("stages")]
     if not bars:
         return None
     stages = [s for s in QUERY_STAGES if any(s in b for _, b in bars)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(bars)), 5))
     bottom = [0.0] * len(bars)
     for stage in stages:
         heights = [(b.get(stage) or {}).get("p50") or 0.0 for _, b in bars]
