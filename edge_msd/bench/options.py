@@ -59,6 +59,11 @@ class BenchOptions:
         None, "recall on the first N images of the evalset and their captions only (slow devices, "
         "emulation); the report and tables label that recall as a subset"
     )
+    query: bool = _opt(True, "time end-to-end queries per stage: decode/tokenize, model at batch 1, search")
+    gallery: list[int] = _opt(
+        [], "also time the query search over random galleries of these sizes, comma-separated (e.g. 100000)"
+    )
+    gallery_storage: str = _opt("int8", "storage of the query search's gallery: fp32 | fp16 | int8 | binary")
     time_limit: float | None = _opt(None, "stop after this many seconds and write a partial report")
     sustained: float | None = _opt(
         None, "then run this many seconds more per tower and report p50 per time window (throttling)"
@@ -84,6 +89,8 @@ class BenchOptions:
             raise ConfigError(f"--eval-limit must be ≥ 1 image, got {self.eval_limit}")
         if (self.warmup is not None and self.warmup < 0) or self.pool < 1:
             raise ConfigError("--warmup must be ≥ 0 and --pool ≥ 1")
+        if any(n < 1 for n in self.gallery):
+            raise ConfigError(f"--gallery: sizes must be ≥ 1, got {self.gallery}")
         unknown = sorted(set(self.towers) - {"image", "text"})
         if unknown:
             raise ConfigError(f"--towers: unknown tower(s) {', '.join(unknown)}; known: image, text")

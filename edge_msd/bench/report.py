@@ -178,6 +178,53 @@ def raw_rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+QUERY_HEAD = ["query", "stage", "p50 ms", "p90 ms", "share of total p50"]
+GALLERY_HEAD = ["gallery", "N", "storage", "k", "search p50 ms", "p90 ms"]
+STAGE_LABELS = {"tokenize": "tokenize (warm cache)", "normalise": "normalise (input contract)",
+                "tokenize_cold": "tokenize (cold: cache emptied per query)", "model": "model (batch 1)"}
+QUERY_STAGES = ("decode", "normalise", "tokenize", "model", "search")  # a query's path, in order
+QUERY_ROW_ORDER = (*QUERY_STAGES, "total", "tokenize_cold")  # (reports written with sorted keys)
+GOALS = {"image": ("frame_over_model", "uint8 frame → embedding", 1.3),
+         "text": ("caption_over_model", "caption → embedding (warm tokenizer)", 1.5)}
+
+
+def query_rows(report: dict[str, Any]) -> list[list[str]]:
+    """End-to-end query latency per direction and stage (or why it was not timed)."""
+    q = report.get("query") or {}
+    if q.get("skipped"):
+        return [["–", f"not measured: {q['skipped']}", "–", "–", "–"]]
+    out = []
+    for direction in ("image", "text"):
+        d = q.get(direction) or {}
+        if d.get("skipped"):
+            out.append([direction, f"not measured: {d['skipped']}", "–", "–", "–"])
+            continue
+        stages = d.get("stages", {})
+        total = (stages.get("total") or {}).get("p50")
+        for stage, st in ((name, stages[name]) for name in QUERY_ROW_ORDER if name in stages):
+            share = st["p50"] / total if total and stage not in ("total", "tokenize_cold") else None
+            out.append([direction, STAGE_LABELS.get(stage, stage), _f(st["p50"]), _f(st["p90"]),
+                        _f(share, ".0%")])
+    return out
+
+
+def query_notes(report: dict[str, Any]) -> list[str]:
+    """Each direction's embedding path against the model alone (bench's batch-1 p50), beside its goal."""
+    out = []
+    for direction, (key, what, goal) in GOALS.items():
+        d = (report.get("query") or {}).get(direction) or {}
+        if d.get(key) is not None:
+            out.append(f"{direction} query: {what} p50 = {d[key]:.2f}× the model alone "
+                       f"({d['model_alone_ms']:.3f} ms; goal ≤ {goal}×); search included: "
+                       f"{d['total_over_model']:.2f}×; model share of the total {d['model_share']:.0%}")
+    return out
+
+
+def gallery_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [[g["source"], str(g["n"]), g["storage"], str(g["k"]), _f(g["search_ms"]["p50"], ".4f"),
+             _f(g["search_ms"]["p90"], ".4f")] for g in (report.get("query") or {}).get("gallery", [])]
+
+
 def warnings(report: dict[str, Any]) -> list[str]:
     """Everything that makes a number doubtful: oversubscribed threads, unstable or short runs, throttling."""
     out = []
@@ -215,12 +262,16 @@ def format_table(report: dict[str, Any], style: str | None = None) -> str:
         ),
         ("vendor tool beside the harness", VENDOR_HEAD, vendor_rows(report)),
         ("raw inputs: decoded and tokenized here vs prepared on the host", RAW_HEAD, raw_rows(report)),
+        ("end-to-end query, one at a time (ms)", QUERY_HEAD, query_rows(report)),
+        ("query search per gallery (ms per query)", GALLERY_HEAD, gallery_rows(report)),
     ]
     for title, head, body in sections:
         if body:
             lines += ["", title, render(head, body, style)]
             if head is PLACEMENT_HEAD:
                 lines += [f"  {note}" for note in placement_notes(report)]
+            if head is QUERY_HEAD:
+                lines += [f"  {note}" for note in query_notes(report)]
     for tower, t in report.get("towers", {}).items():
         sus = t.get("sustained")
         if sus and sus.get("windows"):
@@ -313,9 +364,10 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-    path = _sustained_plot(plt, names, reports, out)
-    if path is not None:
-        paths.append(path)
+    for plot in (_sustained_plot, _query_plot):
+        path = plot(plt, names, reports, out)
+        if path is not None:
+            paths.append(path)
     points = []
     for name, r in zip(names, reports, strict=True):
         rec = (r.get("recall") or {}).get("eval") or (r.get("recall") or {}).get("probe")
@@ -373,6 +425,32 @@ def _sustained_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], o
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "sustained.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _query_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], out: Path) -> Path | None:
+    """One bar per run × query direction: its stages' p50 stacked, so the model's share shows."""
+    bars = [(f"{name}\n{direction} query".replace(" · ", "\n"), d["stages"])  # narrow labels
+            for name, r in zip(names, reports, strict=True)
+            for direction in ("image", "text")
+            if (d := (r.get("query") or {}).get(direction)) and d.get("stages")]
+    if not bars:
+        return None
+    stages = [s for s in QUERY_STAGES if any(s in b for _, b in bars)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(bars)), 5))
+    bottom = [0.0] * len(bars)
+    for stage in stages:
+        heights = [(b.get(stage) or {}).get("p50") or 0.0 for _, b in bars]
+        ax.bar(range(len(bars)), heights, bottom=bottom, label=STAGE_LABELS.get(stage, stage))
+        bottom = [a + h for a, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    ax.set_ylabel("p50 per stage (ms), stacked")
+    ax.set_title("end-to-end query: p50 per stage, one query at a time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "query_stages.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -455,6 +533,10 @@ def merge_reports(paths: list[str | os.PathLike], out_dir: str | os.PathLike) ->
         ("Cold start and the runtime's own memory", ["run", *COLD_HEAD], _per_run(reports, cold_rows)),
         ("Vendor tool beside the harness", ["run", *VENDOR_HEAD], _per_run(reports, vendor_rows)),
         ("Raw inputs decoded and tokenized on the device", ["run", *RAW_HEAD], _per_run(reports, raw_rows)),
+        ("End-to-end query (ms)", ["run", *QUERY_HEAD], _per_run(reports, query_rows)),
+        ("End-to-end query against the model alone", ["run", "note"],
+         _per_run(reports, lambda r: [[n] for n in query_notes(r)])),
+        ("Query search per gallery (ms per query)", ["run", *GALLERY_HEAD], _per_run(reports, gallery_rows)),
         (
             "Recall (%) and parity",
             ["run", "set", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10"],

@@ -20,8 +20,9 @@ from edge_msd.bench import sysinfo, vendor
 from edge_msd.bench.coldstart import cold_start
 from edge_msd.bench.options import BenchOptions, ProfileBench
 from edge_msd.bench.placement import unavailable
+from edge_msd.bench.query import check_storage, query_report
 from edge_msd.bench.raw import compare_raw, raw_inputs
-from edge_msd.bench.report import SCHEMA, format_table
+from edge_msd.bench.report import SCHEMA, batch1_p50, format_table
 from edge_msd.bench.runtimes import Backend, Session, model_files, select_backend
 from edge_msd.bench.sustained import sustained
 from edge_msd.bench.timing import Deadline, Stop, Timing, time_loop
@@ -125,6 +126,7 @@ class _Run:
             if self.iters is None and self.duration is None:
                 self.iters = 100
         self.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 10)
+        self.query_sessions: dict[str, Session] = {}  # batch-1 sessions kept for the end-to-end query
         self.options = {
             "provider": opts.provider,
             "compute_units": opts.compute_units,
@@ -170,6 +172,7 @@ class _Run:
                 "pool": opts.pool,
                 "time_limit_s": opts.time_limit,
                 "eval_limit": opts.eval_limit,
+                "query": {"on": opts.query, "gallery": opts.gallery, "gallery_storage": opts.gallery_storage},
                 "towers": list(self.towers),
             },
             "environment": sysinfo.environment(versions, self.threads),
@@ -250,10 +253,11 @@ class _Run:
         for batch in self.batches:
             if deadline.passed():
                 raise Stop
-            if session is not None:
-                session.close()
+            self._close(tower, session)
             self.echo(f"  {tower} tower, batch {batch} …")
             session = self.measure(tower, x, batch, deadline)
+            if batch == 1 and self.opts.query:  # the end-to-end query reuses this session
+                self.query_sessions[tower] = session
             self.save()
         if session is not None:
             self.report["towers"][tower].update(self.device_report(tower, session, x, deadline))
@@ -267,9 +271,30 @@ class _Run:
                         session, x if d is data else tower_inputs(self.bundle, tower, d), batch, deadline
                     )
             self.report["towers"][tower]["embed_s"] = time.perf_counter() - t0
-        if session is not None:
-            session.close()
+        self._close(tower, session)
         return emb
+
+    def _close(self, tower: str, session: Session | None) -> None:
+        """Close a session unless the end-to-end query still needs it."""
+        if session is not None and session is not self.query_sessions.get(tower):
+            session.close()
+
+    def query(self, sets: dict[str, dict | None], embs: dict[str, dict], deadline: Deadline) -> None:
+        """The end-to-end query table (edge_msd.bench.query), then the sessions kept for it are closed."""
+        try:
+            if self.opts.query:
+                self.echo("  end-to-end queries: decode/tokenize → model → search, one query at a time …")
+                model_alone = {t: batch1_p50(self.report, t) for t in self.towers}
+                self.report["query"] = query_report(
+                    self.bundle, sets, embs, self.query_sessions, model_alone, self.opts.recall,
+                    self.opts.gallery, self.opts.gallery_storage, deadline)
+        finally:
+            self.close_query_sessions()
+
+    def close_query_sessions(self) -> None:
+        for session in self.query_sessions.values():
+            session.close()
+        self.query_sessions.clear()
 
     def device_report(self, tower: str, session: Session, x: np.ndarray, deadline: Deadline) -> dict:
         """Op placement, cold start in a fresh process, the vendor tool beside us, the sustained run."""
@@ -331,6 +356,7 @@ class _Run:
                     recall["probe_delta_mean_R@1"] = recall["probe"]["mean_R@1"] - ref["mean_R@1"]
             self.report["recall"] = recall
             compare_raw(self.report["raw_inputs"], sets, embs, recall)
+        self.query(sets, embs, deadline)
 
 
 def default_out(opts: BenchOptions, bundle: Bundle, backend: type[Backend]) -> Path:
@@ -360,6 +386,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
     Returns the report; the caller prints it (``format_table``) and sets the exit status.
     """
     opts.validate()
+    check_storage(opts.gallery_storage)
     deadline = Deadline.after(opts.time_limit)
     # the bundle rules first (digest, signature, checksums): a tampered bundle is refused, file named
     bundle = open_bundle(opts.bundle, opts.expect_digest, opts.public_key)
@@ -386,6 +413,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> dict[s
         run.report["interrupted"] = f"error: {e}"
         raise
     finally:
+        run.close_query_sessions()  # a run cut short before its query table
         run.report["finished_unix"] = round(time.time(), 3)
         run.save()
     return run.report

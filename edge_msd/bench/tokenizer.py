@@ -225,6 +225,10 @@ class Tokenizer:
             raise ValueError(f"{folder}: vocabulary does not give the sot/eot ids in {TOKENIZER_JSON}")
         return tok
 
+    def forget(self) -> None:
+        """Empty the word cache (a cold tokenizer without reloading the vocabulary)."""
+        self.cache = {SOT: SOT, EOT: EOT}
+
     def bpe(self, token: str) -> str:
         if token in self.cache:
             return self.cache[token]
