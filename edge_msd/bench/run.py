@@ -107,14 +107,8 @@ class _Run:
         out: Path,
         echo: Callable[[str], None],
     ):
-        self.opts, self.bundle, self.backend, self.files, self.out, self.echo = (
-            opts,
-            bundle,
-            backend,
-            files,
-            out,
-            echo,
-        )
+        self.opts, self.bundle, self.backend = opts, bundle, backend
+        self.files, self.out, self.echo = files, out, echo
         defaults = profile_defaults(bundle.target)
         self.thread_choice = sysinfo.choose_threads(opts.threads, defaults.get("threads"))
         self.threads = self.thread_choice["threads"]
@@ -132,7 +126,6 @@ class _Run:
             "compute_units": opts.compute_units,
             "xnnpack": opts.xnnpack,
         }
-        man = bundle.manifest
         versions = {backend.name: backend.version()}
         self.report: dict[str, Any] = {
             "schema": SCHEMA,
@@ -141,44 +134,52 @@ class _Run:
             "created_unix": round(time.time(), 3),
             "tool": {"edge_msd": __version__},
             "device": {"label": opts.label or platform.node(), "host": platform.node()},
-            "bundle": {
-                "path": str(bundle.root),
-                "digest": bundle.digest,  # sha256 of the canonical manifest (docs/bundle.md)
-                "signature": bundle.signature,  # {algorithm, key_id, digest} when --public-key verified it
-                "target": bundle.target.get("name"),
-                "student": (man.get("student") or {}).get("name"),
-                "models": {
-                    t: {
-                        "file": self._relpath(t),
-                        "format": self._format(t),
-                        "precision": bundle.model(t).get("precision"),
-                    }
-                    for t in self.towers
-                },
-                "export_parity": man.get("parity"),
-                "delegate_warnings": man.get("delegate_warnings") or [],  # export-time, see delegation.py
-                # int8 bundles: how they were quantized (qat | ptq) and on which calibration set
-                "quantization": (man.get("quantization") or {}).get("method"),
-                "calibration": (man.get("calibration") or {}).get("name"),
-            },
+            "bundle": self._bundle_entry(),
             "runtime": {"name": backend.name, "version": versions[backend.name], **self.options},
-            "settings": {
-                "threads": self.threads,
-                "threads_choice": self.thread_choice,
-                "batches": self.batches,
-                "iters": self.iters,
-                "duration_s": self.duration,
-                "warmup": self.warmup,
-                "pool": opts.pool,
-                "time_limit_s": opts.time_limit,
-                "eval_limit": opts.eval_limit,
-                "query": {"on": opts.query, "gallery": opts.gallery, "gallery_storage": opts.gallery_storage},
-                "towers": list(self.towers),
-            },
+            "settings": self._settings(),
             "environment": sysinfo.environment(versions, self.threads),
             "towers": {t: {"measurements": []} for t in self.towers},
             "parity": {},
             "recall": None,
+        }
+
+    def _bundle_entry(self) -> dict[str, Any]:
+        bundle, man = self.bundle, self.bundle.manifest
+        return {
+            "path": str(bundle.root),
+            "digest": bundle.digest,  # sha256 of the canonical manifest (docs/bundle.md)
+            "signature": bundle.signature,  # {algorithm, key_id, digest} when --public-key verified it
+            "target": bundle.target.get("name"),
+            "student": (man.get("student") or {}).get("name"),
+            "models": {
+                t: {
+                    "file": self._relpath(t),
+                    "format": self._format(t),
+                    "precision": bundle.model(t).get("precision"),
+                }
+                for t in self.towers
+            },
+            "export_parity": man.get("parity"),
+            "delegate_warnings": man.get("delegate_warnings") or [],  # export-time, see delegation.py
+            # int8 bundles: how they were quantized (qat | ptq) and on which calibration set
+            "quantization": (man.get("quantization") or {}).get("method"),
+            "calibration": (man.get("calibration") or {}).get("name"),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        opts = self.opts
+        return {
+            "threads": self.threads,
+            "threads_choice": self.thread_choice,
+            "batches": self.batches,
+            "iters": self.iters,
+            "duration_s": self.duration,
+            "warmup": self.warmup,
+            "pool": opts.pool,
+            "time_limit_s": opts.time_limit,
+            "eval_limit": opts.eval_limit,
+            "query": {"on": opts.query, "gallery": opts.gallery, "gallery_storage": opts.gallery_storage},
+            "towers": list(self.towers),
         }
 
     @property
