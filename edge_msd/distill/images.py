@@ -44,12 +44,24 @@ def split_preprocess(preprocess: Callable) -> tuple[Callable, Tensor, Tensor]:
     mean = torch.tensor(norm[0].mean if norm else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
     std = torch.tensor(norm[0].std if norm else (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
 
-    def to_uint8(image: Any) -> np.ndarray:
-        for t in pil_steps:
+    return PilToUint8(pil_steps), mean, std
+
+
+class PilToUint8:
+    """The PIL steps of a preprocess, then a uint8 HWC RGB array; a class (not a closure) so that
+    DataLoader workers started by spawn (macOS's default, Linux's from Python 3.14) can receive it."""
+
+    def __init__(self, pil_steps: list[Callable]):
+        self.pil_steps = pil_steps
+
+    def __call__(self, image: Any) -> np.ndarray:
+        for t in self.pil_steps:
             image = t(image)
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
-    return to_uint8, mean, std
+
+def _as_list(items: list) -> list:
+    return items  # the batch's arrays as they are; a module-level function, picklable for spawn
 
 
 class _DecodeSet(torch.utils.data.Dataset):
@@ -108,7 +120,7 @@ def decode_images(
         _DecodeSet(dataset, indices, to_uint8),
         batch_size=256,
         num_workers=num_workers,
-        collate_fn=lambda xs: xs,
+        collate_fn=_as_list,
     )
     parts: list[Tensor] = []
     with progress_bar(disable=len(indices) < 2000) as bar:
