@@ -359,11 +359,7 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         hidden = sum(v > top for d in data for v in d)
         ax.set_title(f"{tower} tower: latency distribution\n(axis to the highest p99 × 1.2; "
                      f"{hidden} slower calls above it, not drawn)", fontsize=9)
-        fig.tight_layout()
-        path = out / f"latency_{tower}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / f"latency_{tower}.png"))
     for plot in (_sustained_plot, _query_plot):
         path = plot(plt, names, reports, out)
         if path is not None:
@@ -382,12 +378,16 @@ def _plots(reports: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_xlabel("image + text p50 latency, batch 1 (ms)")
         ax.set_ylabel("mean Recall@1 (%)")
         ax.set_title("recall vs latency per device / runtime / precision")
-        fig.tight_layout()
-        path = out / "recall_vs_latency.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / "recall_vs_latency.png"))
     return paths
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close one figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def latency_axis_top(data: list[list[float]]) -> float:
@@ -423,11 +423,7 @@ def _sustained_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], o
     ax.set_ylabel("p50 latency per window (ms)")
     ax.set_title("sustained run: p50 per time window")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "sustained.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "sustained.png")
 
 
 def _query_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], out: Path) -> Path | None:
@@ -449,11 +445,7 @@ def _query_plot(plt: Any, names: list[str], reports: list[dict[str, Any]], out: 
     ax.set_ylabel("p50 per stage (ms), stacked")
     ax.set_title("end-to-end query: p50 per stage, one query at a time")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "query_stages.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "query_stages.png")
 
 
 def _per_run(reports: list[dict[str, Any]], make_rows: Any) -> list[list[str]]:
