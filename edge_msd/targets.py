@@ -18,7 +18,7 @@ from typing import Any
 from edge_msd.bench.options import ProfileBench
 from edge_msd.config import build_config, field, load_toml
 from edge_msd.errors import ConfigError
-from edge_msd.families import FamilyDecl, FamilyOptions, declaration, names
+from edge_msd.families.declarations import FamilyDecl, FamilyOptions, declaration, names
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -5,9 +5,9 @@ defines ``FAMILY``, the ``Family`` object (edge_msd.families.common.base) that o
 quantizer, graph checks and device-side runners, and takes its declared facts from its ``FamilyDecl``.
 A profile's ``exporter`` field names its family (docs/adding-a-target.md).
 
-This module and the declarations import no toolchain: the profile loader (edge_msd.targets) lists,
-types and checks profiles from here without importing torch. The families never import the profile
-loader (only its type, for annotations), so the two do not import each other.
+This module and the declarations import no toolchain. The profile loader (edge_msd.targets) lists,
+types and checks profiles from ``declarations`` alone (no torch); the families import only the profile
+type from it, for annotations, so no import runs from the loader back into this package.
 """
 
 from __future__ import annotations
@@ -15,25 +15,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from edge_msd.errors import ConfigError
-from edge_msd.families.declarations import DECLARATIONS, FamilyDecl, FamilyOptions
+from edge_msd.families.declarations import FamilyDecl, FamilyOptions, declaration, names
 
 if TYPE_CHECKING:
     from edge_msd.families.common.base import Family
 
 __all__ = ["FamilyDecl", "FamilyOptions", "declaration", "family", "names"]
-
-
-def names() -> tuple[str, ...]:
-    """The registered families: those declared in ``declarations``, each with its module here."""
-    return tuple(sorted(DECLARATIONS))
-
-
-def declaration(name: str) -> FamilyDecl:
-    """What the family ``name`` declares to its profiles; imports no toolchain."""
-    if name not in DECLARATIONS:
-        raise ConfigError(f"no target family {name!r}; families: {', '.join(names())}")
-    return DECLARATIONS[name]
 
 
 def family(name: str) -> Family:

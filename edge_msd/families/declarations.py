@@ -15,6 +15,7 @@ from typing import Any
 
 from edge_msd.config import field
 from edge_msd.contract.format import DEFAULT_TIMING_CACHE, ENGINE_DEFAULTS
+from edge_msd.errors import ConfigError
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")  # coremltools' ct.ComputeUnit
 DELEGATES = ("xnnpack", "coreml")  # ExecuTorch backends a float program is lowered to
@@ -185,3 +186,15 @@ DECLARATIONS: dict[str, FamilyDecl] = {d.name: d for d in (
                           "per-tensor",
                )),
 )}
+
+
+def names() -> tuple[str, ...]:
+    """The registered families: those declared here, each with its module in ``edge_msd.families``."""
+    return tuple(sorted(DECLARATIONS))
+
+
+def declaration(name: str) -> FamilyDecl:
+    """What the family ``name`` declares to its profiles; imports no toolchain."""
+    if name not in DECLARATIONS:
+        raise ConfigError(f"no target family {name!r}; families: {', '.join(names())}")
+    return DECLARATIONS[name]
